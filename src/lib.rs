@@ -1,0 +1,24 @@
+//! beep-sfu: a single-node WebRTC Selective Forwarding Unit for Beep's voice
+//! conversations.
+//!
+//! Clients exchange an SDP offer and answer over a WebSocket (`GET /connect`),
+//! then join a conversation (`POST /join/:conversationid`). Everyone in a
+//! conversation hears everyone else, never themselves.
+//!
+//! # Threads
+//! - **The media loop** (`net`): one thread, one `mio::Poll`, one UDP socket.
+//!   It owns the [`sfu::Sfu`] core and is the only place datagrams are read or
+//!   sent. It never blocks: no network call, file write or lock wait.
+//! - **Signalling** (`http`): an acceptor and a bounded set of blocking
+//!   connection threads for `/connect`, `/join`, `/healthz`, `/metrics`.
+//!   Permission checks (`permissions`) run on those threads.
+//! - They talk to the loop only through bounded `crossbeam-channel` queues
+//!   (`command`), waking it with a `mio::Waker`.
+//!
+//! # Where things happen
+//! A datagram enters in `net::media_loop`, is demultiplexed in `sfu::demux`,
+//! the forwarding decision is made in `sfu` (`Sfu::on_rtp`, with
+//! `sfu::speaker` choosing who is heard and `sfu::slot` rewriting headers).
+
+pub mod sfu;
+pub mod harness;

@@ -1,0 +1,237 @@
+//! Active-speaker selection for one conversation.
+//!
+//! Each packet's RFC 6464 audio level feeds a smoothed loudness per member.
+//! The selector keeps a short list of *active* speakers (as many as the
+//! largest subscriber can hear, plus one so a subscriber who is speaking still
+//! has someone to hear). A newcomer displaces the weakest active speaker only
+//! when that one has gone quiet, or when the newcomer is louder by a margin and
+//! the incumbent has held its place for a minimum dwell time: that hysteresis
+//! stops slots from flapping between two voices.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::PeerId;
+
+/// Tuning of the selector.
+#[derive(Debug, Clone, Copy)]
+pub struct SpeakerConfig {
+    /// Loudness (127 minus the RFC 6464 level, so 0 is silence) below which a
+    /// packet counts as silent. Default 127-60: quieter than -60 dBov is silence.
+    pub voiced_loudness: f32,
+    /// How much louder (smoothed) a newcomer must be to displace a speaker.
+    pub margin: f32,
+    /// How long a speaker keeps its place before a louder one may displace it.
+    pub min_dwell: Duration,
+    /// After this long without a voiced packet a speaker counts as silent and
+    /// may be displaced at once.
+    pub silence_hold: Duration,
+}
+
+impl Default for SpeakerConfig {
+    fn default() -> Self {
+        SpeakerConfig {
+            voiced_loudness: 67.0,
+            margin: 6.0,
+            min_dwell: Duration::from_millis(800),
+            silence_hold: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// Loudness of a packet: 127 + level (level in -127..=0 dBov). Packets without
+/// the extension are assumed voiced at a moderate level so they are still heard.
+pub fn loudness(audio_level: Option<i8>) -> f32 {
+    match audio_level {
+        Some(l) => f32::from(127i16.saturating_add(i16::from(l)).clamp(0, 127) as u8),
+        None => 80.0,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Score {
+    smoothed: f32,
+    last_voiced: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Active {
+    peer: PeerId,
+    since: Instant,
+}
+
+/// The active speakers of one conversation.
+#[derive(Debug)]
+pub struct SpeakerSelector {
+    config: SpeakerConfig,
+    capacity: usize,
+    scores: HashMap<PeerId, Score>,
+    active: Vec<Active>,
+}
+
+impl SpeakerSelector {
+    /// A selector that keeps at most `capacity` active speakers.
+    pub fn new(config: SpeakerConfig, capacity: usize) -> Self {
+        SpeakerSelector {
+            config,
+            capacity: capacity.max(1),
+            scores: HashMap::new(),
+            active: Vec::new(),
+        }
+    }
+
+    /// Changes how many speakers are kept; returns true if the active set
+    /// changed (shrinking drops the weakest).
+    pub fn set_capacity(&mut self, capacity: usize, now: Instant) -> bool {
+        self.capacity = capacity.max(1);
+        let mut changed = false;
+        while self.active.len() > self.capacity {
+            if let Some(i) = self.weakest(now) {
+                self.active.swap_remove(i);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Records one packet of `peer`; returns true if the active set changed.
+    pub fn on_packet(&mut self, peer: PeerId, audio_level: Option<i8>, now: Instant) -> bool {
+        let l = loudness(audio_level);
+        let voiced = l >= self.config.voiced_loudness;
+        let score = self.scores.entry(peer).or_insert(Score {
+            smoothed: 0.0,
+            last_voiced: None,
+        });
+        score.smoothed = score.smoothed * 0.8 + if voiced { l } else { 0.0 } * 0.2;
+        if voiced {
+            score.last_voiced = Some(now);
+        }
+        let smoothed = score.smoothed;
+        if !voiced || self.is_active(peer) {
+            return false;
+        }
+        if self.active.len() < self.capacity {
+            self.active.push(Active { peer, since: now });
+            return true;
+        }
+        let Some(w) = self.weakest(now) else {
+            return false;
+        };
+        let incumbent = self.active[w];
+        let strength = self.effective(incumbent.peer, now);
+        let dwell_over = now.saturating_duration_since(incumbent.since) >= self.config.min_dwell;
+        if strength == 0.0 || (dwell_over && smoothed > strength + self.config.margin) {
+            self.active[w] = Active { peer, since: now };
+            return true;
+        }
+        false
+    }
+
+    /// Forgets a member; returns true if it was an active speaker.
+    pub fn remove(&mut self, peer: PeerId) -> bool {
+        self.scores.remove(&peer);
+        let before = self.active.len();
+        self.active.retain(|a| a.peer != peer);
+        before != self.active.len()
+    }
+
+    /// True if `peer` is currently an active speaker.
+    pub fn is_active(&self, peer: PeerId) -> bool {
+        self.active.iter().any(|a| a.peer == peer)
+    }
+
+    /// Fills `out` with up to `n` active speakers other than `except`, the
+    /// loudest first.
+    pub fn top_for(&self, except: PeerId, n: usize, now: Instant, out: &mut Vec<PeerId>) {
+        out.clear();
+        out.extend(self.active.iter().map(|a| a.peer).filter(|p| *p != except));
+        out.sort_by(|a, b| self.effective(*b, now).total_cmp(&self.effective(*a, now)));
+        out.truncate(n);
+    }
+
+    /// The active speakers, in no particular order.
+    pub fn active(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.active.iter().map(|a| a.peer)
+    }
+
+    fn effective(&self, peer: PeerId, now: Instant) -> f32 {
+        match self.scores.get(&peer) {
+            Some(Score {
+                smoothed,
+                last_voiced: Some(t),
+            }) if now.saturating_duration_since(*t) < self.config.silence_hold => *smoothed,
+            _ => 0.0,
+        }
+    }
+
+    fn weakest(&self, now: Instant) -> Option<usize> {
+        self.active
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| self.effective(a.peer, now).total_cmp(&self.effective(b.peer, now)))
+            .map(|(i, _)| i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOUD: Option<i8> = Some(-20);
+    const SOFT: Option<i8> = Some(-50);
+    const SILENT: Option<i8> = Some(-127);
+
+    #[test]
+    fn fills_capacity_then_needs_margin_and_dwell() {
+        let t0 = Instant::now();
+        let mut s = SpeakerSelector::new(SpeakerConfig::default(), 1);
+        assert!(s.on_packet(PeerId(1), SOFT, t0));
+        // Silence never enters.
+        assert!(!s.on_packet(PeerId(3), SILENT, t0));
+        // A louder newcomer must wait out the dwell time.
+        assert!(!s.on_packet(PeerId(2), LOUD, t0 + Duration::from_millis(100)));
+        let mut t = t0 + Duration::from_millis(100);
+        let mut switched = false;
+        for _ in 0..60 {
+            t += Duration::from_millis(20);
+            s.on_packet(PeerId(1), SOFT, t);
+            if s.on_packet(PeerId(2), LOUD, t) {
+                switched = true;
+                break;
+            }
+        }
+        assert!(switched);
+        assert!(t >= t0 + SpeakerConfig::default().min_dwell);
+        assert!(s.is_active(PeerId(2)) && !s.is_active(PeerId(1)));
+    }
+
+    #[test]
+    fn silent_speaker_is_displaced_at_once() {
+        let t0 = Instant::now();
+        let mut s = SpeakerSelector::new(SpeakerConfig::default(), 1);
+        assert!(s.on_packet(PeerId(1), LOUD, t0));
+        let later = t0 + Duration::from_millis(1500);
+        assert!(s.on_packet(PeerId(2), SOFT, later));
+        let mut out = vec![];
+        s.top_for(PeerId(9), 3, later, &mut out);
+        assert_eq!(out, vec![PeerId(2)]);
+    }
+
+    #[test]
+    fn top_for_excludes_self_and_orders_by_loudness() {
+        let t0 = Instant::now();
+        let mut s = SpeakerSelector::new(SpeakerConfig::default(), 3);
+        for _ in 0..10 {
+            s.on_packet(PeerId(1), SOFT, t0);
+            s.on_packet(PeerId(2), LOUD, t0);
+            s.on_packet(PeerId(3), Some(-35), t0);
+        }
+        let mut out = vec![];
+        s.top_for(PeerId(2), 5, t0, &mut out);
+        assert_eq!(out, vec![PeerId(3), PeerId(1)]);
+        s.top_for(PeerId(7), 1, t0, &mut out);
+        assert_eq!(out, vec![PeerId(2)]);
+        assert!(s.remove(PeerId(2)));
+        assert!(!s.is_active(PeerId(2)));
+    }
+}
