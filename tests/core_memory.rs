@@ -45,3 +45,198 @@ fn two_peers_hear_each_other_never_themselves() {
     let want: Vec<Vec<u8>> = (0..20).map(|n| payload(a, n)).collect();
     assert_eq!(got, want);
 }
+
+/// Everyone talks in turn in a conversation of `n` single-slot peers; each
+/// hears every other member and never itself.
+fn round_robin(n: usize) {
+    let mut h = Harness::new();
+    let ids: Vec<usize> = (0..n).map(|i| h.add_client(&format!("user{i}"), "c", true, 0)).collect();
+    h.connect_all();
+    for &i in &ids {
+        h.join(i, "room");
+    }
+    for &i in &ids {
+        talk(&mut h, &[i], 15);
+        // Silence so the next speaker takes the slot at once.
+        h.step(Duration::from_millis(1100));
+    }
+    for &i in &ids {
+        let want: HashSet<u8> = ids.iter().filter(|&&j| j != i).map(|&j| j as u8).collect();
+        assert_eq!(senders_heard(&h, i), want, "client {i}");
+        // Every packet of every other speaker arrived, in order.
+        for &j in ids.iter().filter(|&&j| j != i) {
+            let from_j: Vec<u32> = h.clients[i]
+                .received
+                .iter()
+                .filter(|r| r.payload[0] == j as u8)
+                .map(|r| u32::from_be_bytes([r.payload[1], r.payload[2], r.payload[3], r.payload[4]]))
+                .collect();
+            assert_eq!(from_j, (0..15).collect::<Vec<_>>(), "client {i} from {j}");
+        }
+    }
+}
+
+#[test]
+fn three_peers_in_turn() {
+    round_robin(3);
+}
+
+#[test]
+fn five_peers_in_turn() {
+    round_robin(5);
+}
+
+#[test]
+fn five_peers_all_talking_with_enough_slots_hear_everyone() {
+    let mut h = Harness::new();
+    // One send-receive m-line plus three receive-only ones: four slots each.
+    let ids: Vec<usize> = (0..5).map(|i| h.add_client(&format!("u{i}"), "c", true, 3)).collect();
+    h.connect_all();
+    for &i in &ids {
+        h.join(i, "room");
+    }
+    talk(&mut h, &ids, 30);
+    for &i in &ids {
+        let want: HashSet<u8> = ids.iter().filter(|&&j| j != i).map(|&j| j as u8).collect();
+        assert_eq!(senders_heard(&h, i), want, "client {i}");
+        // Each speaker is carried on one slot (one SSRC) for the whole test.
+        for &j in ids.iter().filter(|&&j| j != i) {
+            let ssrcs: HashSet<_> =
+                h.clients[i].received.iter().filter(|r| r.payload[0] == j as u8).map(|r| r.ssrc).collect();
+            assert_eq!(ssrcs.len(), 1, "client {i} hears {j} on one stream");
+        }
+    }
+}
+
+#[test]
+fn same_users_other_device_hears_them() {
+    let mut h = Harness::new();
+    let phone = h.add_client("alice", "phone", true, 0);
+    let laptop = h.add_client("alice", "laptop", true, 0);
+    let bob = h.add_client("bob", "b", true, 0);
+    h.connect_all();
+    // One join moves both of alice's clients.
+    h.join(phone, "room");
+    h.join(bob, "room");
+    talk(&mut h, &[phone], 10);
+    assert!(senders_heard(&h, phone).is_empty());
+    assert_eq!(senders_heard(&h, laptop), HashSet::from([phone as u8]));
+    assert_eq!(senders_heard(&h, bob), HashSet::from([phone as u8]));
+}
+
+#[test]
+fn user_in_two_conversations_in_turn() {
+    let mut h = Harness::new();
+    let a = h.add_client("alice", "a", true, 0);
+    let b = h.add_client("bob", "b", true, 0);
+    let c = h.add_client("carol", "c", true, 0);
+    h.connect_all();
+    h.join(a, "one");
+    h.join(b, "one");
+    h.join(c, "two");
+    talk(&mut h, &[a], 10);
+    assert_eq!(senders_heard(&h, b), HashSet::from([a as u8]));
+    assert!(senders_heard(&h, c).is_empty(), "carol is elsewhere");
+    // Alice moves to conversation two: bob no longer hears her, carol does.
+    h.join(a, "two");
+    assert_eq!(h.sfu.conversation_of("alice"), Some("two"));
+    let before_b = h.clients[b].received.len();
+    talk(&mut h, &[a], 10);
+    assert_eq!(h.clients[b].received.len(), before_b);
+    assert_eq!(senders_heard(&h, c), HashSet::from([a as u8]));
+    // And she hears carol, not bob.
+    h.step(Duration::from_millis(1100));
+    talk(&mut h, &[b, c], 10);
+    let from: Vec<u8> = h.clients[a].received.iter().map(|r| r.payload[0]).collect();
+    assert!(from.contains(&(c as u8)) && !from.contains(&(b as u8)));
+}
+
+#[test]
+fn speaker_change_on_one_slot_is_one_continuous_stream() {
+    let mut h = Harness::new();
+    let listener = h.add_client("lis", "l", false, 1);
+    let a = h.add_client("a", "a", true, 0);
+    let b = h.add_client("b", "b", true, 0);
+    h.connect_all();
+    for i in [listener, a, b] {
+        h.join(i, "room");
+    }
+    talk(&mut h, &[a], 25);
+    h.step(Duration::from_millis(1200));
+    talk(&mut h, &[b], 25);
+    h.step(Duration::from_millis(1200));
+    talk(&mut h, &[a], 25);
+    let rx = &h.clients[listener].received;
+    assert_eq!(rx.len(), 75);
+    let senders: Vec<u8> = rx.iter().map(|r| r.payload[0]).collect();
+    assert_eq!(&senders[..25], &[a as u8; 25]);
+    assert_eq!(&senders[25..50], &[b as u8; 25]);
+    assert_eq!(&senders[50..], &[a as u8; 25]);
+    let ssrcs: HashSet<_> = rx.iter().map(|r| r.ssrc).collect();
+    assert_eq!(ssrcs.len(), 1, "one SSRC across switches");
+    for w in rx.windows(2) {
+        assert_eq!(w[1].seq, w[0].seq + 1, "consecutive sequence numbers");
+        assert!(w[1].timestamp.wrapping_sub(w[0].timestamp) as i32 > 0, "timestamps advance");
+    }
+    // The first packet after each switch starts a talk spurt.
+    assert!(rx[25].marker && rx[50].marker);
+    // Time across the silence is kept: about 1.2 s + 20 ms at 48 kHz.
+    let gap = rx[25].timestamp.wrapping_sub(rx[24].timestamp);
+    assert!((57_000..=60_000).contains(&gap), "gap {gap}");
+}
+
+#[test]
+fn louder_newcomer_takes_a_one_slot_listener_only_after_the_dwell() {
+    let mut h = Harness::new();
+    let listener = h.add_client("lis", "l", false, 1);
+    let soft = h.add_client("soft", "s", true, 0);
+    let loud = h.add_client("loud", "l", true, 0);
+    h.connect_all();
+    for i in [listener, soft, loud] {
+        h.join(i, "room");
+    }
+    for n in 0..100u32 {
+        h.send(soft, &payload(soft, n), -50);
+        if n >= 10 {
+            h.send(loud, &payload(loud, n), -10);
+        }
+        h.step(Duration::from_millis(20));
+    }
+    let senders: Vec<u8> = h.clients[listener].received.iter().map(|r| r.payload[0]).collect();
+    let first_loud = senders.iter().position(|s| *s == loud as u8).expect("loud speaker heard");
+    // Not before the incumbent held the slot for its dwell time (800 ms = 40 packets).
+    assert!(first_loud >= 40, "switched after {first_loud} packets");
+    // And no flapping back afterwards.
+    assert!(senders[first_loud..].iter().all(|s| *s == loud as u8));
+}
+
+#[test]
+fn silent_peer_is_removed_and_membership_outlives_it_for_the_grace() {
+    let mut h = Harness::new();
+    let a = h.add_client("a", "a", true, 0);
+    h.connect_all();
+    h.join(a, "room");
+    let peer = h.clients[a].peer;
+    // The client goes away without a word: the server notices within 30 s.
+    h.clients[a].addr = "10.9.9.9:1".parse().unwrap();
+    let mut t = 0;
+    while h.sfu.peer_count() > 0 && t < 40_000 {
+        h.sfu.handle_timeout(h.now);
+        h.now += Duration::from_millis(100);
+        while h.sfu.poll_transmit().is_some() {}
+        t += 100;
+    }
+    // ICE consent (or, failing that, the 30 s idle timeout) removes it.
+    assert_eq!(h.sfu.peer_count(), 0, "peer removed");
+    assert!(t <= 31_000, "removed within the idle timeout ({t} ms)");
+    while let Some(e) = h.sfu.poll_event() {
+        h.events.push(e);
+    }
+    assert!(h.events.iter().any(|e| matches!(e, beep_sfu::sfu::SfuEvent::PeerClosed { peer: p, .. } if *p == peer)));
+    // Alice keeps her conversation during the grace period, then loses it.
+    assert_eq!(h.sfu.conversation_of("a"), Some("room"));
+    h.now += Duration::from_secs(61);
+    h.sfu.handle_timeout(h.now);
+    assert_eq!(h.sfu.conversation_of("a"), None);
+    assert_eq!(h.sfu.conversation_count(), 0);
+}

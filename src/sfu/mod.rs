@@ -702,7 +702,7 @@ impl Sfu {
         let mut desired = std::mem::take(&mut self.scratch_peers);
         for &m in &conv.members {
             let Some(peer) = self.peers.get_mut(&m) else { continue };
-            conv.selector.top_for(m, peer.slots.len(), now, &mut desired);
+            conv.selector.top_for(m, peer.slots.len(), &mut desired);
             for slot in &mut peer.slots {
                 match slot.source {
                     Some(s) if desired.contains(&s) => desired.retain(|d| *d != s),

@@ -1,12 +1,14 @@
 //! Active-speaker selection for one conversation.
 //!
 //! Each packet's RFC 6464 audio level feeds a smoothed loudness per member.
-//! The selector keeps a short list of *active* speakers (as many as the
-//! largest subscriber can hear, plus one so a subscriber who is speaking still
-//! has someone to hear). A newcomer displaces the weakest active speaker only
-//! when that one has gone quiet, or when the newcomer is louder by a margin and
-//! the incumbent has held its place for a minimum dwell time: that hysteresis
-//! stops slots from flapping between two voices.
+//! The selector keeps a short, *ranked* list of active speakers (as many as
+//! the largest subscriber can hear, plus one so a subscriber who is speaking
+//! still has someone to hear). A subscriber with `k` slots hears the first `k`
+//! of that list other than itself. A speaker overtakes the one ranked just
+//! above it (or displaces the last when the list is full) only when that one
+//! has gone quiet, or when it is louder by a margin and the other has held its
+//! rank for a minimum dwell time: that hysteresis stops slots from flapping
+//! between two voices.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -87,14 +89,14 @@ impl SpeakerSelector {
         let mut changed = false;
         while self.active.len() > self.capacity {
             if let Some(i) = self.weakest(now) {
-                self.active.swap_remove(i);
+                self.active.remove(i);
                 changed = true;
             }
         }
         changed
     }
 
-    /// Records one packet of `peer`; returns true if the active set changed.
+    /// Records one packet of `peer`; returns true if the ranking changed.
     pub fn on_packet(&mut self, peer: PeerId, audio_level: Option<i8>, now: Instant) -> bool {
         let l = loudness(audio_level);
         let voiced = l >= self.config.voiced_loudness;
@@ -106,25 +108,51 @@ impl SpeakerSelector {
         if voiced {
             score.last_voiced = Some(now);
         }
-        let smoothed = score.smoothed;
-        if !voiced || self.is_active(peer) {
+        if !voiced {
             return false;
         }
-        if self.active.len() < self.capacity {
-            self.active.push(Active { peer, since: now });
-            return true;
+        match self.active.iter().position(|a| a.peer == peer) {
+            Some(0) => false,
+            Some(i) => self.promote(i, now),
+            None if self.active.len() < self.capacity => {
+                self.active.push(Active { peer, since: now });
+                self.promote(self.active.len() - 1, now);
+                true
+            }
+            None => {
+                let Some(w) = self.weakest(now) else { return false };
+                if self.overtakes(peer, self.active[w], now) {
+                    self.active.remove(w);
+                    self.active.push(Active { peer, since: now });
+                    self.promote(self.active.len() - 1, now);
+                    true
+                } else {
+                    false
+                }
+            }
         }
-        let Some(w) = self.weakest(now) else {
-            return false;
-        };
-        let incumbent = self.active[w];
-        let strength = self.effective(incumbent.peer, now);
+    }
+
+    /// Moves the speaker at rank `i` up past every speaker it overtakes;
+    /// returns true if it moved.
+    fn promote(&mut self, mut i: usize, now: Instant) -> bool {
+        let start = i;
+        while i > 0 && self.overtakes(self.active[i].peer, self.active[i - 1], now) {
+            self.active.swap(i - 1, i);
+            self.active[i - 1].since = now;
+            self.active[i].since = now;
+            i -= 1;
+        }
+        i != start
+    }
+
+    /// True if `peer` may take `incumbent`'s place: the incumbent went
+    /// quiet, or `peer` is louder by the margin after the dwell time.
+    fn overtakes(&self, peer: PeerId, incumbent: Active, now: Instant) -> bool {
+        let theirs = self.effective(incumbent.peer, now);
+        let ours = self.effective(peer, now);
         let dwell_over = now.saturating_duration_since(incumbent.since) >= self.config.min_dwell;
-        if strength == 0.0 || (dwell_over && smoothed > strength + self.config.margin) {
-            self.active[w] = Active { peer, since: now };
-            return true;
-        }
-        false
+        theirs == 0.0 || (dwell_over && ours > theirs + self.config.margin)
     }
 
     /// Forgets a member; returns true if it was an active speaker.
@@ -140,16 +168,13 @@ impl SpeakerSelector {
         self.active.iter().any(|a| a.peer == peer)
     }
 
-    /// Fills `out` with up to `n` active speakers other than `except`, the
-    /// loudest first.
-    pub fn top_for(&self, except: PeerId, n: usize, now: Instant, out: &mut Vec<PeerId>) {
+    /// Fills `out` with the first `n` ranked active speakers other than `except`.
+    pub fn top_for(&self, except: PeerId, n: usize, out: &mut Vec<PeerId>) {
         out.clear();
-        out.extend(self.active.iter().map(|a| a.peer).filter(|p| *p != except));
-        out.sort_by(|a, b| self.effective(*b, now).total_cmp(&self.effective(*a, now)));
-        out.truncate(n);
+        out.extend(self.active.iter().map(|a| a.peer).filter(|p| *p != except).take(n));
     }
 
-    /// The active speakers, in no particular order.
+    /// The active speakers, highest ranked first.
     pub fn active(&self) -> impl Iterator<Item = PeerId> + '_ {
         self.active.iter().map(|a| a.peer)
     }
@@ -192,7 +217,8 @@ mod tests {
         assert!(!s.on_packet(PeerId(2), LOUD, t0 + Duration::from_millis(100)));
         let mut t = t0 + Duration::from_millis(100);
         let mut switched = false;
-        for _ in 0..60 {
+        // Long enough for two overtakes, each after a dwell time.
+        for _ in 0..120 {
             t += Duration::from_millis(20);
             s.on_packet(PeerId(1), SOFT, t);
             if s.on_packet(PeerId(2), LOUD, t) {
@@ -213,7 +239,7 @@ mod tests {
         let later = t0 + Duration::from_millis(1500);
         assert!(s.on_packet(PeerId(2), SOFT, later));
         let mut out = vec![];
-        s.top_for(PeerId(9), 3, later, &mut out);
+        s.top_for(PeerId(9), 3, &mut out);
         assert_eq!(out, vec![PeerId(2)]);
     }
 
@@ -221,15 +247,18 @@ mod tests {
     fn top_for_excludes_self_and_orders_by_loudness() {
         let t0 = Instant::now();
         let mut s = SpeakerSelector::new(SpeakerConfig::default(), 3);
-        for _ in 0..10 {
-            s.on_packet(PeerId(1), SOFT, t0);
-            s.on_packet(PeerId(2), LOUD, t0);
-            s.on_packet(PeerId(3), Some(-35), t0);
+        let mut t = t0;
+        // Long enough for two overtakes, each after a dwell time.
+        for _ in 0..120 {
+            t += Duration::from_millis(20);
+            s.on_packet(PeerId(1), SOFT, t);
+            s.on_packet(PeerId(2), LOUD, t);
+            s.on_packet(PeerId(3), Some(-35), t);
         }
         let mut out = vec![];
-        s.top_for(PeerId(2), 5, t0, &mut out);
+        s.top_for(PeerId(2), 5, &mut out);
         assert_eq!(out, vec![PeerId(3), PeerId(1)]);
-        s.top_for(PeerId(7), 1, t0, &mut out);
+        s.top_for(PeerId(7), 1, &mut out);
         assert_eq!(out, vec![PeerId(2)]);
         assert!(s.remove(PeerId(2)));
         assert!(!s.is_active(PeerId(2)));
