@@ -90,7 +90,13 @@ impl Harness {
     /// Builds a client whose offer has one send-receive audio m-line (when
     /// `send` is true) plus `extra_recv` receive-only audio m-lines, connects
     /// it to the core and returns its index. Does not step time.
-    pub fn add_client(&mut self, userid: &str, clientid: &str, send: bool, extra_recv: usize) -> usize {
+    pub fn add_client(
+        &mut self,
+        userid: &str,
+        clientid: &str,
+        send: bool,
+        extra_recv: usize,
+    ) -> usize {
         let n = self.clients.len() as u32;
         let addr = SocketAddr::new(
             IpAddr::V4(Ipv4Addr::new(10, 1, (n / 250) as u8, (n % 250 + 2) as u8)),
@@ -122,7 +128,9 @@ impl Harness {
             .connect(self.now, claim.clone(), &offer.to_sdp_string())
             .unwrap_or_else(|e| panic!("core refused {e:?}: {}", offer.to_sdp_string()));
         let answer = SdpAnswer::from_sdp_string(&answer).expect("answer parses");
-        rtc.sdp_api().accept_answer(pending, answer).expect("answer accepted");
+        rtc.sdp_api()
+            .accept_answer(pending, answer)
+            .expect("answer accepted");
         self.clients.push(Client {
             rtc,
             addr,
@@ -158,8 +166,13 @@ impl Harness {
             while let Some(t) = self.sfu.poll_transmit() {
                 moved = true;
                 if let Some(i) = self.clients.iter().position(|c| c.addr == t.destination) {
-                    let Ok(r) = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents) else { continue };
-                    let _ = self.clients[i].rtc.handle_input(Input::Receive(self.now, r));
+                    let Ok(r) = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
+                    else {
+                        continue;
+                    };
+                    let _ = self.clients[i]
+                        .rtc
+                        .handle_input(Input::Receive(self.now, r));
                     self.drain_client(i);
                 }
             }
@@ -210,7 +223,11 @@ impl Harness {
     /// Steps in 5 ms increments until every client and its peer are connected.
     pub fn connect_all(&mut self) {
         for _ in 0..2000 {
-            if self.clients.iter().all(|c| c.connected && self.sfu.is_connected(c.peer)) {
+            if self
+                .clients
+                .iter()
+                .all(|c| c.connected && self.sfu.is_connected(c.peer))
+            {
                 return;
             }
             self.step(Duration::from_millis(5));
@@ -221,7 +238,9 @@ impl Harness {
     /// Joins client `i`'s user to a conversation.
     pub fn join(&mut self, i: usize, conversation: &str) {
         let userid = self.clients[i].claim.userid.clone();
-        self.sfu.join(self.now, &userid, conversation).expect("join accepted");
+        self.sfu
+            .join(self.now, &userid, conversation)
+            .expect("join accepted");
         self.pump();
     }
 
@@ -248,7 +267,9 @@ impl Harness {
         c.seq += 1;
         c.timestamp = c.timestamp.wrapping_add(960);
         let mut api = c.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(mid, None) else { return false };
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            return false;
+        };
         tx.write_rtp(RtpWrite::new(pt, SeqNo::from(seq), ts, now, payload.to_vec()).ext_vals(ext));
         self.drain_client(i);
         true

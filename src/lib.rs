@@ -20,5 +20,13 @@
 //! the forwarding decision is made in `sfu` (`Sfu::on_rtp`, with
 //! `sfu::speaker` choosing who is heard and `sfu::slot` rewriting headers).
 
-pub mod sfu;
+pub mod command;
+pub mod config;
 pub mod harness;
+pub mod http;
+pub mod metrics;
+pub mod net;
+pub mod permissions;
+pub mod server;
+pub mod sfu;
+pub mod signalling;

@@ -41,7 +41,11 @@ fn two_peers_hear_each_other_never_themselves() {
     assert_eq!(senders_heard(&h, a), HashSet::from([b as u8]));
     assert_eq!(senders_heard(&h, b), HashSet::from([a as u8]));
     // The payloads arrive intact and in order.
-    let got: Vec<Vec<u8>> = h.clients[b].received.iter().map(|r| r.payload.clone()).collect();
+    let got: Vec<Vec<u8>> = h.clients[b]
+        .received
+        .iter()
+        .map(|r| r.payload.clone())
+        .collect();
     let want: Vec<Vec<u8>> = (0..20).map(|n| payload(a, n)).collect();
     assert_eq!(got, want);
 }
@@ -50,7 +54,9 @@ fn two_peers_hear_each_other_never_themselves() {
 /// hears every other member and never itself.
 fn round_robin(n: usize) {
     let mut h = Harness::new();
-    let ids: Vec<usize> = (0..n).map(|i| h.add_client(&format!("user{i}"), "c", true, 0)).collect();
+    let ids: Vec<usize> = (0..n)
+        .map(|i| h.add_client(&format!("user{i}"), "c", true, 0))
+        .collect();
     h.connect_all();
     for &i in &ids {
         h.join(i, "room");
@@ -69,7 +75,9 @@ fn round_robin(n: usize) {
                 .received
                 .iter()
                 .filter(|r| r.payload[0] == j as u8)
-                .map(|r| u32::from_be_bytes([r.payload[1], r.payload[2], r.payload[3], r.payload[4]]))
+                .map(|r| {
+                    u32::from_be_bytes([r.payload[1], r.payload[2], r.payload[3], r.payload[4]])
+                })
                 .collect();
             assert_eq!(from_j, (0..15).collect::<Vec<_>>(), "client {i} from {j}");
         }
@@ -90,7 +98,9 @@ fn five_peers_in_turn() {
 fn five_peers_all_talking_with_enough_slots_hear_everyone() {
     let mut h = Harness::new();
     // One send-receive m-line plus three receive-only ones: four slots each.
-    let ids: Vec<usize> = (0..5).map(|i| h.add_client(&format!("u{i}"), "c", true, 3)).collect();
+    let ids: Vec<usize> = (0..5)
+        .map(|i| h.add_client(&format!("u{i}"), "c", true, 3))
+        .collect();
     h.connect_all();
     for &i in &ids {
         h.join(i, "room");
@@ -101,8 +111,12 @@ fn five_peers_all_talking_with_enough_slots_hear_everyone() {
         assert_eq!(senders_heard(&h, i), want, "client {i}");
         // Each speaker is carried on one slot (one SSRC) for the whole test.
         for &j in ids.iter().filter(|&&j| j != i) {
-            let ssrcs: HashSet<_> =
-                h.clients[i].received.iter().filter(|r| r.payload[0] == j as u8).map(|r| r.ssrc).collect();
+            let ssrcs: HashSet<_> = h.clients[i]
+                .received
+                .iter()
+                .filter(|r| r.payload[0] == j as u8)
+                .map(|r| r.ssrc)
+                .collect();
             assert_eq!(ssrcs.len(), 1, "client {i} hears {j} on one stream");
         }
     }
@@ -176,7 +190,10 @@ fn speaker_change_on_one_slot_is_one_continuous_stream() {
     assert_eq!(ssrcs.len(), 1, "one SSRC across switches");
     for w in rx.windows(2) {
         assert_eq!(w[1].seq, w[0].seq + 1, "consecutive sequence numbers");
-        assert!(w[1].timestamp.wrapping_sub(w[0].timestamp) as i32 > 0, "timestamps advance");
+        assert!(
+            w[1].timestamp.wrapping_sub(w[0].timestamp) as i32 > 0,
+            "timestamps advance"
+        );
     }
     // The first packet after each switch starts a talk spurt.
     assert!(rx[25].marker && rx[50].marker);
@@ -202,8 +219,15 @@ fn louder_newcomer_takes_a_one_slot_listener_only_after_the_dwell() {
         }
         h.step(Duration::from_millis(20));
     }
-    let senders: Vec<u8> = h.clients[listener].received.iter().map(|r| r.payload[0]).collect();
-    let first_loud = senders.iter().position(|s| *s == loud as u8).expect("loud speaker heard");
+    let senders: Vec<u8> = h.clients[listener]
+        .received
+        .iter()
+        .map(|r| r.payload[0])
+        .collect();
+    let first_loud = senders
+        .iter()
+        .position(|s| *s == loud as u8)
+        .expect("loud speaker heard");
     // Not before the incumbent held the slot for its dwell time (800 ms = 40 packets).
     assert!(first_loud >= 40, "switched after {first_loud} packets");
     // And no flapping back afterwards.
@@ -232,7 +256,10 @@ fn silent_peer_is_removed_and_membership_outlives_it_for_the_grace() {
     while let Some(e) = h.sfu.poll_event() {
         h.events.push(e);
     }
-    assert!(h.events.iter().any(|e| matches!(e, beep_sfu::sfu::SfuEvent::PeerClosed { peer: p, .. } if *p == peer)));
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, beep_sfu::sfu::SfuEvent::PeerClosed { peer: p, .. } if *p == peer)));
     // Alice keeps her conversation during the grace period, then loses it.
     assert_eq!(h.sfu.conversation_of("a"), Some("room"));
     h.now += Duration::from_secs(61);

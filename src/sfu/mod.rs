@@ -293,7 +293,12 @@ impl Sfu {
     }
 
     /// Creates a peer from a client's SDP offer and returns it with the answer.
-    pub fn connect(&mut self, now: Instant, claim: Claim, offer: &str) -> Result<(PeerId, String), ConnectError> {
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        claim: Claim,
+        offer: &str,
+    ) -> Result<(PeerId, String), ConnectError> {
         if self.shutting_down {
             return Err(ConnectError::ShuttingDown);
         }
@@ -302,7 +307,8 @@ impl Sfu {
             return Err(ConnectError::ServerFull);
         }
         check_offer_text(offer)?;
-        let offer = SdpOffer::from_sdp_string(offer).map_err(|e| ConnectError::MalformedOffer(e.to_string()))?;
+        let offer = SdpOffer::from_sdp_string(offer)
+            .map_err(|e| ConnectError::MalformedOffer(e.to_string()))?;
         let candidate = Candidate::host(self.config.candidate_addr, "udp")
             .map_err(|e| ConnectError::MalformedOffer(format!("server candidate: {e}")))?;
         let rtc_config = self.rtc_config.clone();
@@ -312,7 +318,8 @@ impl Sfu {
             let answer = rtc.sdp_api().accept_offer(offer);
             (rtc, answer)
         }));
-        let (mut rtc, answer) = built.map_err(|_| ConnectError::MalformedOffer("offer could not be processed".into()))?;
+        let (mut rtc, answer) = built
+            .map_err(|_| ConnectError::MalformedOffer("offer could not be processed".into()))?;
         let answer = answer.map_err(|e| ConnectError::MalformedOffer(e.to_string()))?;
         let mut ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         while self.demux.ufrag_taken(&ufrag) {
@@ -327,7 +334,9 @@ impl Sfu {
         let mut slots = Vec::new();
         let mut sending_mlines = 0;
         for mid in audio_mids(&answer) {
-            let Some(media) = rtc.media(mid) else { continue };
+            let Some(media) = rtc.media(mid) else {
+                continue;
+            };
             let dir = media.direction();
             if dir.is_sending() {
                 slots.push(Slot::new(mid, rand::random(), rand::random()));
@@ -356,13 +365,17 @@ impl Sfu {
         };
         self.peers.insert(id, peer);
         self.demux.add_ufrag(ufrag, id);
-        self.user_mut(&self.peers[&id].claim.userid.clone()).peers.push(id);
+        self.user_mut(&self.peers[&id].claim.userid.clone())
+            .peers
+            .push(id);
         // str0m may report a far-future timeout right after accept_offer until
         // it has seen the current time once.
         self.feed(id, now, Input::Timeout(now));
         self.process_pending(now);
         let Some(peer) = self.peers.get(&id) else {
-            return Err(ConnectError::MalformedOffer("peer failed right after the offer".into()));
+            return Err(ConnectError::MalformedOffer(
+                "peer failed right after the offer".into(),
+            ));
         };
         self.stats.peers_created += 1;
         info!(
@@ -377,7 +390,12 @@ impl Sfu {
     /// Adds a trickled remote ICE candidate (`candidate:…` or `a=candidate:…`).
     /// The server is ICE-lite and learns addresses from STUN checks anyway,
     /// so a candidate that does not parse is reported but harmless.
-    pub fn add_remote_candidate(&mut self, now: Instant, peer: PeerId, candidate: &str) -> Result<(), String> {
+    pub fn add_remote_candidate(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        candidate: &str,
+    ) -> Result<(), String> {
         let text = candidate.trim();
         let text = text.strip_prefix("a=").unwrap_or(text);
         if text.is_empty() {
@@ -409,7 +427,8 @@ impl Sfu {
                 self.next_conversation += 1;
                 self.conversation_keys.insert(name.to_string(), k);
                 let selector = SpeakerSelector::new(self.config.speaker, 2);
-                self.conversations.insert(k, Conversation::new(name.to_string(), selector));
+                self.conversations
+                    .insert(k, Conversation::new(name.to_string(), selector));
                 k
             }
         };
@@ -445,7 +464,9 @@ impl Sfu {
         self.stats.datagrams_in += 1;
         self.stats.bytes_in += buf.len() as u64;
         let id = match demux::kind(buf) {
-            Some(demux::Kind::Stun) => demux::stun_local_ufrag(buf).and_then(|u| self.demux.by_ufrag(u)),
+            Some(demux::Kind::Stun) => {
+                demux::stun_local_ufrag(buf).and_then(|u| self.demux.by_ufrag(u))
+            }
             Some(demux::Kind::Other) => self.demux.by_addr(&source),
             None => {
                 self.stats.dropped_malformed += 1;
@@ -517,8 +538,11 @@ impl Sfu {
     }
 
     fn peer_timeout(&mut self, id: PeerId, at: Instant, now: Instant) {
-        let (connect_timeout, idle_timeout) = (self.config.connect_timeout, self.config.idle_timeout);
-        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let (connect_timeout, idle_timeout) =
+            (self.config.connect_timeout, self.config.idle_timeout);
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         if peer.armed != Some(at) {
             return; // stale entry
         }
@@ -535,7 +559,9 @@ impl Sfu {
     }
 
     fn grace_timeout(&mut self, userid: &str, now: Instant) {
-        let Some(user) = self.users.get(userid) else { return };
+        let Some(user) = self.users.get(userid) else {
+            return;
+        };
         if !user.peers.is_empty() || user.grace_until.is_none_or(|g| g > now) {
             return;
         }
@@ -557,7 +583,9 @@ impl Sfu {
     /// (it should have none, but the input came from outside) closes only
     /// that peer.
     fn feed(&mut self, id: PeerId, now: Instant, input: Input) {
-        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         let rtc = &mut peer.rtc;
         match catch_unwind(AssertUnwindSafe(|| rtc.handle_input(input))) {
             Ok(Ok(())) => {}
@@ -566,8 +594,14 @@ impl Sfu {
                 self.stats.dropped_rejected += 1;
             }
             Err(_) => {
-                warn!("{}: str0m panicked on input; closing the peer", peer.label());
-                self.pending.push_back(Pending::Close(id, CloseReason::Failed("internal error".into())));
+                warn!(
+                    "{}: str0m panicked on input; closing the peer",
+                    peer.label()
+                );
+                self.pending.push_back(Pending::Close(
+                    id,
+                    CloseReason::Failed("internal error".into()),
+                ));
                 return;
             }
         }
@@ -577,7 +611,9 @@ impl Sfu {
     /// Drains one `Rtc` to its timeout, queueing transmits and deferring
     /// everything that touches other state to `process_pending`.
     fn drain(&mut self, id: PeerId, _now: Instant) {
-        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         loop {
             match peer.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => {
@@ -588,26 +624,30 @@ impl Sfu {
                 Ok(Output::Event(e)) => match e {
                     RtcEvent::RtpPacket(p) => self.pending.push_back(Pending::Rtp(id, p)),
                     RtcEvent::Connected => self.pending.push_back(Pending::Connected(id)),
-                    RtcEvent::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                        self.pending.push_back(Pending::Close(id, CloseReason::Disconnected))
-                    }
+                    RtcEvent::IceConnectionStateChange(IceConnectionState::Disconnected) => self
+                        .pending
+                        .push_back(Pending::Close(id, CloseReason::Disconnected)),
                     _ => {}
                 },
                 Err(e) => {
-                    self.pending.push_back(Pending::Close(id, CloseReason::Failed(e.to_string())));
+                    self.pending
+                        .push_back(Pending::Close(id, CloseReason::Failed(e.to_string())));
                     break;
                 }
             }
         }
         if !peer.rtc.is_alive() {
-            self.pending.push_back(Pending::Close(id, CloseReason::Disconnected));
+            self.pending
+                .push_back(Pending::Close(id, CloseReason::Disconnected));
         }
         self.arm(id);
     }
 
     /// Makes sure the timer heap holds this peer's next deadline.
     fn arm(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         let d = peer.next_deadline(self.config.connect_timeout, self.config.idle_timeout);
         if peer.armed.is_none_or(|a| d < a) {
             peer.armed = Some(d);
@@ -626,7 +666,9 @@ impl Sfu {
     }
 
     fn on_connected(&mut self, id: PeerId, now: Instant) {
-        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         if peer.connected {
             return;
         }
@@ -649,37 +691,57 @@ impl Sfu {
             self.stats.rtp_outside_conversation += 1;
             return;
         };
-        let Some(conv) = self.conversations.get_mut(&key) else { return };
+        let Some(conv) = self.conversations.get_mut(&key) else {
+            return;
+        };
         let level = pkt.header.ext_vals.audio_level;
         if conv.selector.on_packet(src, level, now) {
-            self.reassign_slots(key, now);
+            self.reassign_slots(key);
         }
-        let Some(conv) = self.conversations.get(&key) else { return };
-        let Some(listeners) = conv.listeners.get(&src) else { return };
+        let Some(conv) = self.conversations.get(&key) else {
+            return;
+        };
+        let Some(listeners) = conv.listeners.get(&src) else {
+            return;
+        };
         let mut ext = ExtensionValues::default();
         ext.audio_level = pkt.header.ext_vals.audio_level;
         ext.voice_activity = pkt.header.ext_vals.voice_activity;
         let in_seq = *pkt.seq_no;
         let in_ts = pkt.header.timestamp;
         for &(sub, idx) in listeners {
-            let Some(peer) = self.peers.get_mut(&sub) else { continue };
+            let Some(peer) = self.peers.get_mut(&sub) else {
+                continue;
+            };
             if !peer.connected {
                 continue;
             }
-            let Some(&Slot { mid, pt, .. }) = peer.slots.get(idx) else { continue };
+            let Some(&Slot { mid, pt, .. }) = peer.slots.get(idx) else {
+                continue;
+            };
             if pt.is_none() {
                 let pt = peer.opus_pt(mid);
                 peer.slots[idx].pt = pt;
             }
             let slot = &mut peer.slots[idx];
             let Some(pt) = slot.pt else { continue };
-            let Some(rw) = slot.rewrite(src, in_seq, in_ts, now) else { continue };
+            let Some(rw) = slot.rewrite(src, in_seq, in_ts, now) else {
+                continue;
+            };
             let mut api = peer.rtc.direct_api();
-            let Some(tx) = api.stream_tx_by_mid(mid, None) else { continue };
+            let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+                continue;
+            };
             tx.write_rtp(
-                RtpWrite::new(pt, SeqNo::from(rw.seq), rw.timestamp, now, pkt.payload.clone())
-                    .marker(rw.marker)
-                    .ext_vals(ext.clone()),
+                RtpWrite::new(
+                    pt,
+                    SeqNo::from(rw.seq),
+                    rw.timestamp,
+                    now,
+                    pkt.payload.clone(),
+                )
+                .marker(rw.marker)
+                .ext_vals(ext.clone()),
             );
             self.stats.forwarded += 1;
             // Drain the subscriber right away (str0m's single-mutation rule).
@@ -696,12 +758,16 @@ impl Sfu {
     /// Maps the active speakers of a conversation onto every member's slots,
     /// keeping a speaker on the slot it already has, and rebuilds the
     /// listener table the forwarding path reads.
-    fn reassign_slots(&mut self, key: ConvKey, now: Instant) {
-        let Some(conv) = self.conversations.get_mut(&key) else { return };
+    fn reassign_slots(&mut self, key: ConvKey) {
+        let Some(conv) = self.conversations.get_mut(&key) else {
+            return;
+        };
         conv.listeners.clear();
         let mut desired = std::mem::take(&mut self.scratch_peers);
         for &m in &conv.members {
-            let Some(peer) = self.peers.get_mut(&m) else { continue };
+            let Some(peer) = self.peers.get_mut(&m) else {
+                continue;
+            };
             conv.selector.top_for(m, peer.slots.len(), &mut desired);
             for slot in &mut peer.slots {
                 match slot.source {
@@ -726,7 +792,9 @@ impl Sfu {
     }
 
     fn add_member(&mut self, key: ConvKey, id: PeerId, now: Instant) {
-        let Some(conv) = self.conversations.get_mut(&key) else { return };
+        let Some(conv) = self.conversations.get_mut(&key) else {
+            return;
+        };
         if !conv.members.contains(&id) {
             conv.members.push(id);
         }
@@ -735,11 +803,13 @@ impl Sfu {
             debug!("{} is in conversation {}", p.label(), conv.name);
         }
         self.resize_selector(key, now);
-        self.reassign_slots(key, now);
+        self.reassign_slots(key);
     }
 
     fn remove_member(&mut self, key: ConvKey, id: PeerId, now: Instant) {
-        let Some(conv) = self.conversations.get_mut(&key) else { return };
+        let Some(conv) = self.conversations.get_mut(&key) else {
+            return;
+        };
         conv.members.retain(|m| *m != id);
         conv.selector.remove(id);
         if let Some(p) = self.peers.get_mut(&id) {
@@ -749,12 +819,14 @@ impl Sfu {
             }
         }
         self.resize_selector(key, now);
-        self.reassign_slots(key, now);
+        self.reassign_slots(key);
         self.drop_if_abandoned(key);
     }
 
     fn resize_selector(&mut self, key: ConvKey, now: Instant) {
-        let Some(conv) = self.conversations.get_mut(&key) else { return };
+        let Some(conv) = self.conversations.get_mut(&key) else {
+            return;
+        };
         let most_slots = conv
             .members
             .iter()
@@ -762,11 +834,16 @@ impl Sfu {
             .map(|p| p.slots.len())
             .max()
             .unwrap_or(1);
-        conv.selector.set_capacity((most_slots + 1).min(MAX_ACTIVE_SPEAKERS), now);
+        conv.selector
+            .set_capacity((most_slots + 1).min(MAX_ACTIVE_SPEAKERS), now);
     }
 
     fn drop_if_abandoned(&mut self, key: ConvKey) {
-        if self.conversations.get(&key).is_some_and(|c| c.is_abandoned()) {
+        if self
+            .conversations
+            .get(&key)
+            .is_some_and(|c| c.is_abandoned())
+        {
             if let Some(c) = self.conversations.remove(&key) {
                 self.conversation_keys.remove(&c.name);
                 debug!("conversation {} is empty and was dropped", c.name);
@@ -775,7 +852,11 @@ impl Sfu {
     }
 
     fn leave_conversation(&mut self, userid: &str, key: ConvKey, now: Instant) {
-        let peers = self.users.get(userid).map(|u| u.peers.clone()).unwrap_or_default();
+        let peers = self
+            .users
+            .get(userid)
+            .map(|u| u.peers.clone())
+            .unwrap_or_default();
         for p in peers {
             self.remove_member(key, p, now);
         }
@@ -789,11 +870,15 @@ impl Sfu {
     }
 
     fn remove_peer(&mut self, id: PeerId, reason: CloseReason, now: Instant) {
-        let Some(key) = self.peers.get(&id).map(|p| p.conversation) else { return };
+        let Some(key) = self.peers.get(&id).map(|p| p.conversation) else {
+            return;
+        };
         if let Some(key) = key {
             self.remove_member(key, id, now);
         }
-        let Some(mut peer) = self.peers.remove(&id) else { return };
+        let Some(mut peer) = self.peers.remove(&id) else {
+            return;
+        };
         // Say goodbye (DTLS close_notify, RTCP BYE) if the peer got that far.
         if peer.connected {
             let rtc = &mut peer.rtc;
@@ -812,7 +897,12 @@ impl Sfu {
             None => false,
         };
         if no_clients_left {
-            if self.users.get(&userid).is_some_and(|u| u.conversation.is_some()) && !self.shutting_down {
+            if self
+                .users
+                .get(&userid)
+                .is_some_and(|u| u.conversation.is_some())
+                && !self.shutting_down
+            {
                 self.start_grace(&userid, now);
             } else {
                 self.users.remove(&userid);
@@ -820,13 +910,18 @@ impl Sfu {
         }
         self.stats.peers_closed += 1;
         info!("{} closed: {reason}", peer.label());
-        self.events.push_back(SfuEvent::PeerClosed { peer: id, reason });
+        self.events
+            .push_back(SfuEvent::PeerClosed { peer: id, reason });
     }
 }
 
 /// Drains an `Rtc` to its timeout into the given queues (used where the
 /// peer is borrowed apart from the `Sfu`).
-fn drain_into(peer: &mut Peer, transmits: &mut VecDeque<Transmit>, pending: &mut VecDeque<Pending>) {
+fn drain_into(
+    peer: &mut Peer,
+    transmits: &mut VecDeque<Transmit>,
+    pending: &mut VecDeque<Pending>,
+) {
     loop {
         match peer.rtc.poll_output() {
             Ok(Output::Timeout(t)) => {
@@ -834,9 +929,9 @@ fn drain_into(peer: &mut Peer, transmits: &mut VecDeque<Transmit>, pending: &mut
                 break;
             }
             Ok(Output::Transmit(t)) => transmits.push_back(t),
-            Ok(Output::Event(RtcEvent::IceConnectionStateChange(IceConnectionState::Disconnected))) => {
-                pending.push_back(Pending::Close(peer.id, CloseReason::Disconnected))
-            }
+            Ok(Output::Event(RtcEvent::IceConnectionStateChange(
+                IceConnectionState::Disconnected,
+            ))) => pending.push_back(Pending::Close(peer.id, CloseReason::Disconnected)),
             Ok(Output::Event(_)) => {}
             Err(e) => {
                 pending.push_back(Pending::Close(peer.id, CloseReason::Failed(e.to_string())));
@@ -867,10 +962,14 @@ fn audio_mids(sdp: &str) -> Vec<Mid> {
 /// and Opus among its codecs.
 fn check_offer_text(offer: &str) -> Result<(), ConnectError> {
     if offer.len() > MAX_OFFER_BYTES {
-        return Err(ConnectError::MalformedOffer(format!("offer is larger than {MAX_OFFER_BYTES} bytes")));
+        return Err(ConnectError::MalformedOffer(format!(
+            "offer is larger than {MAX_OFFER_BYTES} bytes"
+        )));
     }
     if !offer.trim_start().starts_with("v=0") {
-        return Err(ConnectError::MalformedOffer("an SDP offer starts with v=0".into()));
+        return Err(ConnectError::MalformedOffer(
+            "an SDP offer starts with v=0".into(),
+        ));
     }
     let mut in_audio = false;
     for line in offer.lines() {
@@ -895,14 +994,26 @@ mod tests {
 
     #[test]
     fn offer_text_checks() {
-        assert!(matches!(check_offer_text("hello"), Err(ConnectError::MalformedOffer(_))));
-        assert_eq!(check_offer_text("v=0\r\nm=video 9 UDP 96\r\na=rtpmap:96 VP8/90000\r\n"), Err(ConnectError::NoOpus));
+        assert!(matches!(
+            check_offer_text("hello"),
+            Err(ConnectError::MalformedOffer(_))
+        ));
+        assert_eq!(
+            check_offer_text("v=0\r\nm=video 9 UDP 96\r\na=rtpmap:96 VP8/90000\r\n"),
+            Err(ConnectError::NoOpus)
+        );
         assert_eq!(
             check_offer_text("v=0\r\nm=audio 9 UDP 0\r\na=rtpmap:0 PCMU/8000\r\n"),
             Err(ConnectError::NoOpus)
         );
-        assert_eq!(check_offer_text("v=0\r\nm=audio 9 UDP 111\r\na=rtpmap:111 opus/48000/2\r\n"), Ok(()));
+        assert_eq!(
+            check_offer_text("v=0\r\nm=audio 9 UDP 111\r\na=rtpmap:111 opus/48000/2\r\n"),
+            Ok(())
+        );
         let huge = format!("v=0\r\n{}", "a".repeat(MAX_OFFER_BYTES));
-        assert!(matches!(check_offer_text(&huge), Err(ConnectError::MalformedOffer(_))));
+        assert!(matches!(
+            check_offer_text(&huge),
+            Err(ConnectError::MalformedOffer(_))
+        ));
     }
 }

@@ -65,7 +65,12 @@ impl Peer {
     /// The peer's payload type for Opus on `mid`.
     pub fn opus_pt(&self, mid: Mid) -> Option<Pt> {
         let remote = self.rtc.media(mid).map(|m| m.remote_pts()).unwrap_or(&[]);
-        let opus = self.rtc.codec_config().params().iter().filter(|p| p.spec().codec == Codec::Opus);
+        let opus = self
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .filter(|p| p.spec().codec == Codec::Opus);
         let mut first = None;
         for p in opus {
             if remote.is_empty() || remote.contains(&p.pt()) {
@@ -78,6 +83,9 @@ impl Peer {
 
     /// Short description for logs: `peer 7 (alice/phone)`.
     pub fn label(&self) -> String {
-        format!("peer {} ({}/{})", self.id.0, self.claim.userid, self.claim.clientid)
+        format!(
+            "peer {} ({}/{})",
+            self.id.0, self.claim.userid, self.claim.clientid
+        )
     }
 }

@@ -89,7 +89,13 @@ impl Slot {
     /// Computes the outgoing header for a packet from `source` with the given
     /// input extended sequence number and timestamp. `None` means drop it
     /// (duplicate or far too late).
-    pub fn rewrite(&mut self, source: PeerId, in_seq: u64, in_ts: u32, now: Instant) -> Option<Rewritten> {
+    pub fn rewrite(
+        &mut self,
+        source: PeerId,
+        in_seq: u64,
+        in_ts: u32,
+        now: Instant,
+    ) -> Option<Rewritten> {
         let st = &mut self.seq;
         match st.run {
             Some(run) if run.source == source => {
@@ -108,7 +114,11 @@ impl Slot {
                     });
                     st.next_seq = out_seq + 1;
                     st.last_out = Some((ts, now));
-                    return Some(Rewritten { seq: out_seq, timestamp: ts, marker: true });
+                    return Some(Rewritten {
+                        seq: out_seq,
+                        timestamp: ts,
+                        marker: true,
+                    });
                 } else if delta < 0 && -delta <= MAX_LATE && run.last_out_seq as i64 + delta >= 0 {
                     ((run.last_out_seq as i64 + delta) as u64, false)
                 } else {
@@ -124,7 +134,11 @@ impl Slot {
                     st.next_seq = out_seq + 1;
                     st.last_out = Some((ts, now));
                 }
-                Some(Rewritten { seq: out_seq, timestamp: ts, marker: false })
+                Some(Rewritten {
+                    seq: out_seq,
+                    timestamp: ts,
+                    marker: false,
+                })
             }
             _ => {
                 let out_seq = st.next_seq;
@@ -137,7 +151,11 @@ impl Slot {
                 });
                 st.next_seq = out_seq + 1;
                 st.last_out = Some((ts, now));
-                Some(Rewritten { seq: out_seq, timestamp: ts, marker: true })
+                Some(Rewritten {
+                    seq: out_seq,
+                    timestamp: ts,
+                    marker: true,
+                })
             }
         }
     }
@@ -152,7 +170,8 @@ impl SeqState {
             None => self.initial_ts,
             Some((ts, at)) => {
                 let elapsed = now.saturating_duration_since(at);
-                let ticks = (elapsed.as_micros() as u64 * OPUS_CLOCK_RATE / 1_000_000).min(u64::from(u32::MAX / 2)) as u32;
+                let ticks = (elapsed.as_micros() as u64 * OPUS_CLOCK_RATE / 1_000_000)
+                    .min(u64::from(u32::MAX / 2)) as u32;
                 ts.wrapping_add(ticks.max(FRAME_TICKS))
             }
         }
@@ -174,9 +193,23 @@ mod tests {
         let mut s = Slot::new(mid(), 100, 5000);
         let a = PeerId(1);
         let r1 = s.rewrite(a, 10, 1000, t0).unwrap();
-        assert_eq!(r1, Rewritten { seq: 100, timestamp: 5000, marker: true });
+        assert_eq!(
+            r1,
+            Rewritten {
+                seq: 100,
+                timestamp: 5000,
+                marker: true
+            }
+        );
         let r2 = s.rewrite(a, 11, 1960, t0).unwrap();
-        assert_eq!(r2, Rewritten { seq: 101, timestamp: 5960, marker: false });
+        assert_eq!(
+            r2,
+            Rewritten {
+                seq: 101,
+                timestamp: 5960,
+                marker: false
+            }
+        );
         // A loss of one packet stays visible as a gap.
         let r3 = s.rewrite(a, 13, 3880, t0).unwrap();
         assert_eq!(r3.seq, 103);
@@ -194,7 +227,13 @@ mod tests {
         let mut s = Slot::new(mid(), 7, 0);
         let (a, b) = (PeerId(1), PeerId(2));
         for i in 0..5u64 {
-            s.rewrite(a, 500 + i, 77_000 + i as u32 * 960, t0 + Duration::from_millis(20 * i)).unwrap();
+            s.rewrite(
+                a,
+                500 + i,
+                77_000 + i as u32 * 960,
+                t0 + Duration::from_millis(20 * i),
+            )
+            .unwrap();
         }
         let t_switch = t0 + Duration::from_millis(200);
         let r = s.rewrite(b, 40_000, 123, t_switch).unwrap();
@@ -203,7 +242,10 @@ mod tests {
         // 200 ms - 80 ms since the last packet = 120 ms = 5760 ticks.
         assert_eq!(r.timestamp, 4 * 960 + 5760);
         let r2 = s.rewrite(b, 40_001, 123 + 960, t_switch).unwrap();
-        assert_eq!((r2.seq, r2.timestamp, r2.marker), (13, 4 * 960 + 5760 + 960, false));
+        assert_eq!(
+            (r2.seq, r2.timestamp, r2.marker),
+            (13, 4 * 960 + 5760 + 960, false)
+        );
     }
 
     #[test]

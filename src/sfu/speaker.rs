@@ -120,7 +120,9 @@ impl SpeakerSelector {
                 true
             }
             None => {
-                let Some(w) = self.weakest(now) else { return false };
+                let Some(w) = self.weakest(now) else {
+                    return false;
+                };
                 if self.overtakes(peer, self.active[w], now) {
                     self.active.remove(w);
                     self.active.push(Active { peer, since: now });
@@ -171,7 +173,13 @@ impl SpeakerSelector {
     /// Fills `out` with the first `n` ranked active speakers other than `except`.
     pub fn top_for(&self, except: PeerId, n: usize, out: &mut Vec<PeerId>) {
         out.clear();
-        out.extend(self.active.iter().map(|a| a.peer).filter(|p| *p != except).take(n));
+        out.extend(
+            self.active
+                .iter()
+                .map(|a| a.peer)
+                .filter(|p| *p != except)
+                .take(n),
+        );
     }
 
     /// The active speakers, highest ranked first.
@@ -193,7 +201,10 @@ impl SpeakerSelector {
         self.active
             .iter()
             .enumerate()
-            .min_by(|(_, a), (_, b)| self.effective(a.peer, now).total_cmp(&self.effective(b.peer, now)))
+            .min_by(|(_, a), (_, b)| {
+                self.effective(a.peer, now)
+                    .total_cmp(&self.effective(b.peer, now))
+            })
             .map(|(i, _)| i)
     }
 }

@@ -73,7 +73,10 @@ mod tests {
         assert_eq!(h.pop_due(t0), None);
         let now = t0 + Duration::from_millis(25);
         assert_eq!(h.pop_due(now).map(|e| e.1), Some(TimerKey::Peer(PeerId(1))));
-        assert_eq!(h.pop_due(now).map(|e| e.1), Some(TimerKey::Grace("u".into())));
+        assert_eq!(
+            h.pop_due(now).map(|e| e.1),
+            Some(TimerKey::Grace("u".into()))
+        );
         assert_eq!(h.pop_due(now), None);
         assert_eq!(h.len(), 1);
     }

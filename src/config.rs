@@ -1,0 +1,275 @@
+//! Command-line flags and environment variables (clap), with `.env` loaded
+//! first, resolved into one validated [`Config`].
+//!
+//! Every flag has an env twin so the service runs the same from a shell, a
+//! `.env` file or a container. Invalid values fail at start with a one-line
+//! error naming the flag.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// beep-sfu: WebRTC audio Selective Forwarding Unit for Beep conversations.
+///
+/// Clients open GET /connect (WebSocket) to exchange an SDP offer/answer, then
+/// POST /join/:conversationid. Identity comes from the X-User-Claim header set
+/// by the auth proxy. Every flag can also be given as the environment variable
+/// shown, or in a .env file in the working directory.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "beep-sfu", version, about, long_about = None)]
+pub struct Args {
+    /// HTTP listen address for signalling, /healthz and /metrics. Go-style
+    /// ":PORT" means all interfaces. [default: :80, or 127.0.0.1:8080 with --dev]
+    #[arg(long, env = "LISTEN")]
+    pub listen: Option<String>,
+
+    /// The one UDP socket all media flows through.
+    /// [default: 0.0.0.0:50000, or 127.0.0.1:50000 with --dev]
+    #[arg(long = "udp", env = "UDP_LISTEN")]
+    pub udp: Option<String>,
+
+    /// IP address put in answers as the server's ICE candidate. [default: the
+    /// --udp IP when it is not unspecified, else the first non-loopback
+    /// interface address]
+    #[arg(long, env = "PUBLIC_IP")]
+    pub public_ip: Option<IpAddr>,
+
+    /// NATS server bites are published to.
+    #[arg(long, env = "NATS", default_value = "nats://localhost:4222")]
+    pub nats: String,
+
+    /// Base URL of Beep's permissions service (http only).
+    #[arg(long, env = "PERMISSIONS_HOST", default_value = "http://permissions")]
+    pub permissions_host: String,
+
+    /// Development mode: HTTP on 127.0.0.1:8080 and UDP on 127.0.0.1:50000
+    /// unless given, every join allowed without a permissions service, claims
+    /// accepted from ?userid=&clientid= in the query, no NATS. Not for production.
+    #[arg(long, env = "DEV", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub dev: bool,
+
+    /// Most peers (client connections) at once; further /connect gets close code 1013.
+    #[arg(long, env = "MAX_PEERS", default_value_t = 10_000)]
+    pub max_peers: usize,
+
+    /// Most concurrent HTTP/WebSocket signalling connections; more get 503.
+    #[arg(long, env = "MAX_SIGNALLING", default_value_t = 256)]
+    pub max_signalling: usize,
+
+    /// Seconds a peer has to complete ICE and DTLS after its offer.
+    #[arg(long, env = "CONNECT_TIMEOUT_SECS", default_value_t = 30)]
+    pub connect_timeout_secs: u64,
+
+    /// Seconds without any datagram after which a peer is removed.
+    #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub idle_timeout_secs: u64,
+
+    /// Seconds a user with no clients left keeps their conversation membership.
+    #[arg(long, env = "MEMBERSHIP_GRACE_SECS", default_value_t = 60)]
+    pub membership_grace_secs: u64,
+
+    /// Milliseconds the permissions service has to answer before a join fails with 503.
+    #[arg(long, env = "PERMISSIONS_TIMEOUT_MS", default_value_t = 2000)]
+    pub permissions_timeout_ms: u64,
+}
+
+/// The resolved, validated configuration the service runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// Media UDP socket address.
+    pub udp: SocketAddr,
+    /// ICE candidate IP announced to clients.
+    pub public_ip: IpAddr,
+    /// NATS URL (unused in dev mode).
+    pub nats: String,
+    /// Permissions service base URL without a trailing slash.
+    pub permissions_host: String,
+    /// Development mode.
+    pub dev: bool,
+    /// Peer limit.
+    pub max_peers: usize,
+    /// Signalling connection limit.
+    pub max_signalling: usize,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Membership grace.
+    pub membership_grace: Duration,
+    /// Permission check timeout.
+    pub permissions_timeout: Duration,
+    /// Where bites are written as files, if anywhere.
+    pub bites_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads `.env` (if present), parses flags and env, and validates.
+    pub fn load() -> Result<Config, String> {
+        // A missing .env is normal; a malformed one is worth saying.
+        if let Err(e) = dotenvy::dotenv() {
+            if !e.not_found() {
+                return Err(format!(".env: {e}"));
+            }
+        }
+        Config::from_args(Args::parse())
+    }
+
+    /// Validates parsed arguments.
+    pub fn from_args(a: Args) -> Result<Config, String> {
+        let listen_default = if a.dev { "127.0.0.1:8080" } else { ":80" };
+        let udp_default = if a.dev {
+            "127.0.0.1:50000"
+        } else {
+            "0.0.0.0:50000"
+        };
+        let listen = parse_addr(a.listen.as_deref().unwrap_or(listen_default))
+            .map_err(|e| format!("--listen: {e}"))?;
+        let udp = parse_addr(a.udp.as_deref().unwrap_or(udp_default))
+            .map_err(|e| format!("--udp: {e}"))?;
+        let public_ip = match a.public_ip {
+            Some(ip) if ip.is_unspecified() => {
+                return Err("--public-ip: must be a concrete address, not 0.0.0.0/::".into())
+            }
+            Some(ip) => ip,
+            None if !udp.ip().is_unspecified() => udp.ip(),
+            None => first_interface_ip().ok_or_else(|| {
+                "--public-ip: no non-loopback interface address found; set --public-ip".to_string()
+            })?,
+        };
+        let permissions_host = a.permissions_host.trim_end_matches('/').to_string();
+        if !a.dev && !permissions_host.starts_with("http://") {
+            return Err(format!(
+                "--permissions-host: {permissions_host:?} must be an http:// URL (the service is reached inside the cluster)"
+            ));
+        }
+        if !a.dev && !(a.nats.starts_with("nats://") || a.nats.contains(':')) {
+            return Err(format!(
+                "--nats: {:?} is not a NATS URL like nats://host:4222",
+                a.nats
+            ));
+        }
+        if a.max_peers == 0 {
+            return Err("--max-peers: must be at least 1".into());
+        }
+        if a.max_signalling == 0 {
+            return Err("--max-signalling: must be at least 1".into());
+        }
+        for (flag, v) in [
+            ("--connect-timeout-secs", a.connect_timeout_secs),
+            ("--idle-timeout-secs", a.idle_timeout_secs),
+            ("--permissions-timeout-ms", a.permissions_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(format!("{flag}: must be greater than 0"));
+            }
+        }
+        Ok(Config {
+            listen,
+            udp,
+            public_ip,
+            nats: a.nats,
+            permissions_host,
+            dev: a.dev,
+            max_peers: a.max_peers,
+            max_signalling: a.max_signalling,
+            connect_timeout: Duration::from_secs(a.connect_timeout_secs),
+            idle_timeout: Duration::from_secs(a.idle_timeout_secs),
+            membership_grace: Duration::from_secs(a.membership_grace_secs),
+            permissions_timeout: Duration::from_millis(a.permissions_timeout_ms),
+            bites_dir: None,
+        })
+    }
+
+    /// The address clients send media to: public IP and the UDP port.
+    pub fn candidate_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.public_ip, self.udp.port())
+    }
+}
+
+/// Parses `HOST:PORT`, `IP:PORT`, `[v6]:PORT` or Go-style `:PORT` (all interfaces).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?} has no valid port"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// The first non-loopback IPv4 address of this host, found the portable way:
+/// the source address the kernel would pick for an outside destination (no
+/// packet is sent by a UDP connect).
+fn first_interface_ip() -> Option<IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["beep-sfu"];
+        all.extend_from_slice(v);
+        Config::from_args(Args::try_parse_from(all).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn go_style_listen_means_all_interfaces() {
+        assert_eq!(parse_addr(":80").unwrap(), "0.0.0.0:80".parse().unwrap());
+        assert_eq!(
+            parse_addr("127.0.0.1:9").unwrap(),
+            "127.0.0.1:9".parse().unwrap()
+        );
+        assert!(parse_addr(":x").is_err());
+        assert!(parse_addr("nope").is_err());
+    }
+
+    #[test]
+    fn dev_defaults_to_loopback() {
+        let c = args(&["--dev"]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.udp, "127.0.0.1:50000".parse().unwrap());
+        assert_eq!(c.public_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert!(c.dev);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        assert!(args(&["--listen", "what"])
+            .unwrap_err()
+            .starts_with("--listen"));
+        assert!(args(&["--udp", "1.2.3.4"])
+            .unwrap_err()
+            .starts_with("--udp"));
+        assert!(args(&["--udp", "0.0.0.0:1", "--public-ip", "0.0.0.0"])
+            .unwrap_err()
+            .starts_with("--public-ip"));
+        assert!(args(&["--permissions-host", "ftp://x"])
+            .unwrap_err()
+            .starts_with("--permissions-host"));
+        assert!(args(&["--max-peers", "0", "--udp", "127.0.0.1:1"])
+            .unwrap_err()
+            .starts_with("--max-peers"));
+    }
+
+    #[test]
+    fn public_ip_defaults_to_the_udp_ip() {
+        let c = args(&["--udp", "127.0.0.5:6000"]).unwrap();
+        assert_eq!(c.candidate_addr(), "127.0.0.5:6000".parse().unwrap());
+    }
+}
