@@ -146,7 +146,7 @@ impl Config {
                 "--permissions-host: {permissions_host:?} must be an http:// URL (the service is reached inside the cluster)"
             ));
         }
-        if !a.dev && !(a.nats.starts_with("nats://") || a.nats.contains(':')) {
+        if !(a.dev || a.nats.starts_with("nats://") || a.nats.contains(':')) {
             return Err(format!(
                 "--nats: {:?} is not a NATS URL like nats://host:4222",
                 a.nats

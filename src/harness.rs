@@ -260,9 +260,11 @@ impl Harness {
                 .map(|p| p.pt());
         }
         let Some(pt) = c.pt else { return false };
-        let mut ext = ExtensionValues::default();
-        ext.audio_level = Some(level);
-        ext.voice_activity = Some(level > -127);
+        let ext = ExtensionValues {
+            audio_level: Some(level),
+            voice_activity: Some(level > -127),
+            ..Default::default()
+        };
         let (seq, ts) = (c.seq, c.timestamp);
         c.seq += 1;
         c.timestamp = c.timestamp.wrapping_add(960);

@@ -165,6 +165,9 @@ pub enum SfuEvent {
 
 /// Work found while draining an `Rtc`, handled once the drain is complete
 /// (so no two `Rtc`s are borrowed at once).
+// RTP packets dominate and are moved, not boxed: the queue's buffer is
+// reused, so boxing would add an allocation per packet.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Pending {
     Connected(PeerId),
@@ -704,9 +707,11 @@ impl Sfu {
         let Some(listeners) = conv.listeners.get(&src) else {
             return;
         };
-        let mut ext = ExtensionValues::default();
-        ext.audio_level = pkt.header.ext_vals.audio_level;
-        ext.voice_activity = pkt.header.ext_vals.voice_activity;
+        let ext = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            ..Default::default()
+        };
         let in_seq = *pkt.seq_no;
         let in_ts = pkt.header.timestamp;
         for &(sub, idx) in listeners {

@@ -102,7 +102,7 @@ impl Slot {
                 let delta = in_seq as i64 - run.last_in_seq as i64;
                 let (out_seq, advance) = if delta > 0 && delta <= MAX_SEQ_JUMP {
                     (run.last_out_seq + delta as u64, true)
-                } else if delta > MAX_SEQ_JUMP || delta < -MAX_SEQ_JUMP {
+                } else if !(-MAX_SEQ_JUMP..=MAX_SEQ_JUMP).contains(&delta) {
                     // The sender restarted its sequence space: continue ours.
                     let out_seq = st.next_seq;
                     let ts = st.continued_ts(now);

@@ -1,0 +1,476 @@
+//! Shared pieces of the loopback integration tests: the server started
+//! in-process on free ports, str0m clients that speak the real WebSocket
+//! protocol and real UDP, a real HTTP server standing in for the permissions
+//! service, and raw HTTP helpers.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpAnswer;
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo, Ssrc};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+use beep_sfu::config::Config;
+use beep_sfu::server::Server;
+
+/// A config on loopback with ephemeral ports.
+pub fn test_config(dev: bool, permissions_host: &str) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        udp: "127.0.0.1:0".parse().unwrap(),
+        public_ip: "127.0.0.1".parse().unwrap(),
+        nats: "nats://127.0.0.1:1".into(),
+        permissions_host: permissions_host.into(),
+        dev,
+        max_peers: 100,
+        max_signalling: 64,
+        connect_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(30),
+        membership_grace: Duration::from_secs(60),
+        permissions_timeout: Duration::from_secs(2),
+        bites_dir: None,
+    }
+}
+
+/// Starts logging once (RUST_LOG=debug to see the server).
+pub fn init_log() {
+    let _ = env_logger::builder().is_test(true).try_init();
+}
+
+/// How the test client writes its offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferStyle {
+    Raw,
+    Prefixed,
+    Json,
+}
+
+/// One RTP packet a client received.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub ssrc: Ssrc,
+    pub seq: u64,
+    pub timestamp: u32,
+    pub payload: Vec<u8>,
+}
+
+/// A str0m client on a real UDP socket.
+pub struct TestPeer {
+    pub name: String,
+    pub claim: String,
+    pub rtc: Rtc,
+    pub socket: UdpSocket,
+    pub addr: SocketAddr,
+    pub ws: Option<WebSocket<TcpStream>>,
+    pub ws_close: Option<(u16, String)>,
+    pub connected: bool,
+    pub received: Vec<Got>,
+    pub send_mid: Option<Mid>,
+    pt: Option<Pt>,
+    seq: u64,
+    ts: u32,
+    buf: Vec<u8>,
+}
+
+/// The claim header value for a user and client.
+pub fn claim(userid: &str, clientid: &str) -> String {
+    serde_json::json!({"userid": userid, "clientid": clientid}).to_string()
+}
+
+impl TestPeer {
+    /// A client with one send-receive audio m-line.
+    pub fn new(userid: &str, clientid: &str) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut rtc = RtcConfig::new()
+            .clear_codecs()
+            .enable_opus(true, false)
+            .set_rtp_mode(true)
+            .set_stats_interval(None)
+            .build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        TestPeer {
+            name: format!("{userid}/{clientid}"),
+            claim: claim(userid, clientid),
+            rtc,
+            socket,
+            addr,
+            ws: None,
+            ws_close: None,
+            connected: false,
+            received: Vec::new(),
+            send_mid: None,
+            pt: None,
+            seq: 0,
+            ts: 0,
+            buf: vec![0; 2000],
+        }
+    }
+
+    /// Opens /connect, sends the offer in `style`, reads the answer.
+    pub fn signal(&mut self, http: SocketAddr, style: OfferStyle) -> Result<(), String> {
+        let mut api = self.rtc.sdp_api();
+        let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let (offer, pending) = api.apply().ok_or("no offer")?;
+        self.send_mid = Some(mid);
+        let sdp = offer.to_sdp_string();
+        let text = match style {
+            OfferStyle::Raw => sdp,
+            OfferStyle::Prefixed => format!("offer::{sdp}"),
+            OfferStyle::Json => serde_json::json!({"type": "offer", "sdp": sdp}).to_string(),
+        };
+        let mut ws = ws_connect(http, &self.claim).map_err(|e| format!("ws connect: {e}"))?;
+        ws.send(Message::text(text)).map_err(|e| e.to_string())?;
+        let answer = match ws.read().map_err(|e| format!("reading answer: {e}"))? {
+            Message::Text(t) => t.as_str().to_string(),
+            Message::Close(f) => return Err(format!("closed instead of answer: {f:?}")),
+            other => return Err(format!("unexpected {other:?}")),
+        };
+        let sdp = match style {
+            OfferStyle::Raw => {
+                assert!(answer.starts_with("v=0"), "raw answer for raw offer");
+                answer
+            }
+            OfferStyle::Prefixed => answer
+                .strip_prefix("answer::")
+                .expect("answer:: prefix")
+                .to_string(),
+            OfferStyle::Json => {
+                let v: serde_json::Value = serde_json::from_str(&answer).expect("JSON answer");
+                assert_eq!(v["type"], "answer");
+                v["sdp"].as_str().expect("sdp").to_string()
+            }
+        };
+        let answer = SdpAnswer::from_sdp_string(&sdp).map_err(|e| e.to_string())?;
+        self.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| e.to_string())?;
+        ws.get_mut()
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .unwrap();
+        self.ws = Some(ws);
+        Ok(())
+    }
+
+    /// Handles everything pending: socket, timers, WebSocket.
+    pub fn pump(&mut self) {
+        loop {
+            match self.socket.recv_from(&mut self.buf) {
+                Ok((n, source)) => {
+                    let now = Instant::now();
+                    if let Ok(r) = Receive::new(Protocol::Udp, source, self.addr, &self.buf[..n]) {
+                        let _ = self.rtc.handle_input(Input::Receive(now, r));
+                        self.drain();
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => break,
+            }
+        }
+        let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+        self.drain();
+        if let Some(ws) = &mut self.ws {
+            match ws.read() {
+                Ok(Message::Close(f)) => {
+                    self.ws_close = Some(
+                        f.map(|f| (u16::from(f.code), f.reason.to_string()))
+                            .unwrap_or((1005, String::new())),
+                    );
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => {
+                    if self.ws_close.is_none() {
+                        self.ws_close = Some((1006, "abnormal".into()));
+                    }
+                    self.ws = None;
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        loop {
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(_)) | Err(_) => break,
+                Ok(Output::Transmit(t)) => {
+                    let _ = self.socket.send_to(&t.contents, t.destination);
+                }
+                Ok(Output::Event(Event::Connected)) => self.connected = true,
+                Ok(Output::Event(Event::RtpPacket(p))) => self.received.push(Got {
+                    ssrc: p.header.ssrc,
+                    seq: *p.seq_no,
+                    timestamp: p.header.timestamp,
+                    payload: p.payload.to_vec(),
+                }),
+                Ok(Output::Event(_)) => {}
+            }
+        }
+    }
+
+    /// Sends one 20 ms packet.
+    pub fn send(&mut self, payload: &[u8], level: i8) {
+        let Some(mid) = self.send_mid else { return };
+        if self.pt.is_none() {
+            self.pt = self
+                .rtc
+                .codec_config()
+                .params()
+                .iter()
+                .find(|p| p.spec().codec == Codec::Opus)
+                .map(|p| p.pt());
+        }
+        let Some(pt) = self.pt else { return };
+        let ext = ExtensionValues {
+            audio_level: Some(level),
+            voice_activity: Some(true),
+            ..Default::default()
+        };
+        let (seq, ts) = (self.seq, self.ts);
+        self.seq += 1;
+        self.ts = self.ts.wrapping_add(960);
+        let mut api = self.rtc.direct_api();
+        if let Some(tx) = api.stream_tx_by_mid(mid, None) {
+            tx.write_rtp(
+                RtpWrite::new(pt, SeqNo::from(seq), ts, Instant::now(), payload.to_vec())
+                    .ext_vals(ext),
+            );
+        }
+        self.drain();
+    }
+}
+
+/// Pumps every peer until `done` holds or `timeout` passes; returns whether it held.
+pub fn pump_until(
+    peers: &mut [&mut TestPeer],
+    timeout: Duration,
+    mut done: impl FnMut(&[&mut TestPeer]) -> bool,
+) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        for p in peers.iter_mut() {
+            p.pump();
+        }
+        if done(peers) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+/// Pumps every peer for `d`.
+pub fn pump_for(peers: &mut [&mut TestPeer], d: Duration) {
+    pump_until(peers, d, |_| false);
+}
+
+/// Connects peers: signalling (in the given styles), then ICE/DTLS until
+/// both sides report connected and the server closed each WebSocket.
+pub fn connect_all(http: SocketAddr, peers: &mut [&mut TestPeer], styles: &[OfferStyle]) {
+    for (i, p) in peers.iter_mut().enumerate() {
+        p.signal(http, styles[i % styles.len()])
+            .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+    }
+    let ok = pump_until(peers, Duration::from_secs(20), |ps| {
+        ps.iter().all(|p| p.connected && p.ws_close.is_some())
+    });
+    for p in peers.iter() {
+        assert!(p.connected, "{} did not connect", p.name);
+        assert_eq!(
+            p.ws_close.as_ref().map(|c| c.0),
+            Some(1000),
+            "{}: server closes the WebSocket with 1000 once connected",
+            p.name
+        );
+    }
+    assert!(ok);
+}
+
+/// Opens a WebSocket to /connect with a claim header (empty = none).
+pub fn ws_connect(
+    http: SocketAddr,
+    claim: &str,
+) -> Result<WebSocket<TcpStream>, tungstenite::Error> {
+    let mut req = format!("ws://{http}/connect").into_client_request()?;
+    if !claim.is_empty() {
+        req.headers_mut()
+            .insert("X-User-Claim", claim.parse().unwrap());
+    }
+    let stream = TcpStream::connect(http)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (ws, _) = tungstenite::client(req, stream).map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(e) => e,
+        tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
+    })?;
+    Ok(ws)
+}
+
+/// Reads frames until the server's close frame; returns its code and reason.
+pub fn expect_close(ws: &mut WebSocket<TcpStream>) -> (u16, String) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
+            Ok(Message::Close(None)) => return (u16::from(CloseCode::Status), String::new()),
+            Ok(_) => {}
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+    panic!("no close frame within 10 s");
+}
+
+/// Sends raw bytes as an HTTP request; returns (status, body). Status 0 means
+/// the server closed without answering.
+pub fn http_raw(addr: SocketAddr, raw: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = s.write_all(raw);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `POST /join/{conversation}` with a claim header.
+pub fn join(addr: SocketAddr, claim: &str, conversation: &str) -> (u16, String) {
+    http_raw(
+        addr,
+        format!("POST /join/{conversation} HTTP/1.1\r\nHost: x\r\nX-User-Claim: {claim}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )
+}
+
+/// `GET path`.
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+}
+
+/// A value from the /metrics text (first sample line starting with `prefix`).
+pub fn metric(addr: SocketAddr, prefix: &str) -> Option<f64> {
+    let (_, body) = get(addr, "/metrics");
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A real HTTP server standing in for Beep's permissions service. Users named
+/// `ok*` are allowed (200), `hang*` get no answer for 10 s, anyone else 403.
+pub struct FakePermissions {
+    pub addr: SocketAddr,
+    pub paths: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakePermissions {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let paths = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p2, s2) = (paths.clone(), stop.clone());
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut stream) = stream else { continue };
+                let p3 = p2.clone();
+                thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let n = stream.read(&mut buf).unwrap_or(0);
+                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    p3.lock().unwrap().push(path.clone());
+                    let user = path
+                        .strip_prefix("/user/")
+                        .and_then(|r| r.split('/').next())
+                        .unwrap_or("");
+                    let status = if user.starts_with("ok") {
+                        "200 OK"
+                    } else if user.starts_with("hang") {
+                        thread::sleep(Duration::from_secs(10));
+                        "200 OK"
+                    } else {
+                        "403 Forbidden"
+                    };
+                    let _ = stream.write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    );
+                });
+            }
+        });
+        FakePermissions { addr, paths, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for FakePermissions {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Starts a server; returns it.
+pub fn start(dev: bool, permissions: &str) -> Server {
+    init_log();
+    Server::start(&test_config(dev, permissions)).expect("server starts")
+}
+
+/// A payload naming its sender and sequence: `[sender, n (4 bytes BE), 0xAB…]`, 80 bytes.
+pub fn payload(sender: u8, n: u32) -> Vec<u8> {
+    let mut p = vec![0xAB; 80];
+    p[0] = sender;
+    p[1..5].copy_from_slice(&n.to_be_bytes());
+    p
+}
+
+/// What each peer heard, by sender byte, as packet numbers.
+pub fn heard(p: &TestPeer) -> HashMap<u8, Vec<u32>> {
+    let mut m: HashMap<u8, Vec<u32>> = HashMap::new();
+    for g in &p.received {
+        if g.payload.len() >= 5 {
+            m.entry(g.payload[0]).or_default().push(u32::from_be_bytes([
+                g.payload[1],
+                g.payload[2],
+                g.payload[3],
+                g.payload[4],
+            ]));
+        }
+    }
+    m
+}
