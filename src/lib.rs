@@ -30,3 +30,5 @@ pub mod permissions;
 pub mod server;
 pub mod sfu;
 pub mod signalling;
+pub mod proto;
+pub mod ogg_opus;
