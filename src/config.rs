@@ -36,9 +36,40 @@ pub struct Args {
     #[arg(long, env = "PUBLIC_IP")]
     pub public_ip: Option<IpAddr>,
 
-    /// NATS server bites are published to.
-    #[arg(long, env = "NATS", default_value = "nats://localhost:4222")]
-    pub nats: String,
+    /// NATS server bites are published to; "none" disables publishing.
+    /// [default: nats://localhost:4222, or none with --dev]
+    #[arg(long, env = "NATS")]
+    pub nats: Option<String>,
+
+    /// NATS subject for `Bite` messages.
+    #[arg(long, env = "BITE_SUBJECT", default_value = "bite")]
+    pub bite_subject: String,
+
+    /// NATS subject for `Store{type:"bite"}` messages.
+    #[arg(long, env = "STORE_SUBJECT", default_value = "store")]
+    pub store_subject: String,
+
+    /// Most bytes of bites kept while NATS is unreachable; beyond it the
+    /// oldest are dropped (and counted).
+    #[arg(long, env = "NATS_BACKLOG_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub nats_backlog_bytes: usize,
+
+    /// Also write every bite as DIR/<conversation>/<start>-<userid>-<clientid>.ogg.
+    /// [default: none, or ./bites with --dev]
+    #[arg(long, env = "BITES_DIR")]
+    pub bites_dir: Option<PathBuf>,
+
+    /// Milliseconds of silence that end a bite.
+    #[arg(long, env = "BITE_SILENCE_MS", default_value_t = 600)]
+    pub bite_silence_ms: u64,
+
+    /// Longest bite in milliseconds; longer talk continues in a new bite.
+    #[arg(long, env = "BITE_MAX_MS", default_value_t = 10_000)]
+    pub bite_max_ms: u64,
+
+    /// Audio level (dBov, RFC 6464) below which a packet counts as silence.
+    #[arg(long, env = "SILENCE_DBOV", default_value_t = -60, allow_negative_numbers = true)]
+    pub silence_dbov: i32,
 
     /// Base URL of Beep's permissions service (http only).
     #[arg(long, env = "PERMISSIONS_HOST", default_value = "http://permissions")]
@@ -84,8 +115,20 @@ pub struct Config {
     pub udp: SocketAddr,
     /// ICE candidate IP announced to clients.
     pub public_ip: IpAddr,
-    /// NATS URL (unused in dev mode).
-    pub nats: String,
+    /// NATS URL; `None` publishes nothing.
+    pub nats: Option<String>,
+    /// Subject for `Bite`.
+    pub bite_subject: String,
+    /// Subject for `Store`.
+    pub store_subject: String,
+    /// NATS backlog bound in bytes.
+    pub nats_backlog_bytes: usize,
+    /// Silence that ends a bite.
+    pub bite_silence: Duration,
+    /// Longest bite.
+    pub bite_max: Duration,
+    /// Loudness (127 + dBov) at or above which a packet is voiced.
+    pub voiced_loudness: f32,
     /// Permissions service base URL without a trailing slash.
     pub permissions_host: String,
     /// Development mode.
@@ -146,11 +189,27 @@ impl Config {
                 "--permissions-host: {permissions_host:?} must be an http:// URL (the service is reached inside the cluster)"
             ));
         }
-        if !(a.dev || a.nats.starts_with("nats://") || a.nats.contains(':')) {
-            return Err(format!(
-                "--nats: {:?} is not a NATS URL like nats://host:4222",
-                a.nats
-            ));
+        let nats = match a.nats.as_deref().map(str::trim) {
+            Some("" | "none") => None,
+            Some(url) => Some(url.to_string()),
+            None if a.dev => None,
+            None => Some("nats://localhost:4222".to_string()),
+        };
+        if let Some(url) = &nats {
+            if !(url.starts_with("nats://") || url.starts_with("tls://") || url.contains(':')) {
+                return Err(format!("--nats: {url:?} is not a NATS URL like nats://host:4222"));
+            }
+        }
+        for (flag, subject) in [("--bite-subject", &a.bite_subject), ("--store-subject", &a.store_subject)] {
+            if subject.is_empty() || subject.contains(char::is_whitespace) {
+                return Err(format!("{flag}: {subject:?} is not a NATS subject"));
+            }
+        }
+        if !(-127..=0).contains(&a.silence_dbov) {
+            return Err("--silence-dbov: must be between -127 and 0".into());
+        }
+        if a.bite_max_ms < 100 || a.bite_silence_ms == 0 {
+            return Err("--bite-max-ms must be at least 100 and --bite-silence-ms above 0".into());
         }
         if a.max_peers == 0 {
             return Err("--max-peers: must be at least 1".into());
@@ -171,7 +230,13 @@ impl Config {
             listen,
             udp,
             public_ip,
-            nats: a.nats,
+            nats,
+            bite_subject: a.bite_subject,
+            store_subject: a.store_subject,
+            nats_backlog_bytes: a.nats_backlog_bytes,
+            bite_silence: Duration::from_millis(a.bite_silence_ms),
+            bite_max: Duration::from_millis(a.bite_max_ms),
+            voiced_loudness: (127 + a.silence_dbov) as f32,
             permissions_host,
             dev: a.dev,
             max_peers: a.max_peers,
@@ -180,7 +245,7 @@ impl Config {
             idle_timeout: Duration::from_secs(a.idle_timeout_secs),
             membership_grace: Duration::from_secs(a.membership_grace_secs),
             permissions_timeout: Duration::from_millis(a.permissions_timeout_ms),
-            bites_dir: None,
+            bites_dir: a.bites_dir.or_else(|| a.dev.then(|| PathBuf::from("bites"))),
         })
     }
 
@@ -246,6 +311,14 @@ mod tests {
         assert_eq!(c.udp, "127.0.0.1:50000".parse().unwrap());
         assert_eq!(c.public_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert!(c.dev);
+        assert_eq!(c.nats, None, "no NATS in dev unless asked");
+        assert_eq!(c.bites_dir, Some(PathBuf::from("bites")));
+        let c = args(&["--dev", "--nats", "nats://127.0.0.1:4222"]).unwrap();
+        assert_eq!(c.nats.as_deref(), Some("nats://127.0.0.1:4222"));
+        let c = args(&["--udp", "127.0.0.1:1"]).unwrap();
+        assert_eq!(c.nats.as_deref(), Some("nats://localhost:4222"));
+        assert_eq!(c.bites_dir, None);
+        assert_eq!(c.voiced_loudness, 67.0);
     }
 
     #[test]

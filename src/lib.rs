@@ -30,5 +30,6 @@ pub mod permissions;
 pub mod server;
 pub mod sfu;
 pub mod signalling;
+pub mod sink;
 pub mod proto;
 pub mod ogg_opus;

@@ -60,6 +60,22 @@ pub struct Metrics {
     pub signalling_outcomes: Family<Reason, Counter>,
     /// Commands to the media loop dropped because its queue was full.
     pub commands_dropped: Counter,
+    /// Bites finished by the core.
+    pub bites: Counter,
+    /// Bites published to NATS (both subjects).
+    pub bites_published: Counter,
+    /// Bytes of bite messages published to NATS.
+    pub bite_bytes_published: Counter,
+    /// Bites written as files.
+    pub bites_written: Counter,
+    /// Bites dropped, by reason.
+    pub bites_dropped: Family<Reason, Counter>,
+    /// Bites waiting for NATS.
+    pub bite_backlog: Gauge,
+    /// Bytes waiting for NATS.
+    pub bite_backlog_bytes: Gauge,
+    /// 1 while connected to NATS.
+    pub nats_connected: Gauge,
     published: Mutex<CoreStats>,
 }
 
@@ -86,6 +102,14 @@ impl Metrics {
             signalling_connections: Gauge::default(),
             signalling_outcomes: Family::default(),
             commands_dropped: Counter::default(),
+            bites: Counter::default(),
+            bites_published: Counter::default(),
+            bite_bytes_published: Counter::default(),
+            bites_written: Counter::default(),
+            bites_dropped: Family::default(),
+            bite_backlog: Gauge::default(),
+            bite_backlog_bytes: Gauge::default(),
+            nats_connected: Gauge::default(),
             published: Mutex::new(CoreStats::default()),
             registry: Registry::default(),
         };
@@ -166,6 +190,18 @@ impl Metrics {
             "Commands to the media loop dropped on a full queue",
             m.commands_dropped.clone(),
         );
+        r.register("bites", "Bites (talk spurts) finished", m.bites.clone());
+        r.register("bites_published", "Bites published to NATS", m.bites_published.clone());
+        r.register(
+            "bite_bytes_published",
+            "Bytes of Bite and Store messages published to NATS",
+            m.bite_bytes_published.clone(),
+        );
+        r.register("bites_written", "Bites written as files", m.bites_written.clone());
+        r.register("bites_dropped", "Bites dropped, by reason", m.bites_dropped.clone());
+        r.register("bite_backlog", "Bites waiting for NATS", m.bite_backlog.clone());
+        r.register("bite_backlog_bytes", "Bytes waiting for NATS", m.bite_backlog_bytes.clone());
+        r.register("nats_connected", "1 while connected to NATS", m.nats_connected.clone());
         Metrics { registry, ..m }
     }
 
@@ -238,6 +274,11 @@ impl Metrics {
     /// Counts one dropped datagram or event.
     pub fn drop_one(&self, reason: &'static str) {
         self.dropped.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts one dropped bite.
+    pub fn bite_dropped(&self, reason: &'static str) {
+        self.bites_dropped.get_or_create(&Reason { reason }).inc();
     }
 
     /// Counts one signalling outcome.

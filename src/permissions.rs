@@ -13,7 +13,7 @@ use ureq::Agent;
 
 /// Everything but the RFC 3986 unreserved characters other than `.` is
 /// encoded; `.` is encoded too so `..` can never be a path segment.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
+pub(crate) const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
 
 /// The answer of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,7 +16,10 @@ use crate::http::{Context, HttpServer};
 use crate::metrics::Metrics;
 use crate::net::{self, MediaLoopConfig};
 use crate::permissions::PermissionClient;
+use crate::sfu::bite::BiteConfig;
 use crate::sfu::SfuConfig;
+use crate::sink::nats::NatsConfig;
+use crate::sink::{BiteQueue, Sink, SinkConfig};
 
 /// How long shutdown waits for the media loop to close its peers.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -28,6 +31,7 @@ pub struct Server {
     media_thread: Option<JoinHandle<()>>,
     udp_addr: SocketAddr,
     metrics: Arc<Metrics>,
+    sink: Option<Sink>,
 }
 
 impl Server {
@@ -39,6 +43,22 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| io::Error::new(e.kind(), format!("--listen {}: {e}", config.listen)))?;
         let metrics = Arc::new(Metrics::new());
+        let sink_config = SinkConfig {
+            nats: config.nats.as_ref().map(|url| NatsConfig {
+                url: url.clone(),
+                bite_subject: config.bite_subject.clone(),
+                store_subject: config.store_subject.clone(),
+                backlog_bytes: config.nats_backlog_bytes,
+            }),
+            dir: config.bites_dir.clone(),
+        };
+        let (sink, bites) = if sink_config.nats.is_some() || sink_config.dir.is_some() {
+            let (s, q) = Sink::start(sink_config, metrics.clone())?;
+            (Some(s), q)
+        } else {
+            warn!("bites are neither published (no NATS) nor written (no --bites-dir)");
+            (None, BiteQueue::disconnected(metrics.clone()))
+        };
         // The candidate must carry the real port when --udp asked for port 0.
         let candidate_addr = SocketAddr::new(config.public_ip, udp_addr.port());
         let mut sfu = SfuConfig::new(candidate_addr);
@@ -46,10 +66,17 @@ impl Server {
         sfu.connect_timeout = config.connect_timeout;
         sfu.idle_timeout = config.idle_timeout;
         sfu.membership_grace = config.membership_grace;
+        sfu.speaker.voiced_loudness = config.voiced_loudness;
+        sfu.bites = BiteConfig {
+            silence: config.bite_silence,
+            max_len: config.bite_max,
+            voiced_loudness: config.voiced_loudness,
+        };
         let (handle, media_thread) = net::spawn(MediaLoopConfig {
             sfu,
             socket,
             metrics: metrics.clone(),
+            bites,
         })?;
         let permissions = if config.dev {
             None
@@ -75,6 +102,7 @@ impl Server {
             media_thread: Some(media_thread),
             udp_addr,
             metrics,
+            sink,
         })
     }
 
@@ -112,6 +140,11 @@ impl Server {
                 warn!("media loop did not stop within {SHUTDOWN_GRACE:?}");
                 clean = false;
             }
+        }
+        // The loop flushed every open bite into the sink's queue on its way
+        // out; give NATS the rest of the grace period to take them.
+        if let Some(sink) = self.sink.take() {
+            sink.finish(start + SHUTDOWN_GRACE);
         }
         info!("stopped in {:?}", start.elapsed());
         clean

@@ -22,6 +22,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::command::{self, Command, LoopHandle, PeerNotice};
 use crate::metrics::Metrics;
 use crate::sfu::{PeerId, Sfu, SfuConfig, SfuEvent};
+use crate::sink::BiteQueue;
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -40,6 +41,8 @@ pub struct MediaLoopConfig {
     pub socket: std::net::UdpSocket,
     /// Shared metrics.
     pub metrics: Arc<Metrics>,
+    /// Where finished bites go.
+    pub bites: BiteQueue,
 }
 
 struct MediaLoop {
@@ -49,6 +52,7 @@ struct MediaLoop {
     commands: Receiver<Command>,
     notices: HashMap<PeerId, Sender<PeerNotice>>,
     metrics: Arc<Metrics>,
+    bites: BiteQueue,
     buf: Vec<u8>,
     stopping: bool,
 }
@@ -71,6 +75,7 @@ pub fn spawn(config: MediaLoopConfig) -> io::Result<(LoopHandle, JoinHandle<()>)
         commands: rx,
         notices: HashMap::new(),
         metrics: config.metrics,
+        bites: config.bites,
         buf: vec![0; RECV_BUF],
         stopping: false,
     };
@@ -211,6 +216,7 @@ impl MediaLoop {
                 SfuEvent::PeerClosed { peer, reason } => {
                     self.notify(peer, PeerNotice::Closed(reason), true)
                 }
+                SfuEvent::Bite(b) => self.bites.offer(b),
             }
         }
         self.metrics.publish_core(

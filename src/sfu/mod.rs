@@ -15,6 +15,7 @@
 //! speaker, is rewritten per subscriber [`slot::Slot`] and written to the
 //! subscriber's `Rtc`, whose SRTP output is queued for sending.
 
+pub mod bite;
 pub mod conversation;
 pub mod demux;
 pub mod peer;
@@ -36,6 +37,7 @@ use str0m::net::{Protocol, Receive, Transmit};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, RtcConfig};
 
+use bite::{BiteAssembler, BiteConfig, FinishedBite, Owner};
 use conversation::{ConvKey, Conversation};
 pub use peer::Claim;
 use peer::Peer;
@@ -54,6 +56,8 @@ impl fmt::Display for PeerId {
     }
 }
 
+/// How often open bites are checked for silence.
+const BITE_TICK: Duration = Duration::from_millis(100);
 /// Most slots one conversation's selector keeps active.
 const MAX_ACTIVE_SPEAKERS: usize = 16;
 /// Longest accepted SDP offer.
@@ -75,6 +79,8 @@ pub struct SfuConfig {
     pub membership_grace: Duration,
     /// Speaker selection tuning.
     pub speaker: SpeakerConfig,
+    /// Bite segmentation.
+    pub bites: BiteConfig,
 }
 
 impl SfuConfig {
@@ -87,6 +93,7 @@ impl SfuConfig {
             idle_timeout: Duration::from_secs(30),
             membership_grace: Duration::from_secs(60),
             speaker: SpeakerConfig::default(),
+            bites: BiteConfig::default(),
         }
     }
 }
@@ -161,6 +168,8 @@ pub enum SfuEvent {
         /// Why.
         reason: CloseReason,
     },
+    /// A talk spurt is finished and ready to publish.
+    Bite(FinishedBite),
 }
 
 /// Work found while draining an `Rtc`, handled once the drain is complete
@@ -194,6 +203,9 @@ pub struct Sfu {
     scratch_due: Vec<(Instant, TimerKey)>,
     shutting_down: bool,
     stats: CoreStats,
+    bites: BiteAssembler,
+    bite_tick: Option<Instant>,
+    scratch_bites: Vec<FinishedBite>,
 }
 
 /// A user's membership and connected clients.
@@ -208,6 +220,16 @@ impl Sfu {
     /// A core with no peers. Generates the one DTLS certificate all peers share
     /// (generating one per peer would stall the loop for milliseconds).
     pub fn new(config: SfuConfig) -> Self {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self::with_clock(config, (Instant::now(), unix_ms))
+    }
+
+    /// A core whose Unix clock is given: `clock.0` is the `Instant` that was
+    /// Unix millisecond `clock.1` (bite start times derive from it).
+    pub fn with_clock(config: SfuConfig, clock: (Instant, u64)) -> Self {
         let provider = str0m::crypto::from_feature_flags();
         let mut rtc_config = RtcConfig::new()
             .set_ice_lite(true)
@@ -219,7 +241,6 @@ impl Sfu {
             rtc_config = rtc_config.set_dtls_cert(cert);
         }
         Sfu {
-            config,
             rtc_config,
             peers: HashMap::new(),
             demux: demux::Demux::default(),
@@ -236,6 +257,10 @@ impl Sfu {
             scratch_due: Vec::new(),
             shutting_down: false,
             stats: CoreStats::default(),
+            bites: BiteAssembler::new(config.bites, clock),
+            bite_tick: None,
+            scratch_bites: Vec::new(),
+            config,
         }
     }
 
@@ -517,6 +542,7 @@ impl Sfu {
             match key {
                 TimerKey::Peer(id) => self.peer_timeout(id, at, now),
                 TimerKey::Grace(userid) => self.grace_timeout(&userid, now),
+                TimerKey::Bites => self.bite_tick(now),
             }
         }
         self.scratch_due = due;
@@ -558,6 +584,35 @@ impl Sfu {
             self.feed(id, now, Input::Timeout(now));
         } else {
             self.arm(id);
+        }
+    }
+
+    /// Closes bites whose speaker went quiet; re-arms while any is open.
+    fn bite_tick(&mut self, now: Instant) {
+        self.bite_tick = None;
+        let mut done = std::mem::take(&mut self.scratch_bites);
+        self.bites.poll_silence(now, &mut done);
+        self.emit_bites(&mut done);
+        self.scratch_bites = done;
+        self.arm_bite_tick(now);
+    }
+
+    fn arm_bite_tick(&mut self, now: Instant) {
+        if self.bite_tick.is_none() && self.bites.open_count() > 0 {
+            let at = now + BITE_TICK;
+            self.bite_tick = Some(at);
+            self.timers.push(at, TimerKey::Bites);
+        }
+    }
+
+    fn emit_bites(&mut self, done: &mut Vec<FinishedBite>) {
+        for b in done.drain(..) {
+            self.stats.bites += 1;
+            debug!(
+                "bite of {}/{} in {}: {} packets, {} ms",
+                b.userid, b.clientid, b.conversation, b.packets, b.duration_ms
+            );
+            self.events.push_back(SfuEvent::Bite(b));
         }
     }
 
@@ -701,6 +756,21 @@ impl Sfu {
         if conv.selector.on_packet(src, level, now) {
             self.reassign_slots(key);
         }
+        let finished = match (self.peers.get(&src), self.conversations.get(&key)) {
+            (Some(peer), Some(conv)) => {
+                let owner = Owner {
+                    conversation: &conv.name,
+                    userid: &peer.claim.userid,
+                    clientid: &peer.claim.clientid,
+                };
+                self.bites.on_packet(src, owner, pkt.header.timestamp, &pkt.payload, level, now)
+            }
+            _ => return,
+        };
+        if let Some(b) = finished {
+            self.emit_bites(&mut vec![b]);
+        }
+        self.arm_bite_tick(now);
         let Some(conv) = self.conversations.get(&key) else {
             return;
         };
@@ -812,6 +882,9 @@ impl Sfu {
     }
 
     fn remove_member(&mut self, key: ConvKey, id: PeerId, now: Instant) {
+        if let Some(b) = self.bites.flush(id) {
+            self.emit_bites(&mut vec![b]);
+        }
         let Some(conv) = self.conversations.get_mut(&key) else {
             return;
         };

@@ -1,0 +1,170 @@
+//! Where finished bites go: a side thread fed by a bounded queue, publishing
+//! to NATS (`nats`) and/or writing `.ogg` files (`files`). The media loop
+//! only ever `try_send`s into the queue; what does not fit is counted and
+//! logged, never waited for.
+
+pub mod files;
+pub mod nats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use log::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::sfu::bite::FinishedBite;
+use nats::{NatsConfig, NatsPublisher};
+
+/// Bites that may wait between the media loop and the sink thread.
+pub const QUEUE: usize = 1024;
+/// How often the sink thread retries publishing while idle.
+const TICK: Duration = Duration::from_millis(50);
+
+/// What the sink does with bites.
+#[derive(Debug, Clone, Default)]
+pub struct SinkConfig {
+    /// Publish to NATS.
+    pub nats: Option<NatsConfig>,
+    /// Also write files here.
+    pub dir: Option<PathBuf>,
+}
+
+enum SinkMsg {
+    Bite(FinishedBite),
+    /// Publish what is left until the deadline, then stop.
+    Finish(Instant),
+}
+
+/// The media loop's end of the queue.
+#[derive(Clone)]
+pub struct BiteQueue {
+    tx: Sender<SinkMsg>,
+    metrics: Arc<Metrics>,
+}
+
+impl BiteQueue {
+    /// Hands a bite to the sink thread without waiting.
+    pub fn offer(&self, b: FinishedBite) {
+        self.metrics.bites.inc();
+        match self.tx.try_send(SinkMsg::Bite(b)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(SinkMsg::Bite(b))) => {
+                self.metrics.bite_dropped("sink_queue_full");
+                warn!(
+                    "bite sink queue full: dropped a bite of {}/{} in {}",
+                    b.userid, b.clientid, b.conversation
+                );
+            }
+            Err(_) => self.metrics.bite_dropped("sink_stopped"),
+        }
+    }
+
+    /// A queue nobody reads (no sink configured): bites are counted as dropped.
+    pub fn disconnected(metrics: Arc<Metrics>) -> Self {
+        let (tx, _) = crossbeam_channel::bounded(1);
+        BiteQueue { tx, metrics }
+    }
+}
+
+/// The running sink thread.
+pub struct Sink {
+    tx: Sender<SinkMsg>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    /// Starts the sink thread.
+    pub fn start(config: SinkConfig, metrics: Arc<Metrics>) -> std::io::Result<(Sink, BiteQueue)> {
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let m = metrics.clone();
+        let thread = thread::Builder::new().name("bite-sink".into()).spawn(move || run(config, rx, m))?;
+        Ok((
+            Sink {
+                tx: tx.clone(),
+                thread: Some(thread),
+            },
+            BiteQueue { tx, metrics },
+        ))
+    }
+
+    /// Publishes what is queued (waiting at most until `deadline`) and stops.
+    pub fn finish(mut self, deadline: Instant) {
+        let _ = self.tx.send_timeout(SinkMsg::Finish(deadline), Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() && Instant::now() < deadline + Duration::from_millis(500) {
+                thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                warn!("bite sink did not finish in time");
+            }
+        }
+    }
+}
+
+fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
+    let mut nats = config.nats.map(|c| NatsPublisher::start(c, metrics.clone()));
+    if let Some(dir) = &config.dir {
+        info!("writing bites to {}", dir.display());
+    }
+    let mut finish_by = None;
+    loop {
+        match rx.recv_timeout(TICK) {
+            Ok(SinkMsg::Bite(b)) => {
+                if let Some(dir) = &config.dir {
+                    match files::write_bite(dir, &b) {
+                        Ok(p) => {
+                            metrics.bites_written.inc();
+                            debug!("wrote {}", p.display());
+                        }
+                        Err(e) => {
+                            metrics.bite_dropped("file_write_error");
+                            warn!("could not write a bite under {}: {e}", dir.display());
+                        }
+                    }
+                }
+                if let Some(n) = &mut nats {
+                    n.enqueue(&b);
+                }
+            }
+            Ok(SinkMsg::Finish(deadline)) => finish_by = Some(deadline),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => finish_by = finish_by.or(Some(Instant::now())),
+        }
+        if let Some(n) = &mut nats {
+            n.pump();
+        }
+        if let Some(deadline) = finish_by {
+            // Drain whatever is still queued first.
+            while let Ok(SinkMsg::Bite(b)) = rx.try_recv() {
+                if let Some(dir) = &config.dir {
+                    let _ = files::write_bite(dir, &b);
+                }
+                if let Some(n) = &mut nats {
+                    n.enqueue(&b);
+                }
+            }
+            let Some(n) = &mut nats else { return };
+            n.pump();
+            if n.backlog_len() == 0 || Instant::now() >= deadline {
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+                let flushed = n.flush(left);
+                if n.backlog_len() > 0 || !flushed {
+                    warn!(
+                        "stopping with {} bite(s) not delivered to NATS (connected: {})",
+                        n.backlog_len(),
+                        n.is_connected()
+                    );
+                    for _ in 0..n.backlog_len() {
+                        metrics.bite_dropped("shutdown_undelivered");
+                    }
+                }
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Publishes bites to NATS: `Bite` on the bite subject and
+//! `Store{type:"bite", bite}` on the store subject.
+//!
+//! Uses the synchronous `nats` crate the owner named. It can reconnect
+//! forever and buffer while reconnecting, but its first `connect` blocks
+//! until a server answers, so it runs on a connector thread of its own.
+//! The publisher keeps its own bounded backlog (in bytes), publishes from it
+//! only while connected (tracked through the client's disconnect and
+//! reconnect callbacks), and removes a bite only once both messages were
+//! handed to the client. What overflows the backlog is dropped oldest-first,
+//! counted and logged.
+
+// The owner named the synchronous `nats` crate; upstream deprecated it in
+// favour of async-nats, but it meets the outage behaviour we need (see the
+// README), so the deprecation warnings are silenced here on purpose.
+#![allow(deprecated)]
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use log::{info, warn};
+use prost::Message;
+
+use crate::metrics::Metrics;
+use crate::proto::{Bite, Client, Store};
+use crate::sfu::bite::FinishedBite;
+
+/// Where and how to publish.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL(s), e.g. `nats://localhost:4222`.
+    pub url: String,
+    /// Subject for `Bite` messages.
+    pub bite_subject: String,
+    /// Subject for `Store` messages.
+    pub store_subject: String,
+    /// Most bytes kept while NATS is unreachable.
+    pub backlog_bytes: usize,
+}
+
+/// The two encoded messages of one bite.
+struct Encoded {
+    bite: Vec<u8>,
+    store: Vec<u8>,
+    /// The `bite` message already went out (only `store` is left).
+    bite_sent: bool,
+}
+
+impl Encoded {
+    fn size(&self) -> usize {
+        self.bite.len() + self.store.len()
+    }
+}
+
+/// Encodes a finished bite as the wire `Bite`.
+pub fn to_proto(b: &FinishedBite) -> Bite {
+    Bite {
+        key: b.conversation.clone(),
+        start: b.start_unix_ms,
+        data: b.ogg.clone(),
+        client: Some(Client {
+            key: b.userid.clone(),
+            client: b.clientid.clone(),
+        }),
+    }
+}
+
+/// The publisher's state, owned by the sink thread.
+pub struct NatsPublisher {
+    config: NatsConfig,
+    conn: Option<nats::Connection>,
+    connecting: Receiver<nats::Connection>,
+    connected: Arc<AtomicBool>,
+    backlog: VecDeque<Encoded>,
+    backlog_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl NatsPublisher {
+    /// Starts connecting in the background; returns at once.
+    pub fn start(config: NatsConfig, metrics: Arc<Metrics>) -> Self {
+        let connected = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let url = config.url.clone();
+        let (on_down, on_up) = (connected.clone(), connected.clone());
+        let (m_down, m_up) = (metrics.clone(), metrics.clone());
+        let spawned = thread::Builder::new().name("nats-connect".into()).spawn(move || {
+            let opts = nats::Options::new()
+                .with_name("beep-sfu")
+                .retry_on_failed_connect()
+                .max_reconnects(None)
+                .reconnect_delay_callback(|n| Duration::from_millis((100 * n as u64).min(2000)))
+                .disconnect_callback(move || {
+                    on_down.store(false, Ordering::SeqCst);
+                    m_down.nats_connected.set(0);
+                    warn!("NATS connection lost; keeping bites in the backlog until it is back");
+                })
+                .reconnect_callback(move || {
+                    on_up.store(true, Ordering::SeqCst);
+                    m_up.nats_connected.set(1);
+                    info!("NATS reconnected");
+                });
+            match opts.connect(url.as_str()) {
+                Ok(c) => {
+                    let _ = tx.send(c);
+                }
+                Err(e) => warn!("NATS {url}: {e}; bites will only be counted as dropped"),
+            }
+        });
+        if let Err(e) = spawned {
+            warn!("cannot start the NATS connector: {e}");
+        }
+        info!("publishing bites to NATS {} (subjects {}, {})", config.url, config.bite_subject, config.store_subject);
+        NatsPublisher {
+            config,
+            conn: None,
+            connecting: rx,
+            connected,
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
+            metrics,
+        }
+    }
+
+    /// True while the client has a live connection.
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some() && self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Bites waiting to be published.
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.len()
+    }
+
+    /// Queues a bite, dropping the oldest ones if the backlog is over its bound.
+    pub fn enqueue(&mut self, b: &FinishedBite) {
+        let bite = to_proto(b);
+        let store = Store {
+            r#type: "bite".into(),
+            bite: Some(bite.clone()),
+        };
+        let e = Encoded {
+            bite: bite.encode_to_vec(),
+            store: store.encode_to_vec(),
+            bite_sent: false,
+        };
+        self.backlog_bytes += e.size();
+        self.backlog.push_back(e);
+        while self.backlog_bytes > self.config.backlog_bytes && self.backlog.len() > 1 {
+            if let Some(old) = self.backlog.pop_front() {
+                self.backlog_bytes -= old.size();
+                self.metrics.bite_dropped("nats_backlog_full");
+                warn!(
+                    "NATS backlog over {} bytes: dropped the oldest bite ({} bytes)",
+                    self.config.backlog_bytes,
+                    old.size()
+                );
+            }
+        }
+        self.publish_gauges();
+    }
+
+    /// Publishes as much of the backlog as the connection takes.
+    pub fn pump(&mut self) {
+        if self.conn.is_none() {
+            match self.connecting.try_recv() {
+                Ok(c) => {
+                    info!("NATS connected to {}", self.config.url);
+                    self.connected.store(true, Ordering::SeqCst);
+                    self.metrics.nats_connected.set(1);
+                    self.conn = Some(c);
+                }
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        if !self.connected.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(conn) = &self.conn else { return };
+        while let Some(front) = self.backlog.front_mut() {
+            if !front.bite_sent {
+                if let Err(e) = conn.publish(&self.config.bite_subject, &front.bite) {
+                    warn!("NATS publish failed: {e}; will retry");
+                    break;
+                }
+                front.bite_sent = true;
+            }
+            if let Err(e) = conn.publish(&self.config.store_subject, &front.store) {
+                warn!("NATS publish failed: {e}; will retry");
+                break;
+            }
+            let size = front.size();
+            self.backlog.pop_front();
+            self.backlog_bytes -= size;
+            self.metrics.bites_published.inc();
+            self.metrics.bite_bytes_published.inc_by(size as u64);
+        }
+        self.publish_gauges();
+    }
+
+    /// Makes sure what was published reached the server (bounded wait).
+    pub fn flush(&self, timeout: Duration) -> bool {
+        match &self.conn {
+            Some(c) if self.connected.load(Ordering::SeqCst) => c.flush_timeout(timeout).is_ok(),
+            _ => false,
+        }
+    }
+
+    fn publish_gauges(&self) {
+        self.metrics.bite_backlog.set(self.backlog.len() as i64);
+        self.metrics.bite_backlog_bytes.set(self.backlog_bytes as i64);
+    }
+}
