@@ -2,7 +2,11 @@
 //! Rust, so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/client.proto", "proto/bite.proto", "proto/store.proto"];
+    let files = [
+        "proto/client.proto",
+        "proto/bite.proto",
+        "proto/store.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -197,10 +197,15 @@ impl Config {
         };
         if let Some(url) = &nats {
             if !(url.starts_with("nats://") || url.starts_with("tls://") || url.contains(':')) {
-                return Err(format!("--nats: {url:?} is not a NATS URL like nats://host:4222"));
+                return Err(format!(
+                    "--nats: {url:?} is not a NATS URL like nats://host:4222"
+                ));
             }
         }
-        for (flag, subject) in [("--bite-subject", &a.bite_subject), ("--store-subject", &a.store_subject)] {
+        for (flag, subject) in [
+            ("--bite-subject", &a.bite_subject),
+            ("--store-subject", &a.store_subject),
+        ] {
             if subject.is_empty() || subject.contains(char::is_whitespace) {
                 return Err(format!("{flag}: {subject:?} is not a NATS subject"));
             }
@@ -245,7 +250,9 @@ impl Config {
             idle_timeout: Duration::from_secs(a.idle_timeout_secs),
             membership_grace: Duration::from_secs(a.membership_grace_secs),
             permissions_timeout: Duration::from_millis(a.permissions_timeout_ms),
-            bites_dir: a.bites_dir.or_else(|| a.dev.then(|| PathBuf::from("bites"))),
+            bites_dir: a
+                .bites_dir
+                .or_else(|| a.dev.then(|| PathBuf::from("bites"))),
         })
     }
 

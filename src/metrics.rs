@@ -191,17 +191,41 @@ impl Metrics {
             m.commands_dropped.clone(),
         );
         r.register("bites", "Bites (talk spurts) finished", m.bites.clone());
-        r.register("bites_published", "Bites published to NATS", m.bites_published.clone());
+        r.register(
+            "bites_published",
+            "Bites published to NATS",
+            m.bites_published.clone(),
+        );
         r.register(
             "bite_bytes_published",
             "Bytes of Bite and Store messages published to NATS",
             m.bite_bytes_published.clone(),
         );
-        r.register("bites_written", "Bites written as files", m.bites_written.clone());
-        r.register("bites_dropped", "Bites dropped, by reason", m.bites_dropped.clone());
-        r.register("bite_backlog", "Bites waiting for NATS", m.bite_backlog.clone());
-        r.register("bite_backlog_bytes", "Bytes waiting for NATS", m.bite_backlog_bytes.clone());
-        r.register("nats_connected", "1 while connected to NATS", m.nats_connected.clone());
+        r.register(
+            "bites_written",
+            "Bites written as files",
+            m.bites_written.clone(),
+        );
+        r.register(
+            "bites_dropped",
+            "Bites dropped, by reason",
+            m.bites_dropped.clone(),
+        );
+        r.register(
+            "bite_backlog",
+            "Bites waiting for NATS",
+            m.bite_backlog.clone(),
+        );
+        r.register(
+            "bite_backlog_bytes",
+            "Bytes waiting for NATS",
+            m.bite_backlog_bytes.clone(),
+        );
+        r.register(
+            "nats_connected",
+            "1 while connected to NATS",
+            m.nats_connected.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -30,7 +30,7 @@ pub fn packet_samples(packet: &[u8]) -> Option<u32> {
     let frame: u32 = match config {
         0..=11 => [480, 960, 1920, 2880][(config % 4) as usize], // SILK: 10/20/40/60 ms
         12..=15 => [480, 960][(config % 2) as usize],            // Hybrid: 10/20 ms
-        _ => [120, 240, 480, 960][(config % 4) as usize],         // CELT: 2.5/5/10/20 ms
+        _ => [120, 240, 480, 960][(config % 4) as usize],        // CELT: 2.5/5/10/20 ms
     };
     let frames: u32 = match toc & 0x3 {
         0 => 1,
@@ -75,8 +75,14 @@ pub fn opus_tags() -> Vec<u8> {
 /// valid (silent) file.
 pub fn encode(packets: &[TimedPacket<'_>], serial: u32) -> Vec<u8> {
     let bytes: usize = packets.iter().map(|p| p.data.len()).sum();
-    let mut out = Vec::with_capacity(bytes + 64 + packets.len() * 2 + (packets.len() / PACKETS_PER_PAGE + 3) * 27);
-    let channels = if packets.first().is_some_and(|p| is_stereo(p.data)) { 2 } else { 1 };
+    let mut out = Vec::with_capacity(
+        bytes + 64 + packets.len() * 2 + (packets.len() / PACKETS_PER_PAGE + 3) * 27,
+    );
+    let channels = if packets.first().is_some_and(|p| is_stereo(p.data)) {
+        2
+    } else {
+        1
+    };
     {
         let mut w = PacketWriter::new(&mut out);
         // Writing into a Vec cannot fail.
@@ -142,7 +148,10 @@ mod tests {
         assert_eq!(head.data[8], 1);
         assert_eq!(head.data[9], 1, "mono");
         assert_eq!(u16::from_le_bytes([head.data[10], head.data[11]]), PRE_SKIP);
-        assert_eq!(u32::from_le_bytes([head.data[12], head.data[13], head.data[14], head.data[15]]), 48_000);
+        assert_eq!(
+            u32::from_le_bytes([head.data[12], head.data[13], head.data[14], head.data[15]]),
+            48_000
+        );
         assert_eq!(head.stream_serial(), 42);
         assert!(head.last_in_page());
         let tags = r.read_packet_expected().unwrap();

@@ -267,3 +267,78 @@ fn silent_peer_is_removed_and_membership_outlives_it_for_the_grace() {
     assert_eq!(h.sfu.conversation_of("a"), None);
     assert_eq!(h.sfu.conversation_count(), 0);
 }
+
+fn bites(h: &mut Harness) -> Vec<beep_sfu::sfu::bite::FinishedBite> {
+    while let Some(e) = h.sfu.poll_event() {
+        h.events.push(e);
+    }
+    let mut out = vec![];
+    h.events.retain(|e| match e {
+        beep_sfu::sfu::SfuEvent::Bite(b) => {
+            out.push(b.clone());
+            false
+        }
+        _ => true,
+    });
+    out
+}
+
+#[test]
+fn one_bite_per_spurt_and_leaving_or_shutdown_finishes_the_open_one() {
+    let mut h = Harness::new();
+    let a = h.add_client("alice", "a", true, 0);
+    let b = h.add_client("bob", "b", true, 0);
+    h.connect_all();
+    h.join(a, "one");
+    h.join(b, "one");
+    talk(&mut h, &[a], 30);
+    assert!(bites(&mut h).is_empty(), "still talking");
+    h.step(Duration::from_millis(700));
+    let done = bites(&mut h);
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        (
+            done[0].userid.as_str(),
+            done[0].conversation.as_str(),
+            done[0].packets
+        ),
+        ("alice", "one", 30)
+    );
+
+    // Alice moves mid-sentence: the bite in "one" is finished at once.
+    talk(&mut h, &[a], 10);
+    h.join(a, "two");
+    let done = bites(&mut h);
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        (done[0].conversation.as_str(), done[0].packets),
+        ("one", 10)
+    );
+
+    // Bob is cut off by shutdown mid-sentence: his bite is finished too.
+    talk(&mut h, &[b], 5);
+    h.sfu.shutdown(h.now);
+    let done = bites(&mut h);
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].userid.as_str(), done[0].packets), ("bob", 5));
+}
+
+#[test]
+fn a_disconnecting_speaker_finishes_their_bite() {
+    let mut h = Harness::new();
+    let a = h.add_client("alice", "a", true, 0);
+    let b = h.add_client("bob", "b", true, 0);
+    h.connect_all();
+    h.join(a, "one");
+    h.join(b, "one");
+    talk(&mut h, &[a], 8);
+    // Alice's client closes its peer connection (DTLS close_notify).
+    h.clients[a].rtc.close().unwrap();
+    h.step(Duration::from_millis(20));
+    for _ in 0..20 {
+        h.step(Duration::from_millis(20));
+    }
+    let done = bites(&mut h);
+    assert_eq!(done.len(), 1, "bite finished on disconnect, not after 30 s");
+    assert_eq!(done[0].packets, 8);
+}

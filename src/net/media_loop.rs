@@ -30,6 +30,8 @@ const WAKER: Token = Token(1);
 const READ_BATCH: usize = 512;
 /// Commands handled per wake.
 const COMMAND_BATCH: usize = 256;
+/// How often the core's Unix clock is re-read.
+const CLOCK_REANCHOR: Duration = Duration::from_secs(1);
 /// Receive buffer: larger than any WebRTC datagram (MTU-sized).
 const RECV_BUF: usize = 4096;
 
@@ -90,6 +92,7 @@ impl MediaLoop {
         let mut events = Events::with_capacity(64);
         let mut more_to_read = false;
         let mut more_commands = false;
+        let mut clock_anchored = Instant::now();
         info!(
             "media loop running on {} (candidate {})",
             self.socket
@@ -116,6 +119,10 @@ impl MediaLoop {
             let readable = more_to_read || events.iter().any(|e| e.token() == SOCKET);
             more_to_read = readable && self.read_socket();
             more_commands = self.handle_commands();
+            if clock_anchored.elapsed() >= CLOCK_REANCHOR {
+                self.sfu.set_unix_clock(crate::sfu::unix_clock_now());
+                clock_anchored = Instant::now();
+            }
             self.sfu.handle_timeout(Instant::now());
             self.flush();
             if self.stopping && self.sfu.is_drained() {

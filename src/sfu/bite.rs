@@ -82,13 +82,13 @@ struct OpenBite {
 pub struct BiteAssembler {
     config: BiteConfig,
     open: HashMap<PeerId, OpenBite>,
-    /// Maps the core's `Instant`s to Unix milliseconds.
+    /// Maps the core's `Instant`s to Unix microseconds.
     clock: (Instant, u64),
     dropped_late: u64,
 }
 
 impl BiteAssembler {
-    /// An assembler whose `clock_base` says which Unix millisecond `Instant` corresponds to.
+    /// An assembler whose `clock_base` says which Unix microsecond an `Instant` was.
     pub fn new(config: BiteConfig, clock_base: (Instant, u64)) -> Self {
         BiteAssembler {
             config,
@@ -96,6 +96,11 @@ impl BiteAssembler {
             clock: clock_base,
             dropped_late: 0,
         }
+    }
+
+    /// Re-anchors the Unix clock (the wall clock may be slewed by NTP).
+    pub fn set_clock(&mut self, clock: (Instant, u64)) {
+        self.clock = clock;
     }
 
     /// Number of bites being assembled.
@@ -122,12 +127,13 @@ impl BiteAssembler {
         let bite = match self.open.get_mut(&peer) {
             Some(b) => b,
             None if voiced => {
-                let since = now.saturating_duration_since(self.clock.0);
+                let unix_us =
+                    self.clock.1 + now.saturating_duration_since(self.clock.0).as_micros() as u64;
                 self.open.entry(peer).or_insert(OpenBite {
                     conversation: owner.conversation.to_string(),
                     userid: owner.userid.to_string(),
                     clientid: owner.clientid.to_string(),
-                    start_unix_ms: self.clock.1 + since.as_millis() as u64,
+                    start_unix_ms: unix_us / 1000,
                     first_ts: rtp_ts,
                     packets: Vec::with_capacity(64),
                     voiced_len: 0,
@@ -137,7 +143,11 @@ impl BiteAssembler {
             None => return None,
         };
         let offset = rtp_ts.wrapping_sub(bite.first_ts);
-        let in_order = offset < (1 << 31) && bite.packets.last().is_none_or(|(last, _)| u64::from(offset) > *last);
+        let in_order = offset < (1 << 31)
+            && bite
+                .packets
+                .last()
+                .is_none_or(|(last, _)| u64::from(offset) > *last);
         if !in_order {
             self.dropped_late += 1;
             return None;
@@ -180,10 +190,16 @@ impl BiteAssembler {
         let timed: Vec<TimedPacket<'_>> = b
             .packets
             .iter()
-            .map(|(offset, data)| TimedPacket { offset: *offset, data })
+            .map(|(offset, data)| TimedPacket {
+                offset: *offset,
+                data,
+            })
             .collect();
         let ogg = ogg_opus::encode(&timed, rand::random());
-        let last = b.packets.last().map(|(o, d)| o + u64::from(ogg_opus::packet_samples(d).unwrap_or(960)));
+        let last = b
+            .packets
+            .last()
+            .map(|(o, d)| o + u64::from(ogg_opus::packet_samples(d).unwrap_or(960)));
         Some(FinishedBite {
             conversation: b.conversation,
             userid: b.userid,
@@ -230,16 +246,32 @@ mod tests {
     #[test]
     fn spurt_ends_after_silence_and_trailing_quiet_is_trimmed() {
         let t0 = Instant::now();
-        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 1_000_000));
+        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 1_000_000_000));
         let p = PeerId(1);
         // Quiet packets before speech do not open a bite.
         assert!(a.on_packet(p, owner(), 0, &pkt(0), QUIET, t0).is_none());
         assert_eq!(a.open_count(), 0);
         for i in 1..=10u32 {
-            assert!(a.on_packet(p, owner(), i * 960, &pkt(i as u8), LOUD, ms(t0, 20 * u64::from(i))).is_none());
+            assert!(a
+                .on_packet(
+                    p,
+                    owner(),
+                    i * 960,
+                    &pkt(i as u8),
+                    LOUD,
+                    ms(t0, 20 * u64::from(i))
+                )
+                .is_none());
         }
         for i in 11..=15u32 {
-            a.on_packet(p, owner(), i * 960, &pkt(i as u8), QUIET, ms(t0, 20 * u64::from(i)));
+            a.on_packet(
+                p,
+                owner(),
+                i * 960,
+                &pkt(i as u8),
+                QUIET,
+                ms(t0, 20 * u64::from(i)),
+            );
         }
         let mut out = vec![];
         a.poll_silence(ms(t0, 200 + 500), &mut out);
@@ -250,7 +282,14 @@ mod tests {
         assert_eq!(b.packets, 10);
         assert_eq!(b.start_unix_ms, 1_000_020);
         assert_eq!(b.duration_ms, 200);
-        assert_eq!((b.conversation.as_str(), b.userid.as_str(), b.clientid.as_str()), ("conv", "u", "c"));
+        assert_eq!(
+            (
+                b.conversation.as_str(),
+                b.userid.as_str(),
+                b.clientid.as_str()
+            ),
+            ("conv", "u", "c")
+        );
         assert_eq!(a.open_count(), 0);
     }
 
@@ -265,11 +304,21 @@ mod tests {
         let p = PeerId(1);
         let mut done = vec![];
         for i in 0..120u32 {
-            done.extend(a.on_packet(p, owner(), 5000 + i * 960, &pkt(i as u8), LOUD, ms(t0, 20 * u64::from(i))));
+            done.extend(a.on_packet(
+                p,
+                owner(),
+                5000 + i * 960,
+                &pkt(i as u8),
+                LOUD,
+                ms(t0, 20 * u64::from(i)),
+            ));
         }
         assert_eq!(done.len(), 2, "two full one-second bites");
-        assert!(done.iter().all(|b| b.packets == 50 && b.duration_ms == 1000));
+        assert!(done
+            .iter()
+            .all(|b| b.packets == 50 && b.duration_ms == 1000));
         assert_eq!(done[1].start_unix_ms, 1000);
+        assert_eq!(done[0].start_unix_ms, 0);
         let mut rest = vec![];
         a.flush_all(&mut rest);
         assert_eq!(rest.len(), 1);

@@ -220,15 +220,17 @@ impl Sfu {
     /// A core with no peers. Generates the one DTLS certificate all peers share
     /// (generating one per peer would stall the loop for milliseconds).
     pub fn new(config: SfuConfig) -> Self {
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        Self::with_clock(config, (Instant::now(), unix_ms))
+        Self::with_clock(config, unix_clock_now())
+    }
+
+    /// Re-anchors the Unix clock bite start times derive from (the driver
+    /// calls this now and then, so NTP adjustments are followed).
+    pub fn set_unix_clock(&mut self, clock: (Instant, u64)) {
+        self.bites.set_clock(clock);
     }
 
     /// A core whose Unix clock is given: `clock.0` is the `Instant` that was
-    /// Unix millisecond `clock.1` (bite start times derive from it).
+    /// Unix microsecond `clock.1` (bite start times derive from it).
     pub fn with_clock(config: SfuConfig, clock: (Instant, u64)) -> Self {
         let provider = str0m::crypto::from_feature_flags();
         let mut rtc_config = RtcConfig::new()
@@ -763,7 +765,8 @@ impl Sfu {
                     userid: &peer.claim.userid,
                     clientid: &peer.claim.clientid,
                 };
-                self.bites.on_packet(src, owner, pkt.header.timestamp, &pkt.payload, level, now)
+                self.bites
+                    .on_packet(src, owner, pkt.header.timestamp, &pkt.payload, level, now)
             }
             _ => return,
         };
@@ -1017,6 +1020,15 @@ fn drain_into(
             }
         }
     }
+}
+
+/// Now, as an `Instant` and Unix microseconds read back to back.
+pub fn unix_clock_now() -> (Instant, u64) {
+    let unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    (Instant::now(), unix_us)
 }
 
 /// The mids of the audio m-lines of an SDP, in order.

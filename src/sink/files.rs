@@ -59,7 +59,10 @@ mod tests {
     fn ids_cannot_escape_the_directory() {
         let dir = Path::new("/srv/bites");
         let p = bite_path(dir, &bite("..", "../../etc/passwd"));
-        assert_eq!(p, Path::new("/srv/bites/%2E%2E/17-%2E%2E%2F%2E%2E%2Fetc%2Fpasswd-c%2F1.ogg"));
+        assert_eq!(
+            p,
+            Path::new("/srv/bites/%2E%2E/17-%2E%2E%2F%2E%2E%2Fetc%2Fpasswd-c%2F1.ogg")
+        );
         assert!(p.starts_with(dir));
         assert_eq!(p.components().count(), dir.components().count() + 2);
     }

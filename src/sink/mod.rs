@@ -80,7 +80,9 @@ impl Sink {
     pub fn start(config: SinkConfig, metrics: Arc<Metrics>) -> std::io::Result<(Sink, BiteQueue)> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let m = metrics.clone();
-        let thread = thread::Builder::new().name("bite-sink".into()).spawn(move || run(config, rx, m))?;
+        let thread = thread::Builder::new()
+            .name("bite-sink".into())
+            .spawn(move || run(config, rx, m))?;
         Ok((
             Sink {
                 tx: tx.clone(),
@@ -92,7 +94,9 @@ impl Sink {
 
     /// Publishes what is queued (waiting at most until `deadline`) and stops.
     pub fn finish(mut self, deadline: Instant) {
-        let _ = self.tx.send_timeout(SinkMsg::Finish(deadline), Duration::from_secs(1));
+        let _ = self
+            .tx
+            .send_timeout(SinkMsg::Finish(deadline), Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             while !t.is_finished() && Instant::now() < deadline + Duration::from_millis(500) {
                 thread::sleep(Duration::from_millis(10));
@@ -107,7 +111,9 @@ impl Sink {
 }
 
 fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
-    let mut nats = config.nats.map(|c| NatsPublisher::start(c, metrics.clone()));
+    let mut nats = config
+        .nats
+        .map(|c| NatsPublisher::start(c, metrics.clone()));
     if let Some(dir) = &config.dir {
         info!("writing bites to {}", dir.display());
     }
@@ -151,7 +157,9 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
             let Some(n) = &mut nats else { return };
             n.pump();
             if n.backlog_len() == 0 || Instant::now() >= deadline {
-                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100));
                 let flushed = n.flush(left);
                 if n.backlog_len() > 0 || !flushed {
                     warn!(

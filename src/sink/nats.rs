@@ -88,8 +88,11 @@ impl NatsPublisher {
         let url = config.url.clone();
         let (on_down, on_up) = (connected.clone(), connected.clone());
         let (m_down, m_up) = (metrics.clone(), metrics.clone());
-        let spawned = thread::Builder::new().name("nats-connect".into()).spawn(move || {
-            let opts = nats::Options::new()
+        let spawned =
+            thread::Builder::new()
+                .name("nats-connect".into())
+                .spawn(move || {
+                    let opts = nats::Options::new()
                 .with_name("beep-sfu")
                 .retry_on_failed_connect()
                 .max_reconnects(None)
@@ -104,17 +107,20 @@ impl NatsPublisher {
                     m_up.nats_connected.set(1);
                     info!("NATS reconnected");
                 });
-            match opts.connect(url.as_str()) {
-                Ok(c) => {
-                    let _ = tx.send(c);
-                }
-                Err(e) => warn!("NATS {url}: {e}; bites will only be counted as dropped"),
-            }
-        });
+                    match opts.connect(url.as_str()) {
+                        Ok(c) => {
+                            let _ = tx.send(c);
+                        }
+                        Err(e) => warn!("NATS {url}: {e}; bites will only be counted as dropped"),
+                    }
+                });
         if let Err(e) = spawned {
             warn!("cannot start the NATS connector: {e}");
         }
-        info!("publishing bites to NATS {} (subjects {}, {})", config.url, config.bite_subject, config.store_subject);
+        info!(
+            "publishing bites to NATS {} (subjects {}, {})",
+            config.url, config.bite_subject, config.store_subject
+        );
         NatsPublisher {
             config,
             conn: None,
@@ -212,6 +218,8 @@ impl NatsPublisher {
 
     fn publish_gauges(&self) {
         self.metrics.bite_backlog.set(self.backlog.len() as i64);
-        self.metrics.bite_backlog_bytes.set(self.backlog_bytes as i64);
+        self.metrics
+            .bite_backlog_bytes
+            .set(self.backlog_bytes as i64);
     }
 }

@@ -480,3 +480,118 @@ pub fn heard(p: &TestPeer) -> HashMap<u8, Vec<u32>> {
     }
     m
 }
+
+/// A real `nats-server` (Debian package) on a free loopback port, with
+/// JetStream storing under a temporary directory so a restart keeps streams.
+pub struct NatsServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "beep-sfu-nats-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = NatsServer {
+            port: 0,
+            child: None,
+            dir,
+        };
+        s.spawn(None);
+        s
+    }
+
+    fn spawn(&mut self, port: Option<u16>) {
+        let ports_dir = self.dir.join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).unwrap();
+        let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "--ports_file_dir"])
+            .arg(&ports_dir)
+            .args(["-js", "-sd"])
+            .arg(self.dir.join("js"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed for these tests (apt-get install nats-server)");
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            assert!(
+                Instant::now() < end,
+                "nats-server did not write its ports file"
+            );
+            let file = std::fs::read_dir(&ports_dir)
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|e| e.ok());
+            if let Some(f) = file {
+                if let Ok(text) = std::fs::read_to_string(f.path()) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                        let url = v["nats"][0].as_str().unwrap_or("").to_string();
+                        if let Some(p) = url.rsplit(':').next().and_then(|p| p.parse().ok()) {
+                            self.port = p;
+                            break;
+                        }
+                    }
+                }
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < end, "nats-server is not accepting");
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server the hard way (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port;
+        self.spawn(Some(port));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
+
+/// Waits until `f` holds, up to `timeout`.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

@@ -1,0 +1,242 @@
+//! Bites over a real `nats-server`: what arrives on `bite` and `store`, and
+//! what happens when NATS dies mid-conversation and comes back.
+
+#![allow(deprecated)] // the synchronous `nats` crate, used here as a subscriber
+
+mod common;
+
+use std::io::Cursor;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use ogg::reading::PacketReader;
+use prost::Message as _;
+
+use beep_sfu::proto::{Bite, Store};
+
+/// A valid 20 ms mono CELT packet header (TOC 0xF8) followed by who sent it
+/// and its number.
+fn opus_payload(sender: u8, n: u32) -> Vec<u8> {
+    let mut p = vec![0xAB; 80];
+    p[0] = 0xF8;
+    p[1] = sender;
+    p[2..6].copy_from_slice(&n.to_be_bytes());
+    p
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The Opus packets of an Ogg Opus file, after checking its headers, and the
+/// final granule position.
+fn ogg_packets(data: &[u8]) -> (Vec<Vec<u8>>, u64) {
+    let mut r = PacketReader::new(Cursor::new(data.to_vec()));
+    let head = r.read_packet_expected().expect("OpusHead");
+    assert_eq!(&head.data[..8], b"OpusHead");
+    let tags = r.read_packet_expected().expect("OpusTags");
+    assert_eq!(&tags.data[..8], b"OpusTags");
+    let mut packets = Vec::new();
+    let mut granule = 0;
+    let mut eos = false;
+    while let Some(p) = r.read_packet().expect("valid pages and CRCs") {
+        granule = p.absgp_page();
+        eos |= p.last_in_stream();
+        packets.push(p.data);
+    }
+    assert!(eos, "the stream ends with an end-of-stream page");
+    (packets, granule)
+}
+
+fn talk(peers: &mut [&mut TestPeer], who: usize, sender: u8, range: std::ops::Range<u32>) {
+    for n in range {
+        peers[who].send(&opus_payload(sender, n), -20);
+        pump_for(peers, Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_talk_spurt_arrives_on_bite_and_store_as_ogg_opus() {
+    let nats = NatsServer::start();
+    let sub = nats::connect(nats.url().as_str()).expect("subscriber connects");
+    let bites = sub.subscribe("bite").unwrap();
+    let stores = sub.subscribe("store").unwrap();
+    sub.flush().unwrap();
+
+    init_log();
+    let mut cfg = test_config(true, "");
+    cfg.nats = Some(nats.url());
+    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    let http = server.http_addr();
+    let mut a = TestPeer::new("alice", "phone");
+    let mut b = TestPeer::new("bob", "laptop");
+    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Raw]);
+    assert_eq!(join(http, &a.claim, "room-7").0, 200);
+    assert_eq!(join(http, &b.claim, "room-7").0, 200);
+
+    let before = unix_ms();
+    talk(&mut [&mut a, &mut b], 0, 1, 0..50);
+    pump_for(&mut [&mut a, &mut b], Duration::from_millis(1000));
+    let middle = unix_ms();
+    talk(&mut [&mut a, &mut b], 1, 2, 0..30);
+    pump_for(&mut [&mut a, &mut b], Duration::from_millis(1000));
+
+    let mut got: Vec<Bite> = Vec::new();
+    for _ in 0..2 {
+        let m = bites
+            .next_timeout(Duration::from_secs(10))
+            .expect("a bite on `bite`");
+        got.push(Bite::decode(m.data.as_slice()).expect("Bite decodes"));
+    }
+    let mut stored: Vec<Store> = Vec::new();
+    for _ in 0..2 {
+        let m = stores
+            .next_timeout(Duration::from_secs(10))
+            .expect("a bite on `store`");
+        stored.push(Store::decode(m.data.as_slice()).expect("Store decodes"));
+    }
+    assert!(
+        bites.next_timeout(Duration::from_millis(500)).is_err(),
+        "exactly one bite per spurt"
+    );
+
+    let (alice, bob) = (&got[0], &got[1]);
+    assert_eq!(alice.key, "room-7");
+    let c = alice.client.as_ref().unwrap();
+    assert_eq!((c.key.as_str(), c.client.as_str()), ("alice", "phone"));
+    assert!(
+        alice.start >= before && alice.start <= before + 1000,
+        "start {} in [{before}, +1s]",
+        alice.start
+    );
+    let (packets, granule) = ogg_packets(&alice.data);
+    assert_eq!(
+        packets,
+        (0..50).map(|n| opus_payload(1, n)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        granule,
+        312 + 50 * 960,
+        "granules follow the RTP clock at 48 kHz"
+    );
+
+    assert_eq!(bob.client.as_ref().unwrap().key, "bob");
+    assert!(bob.start >= middle);
+    let (packets, _) = ogg_packets(&bob.data);
+    assert_eq!(
+        packets,
+        (0..30).map(|n| opus_payload(2, n)).collect::<Vec<_>>()
+    );
+
+    for (s, b) in stored.iter().zip(&got) {
+        assert_eq!(s.r#type, "bite");
+        assert_eq!(s.bite.as_ref(), Some(b));
+    }
+    assert_eq!(metric(http, "beep_sfu_bites_published_total "), Some(2.0));
+    assert_eq!(metric(http, "beep_sfu_nats_connected "), Some(1.0));
+    assert!(server.shutdown());
+}
+
+#[test]
+fn bites_spoken_while_nats_is_down_arrive_after_it_returns_in_order_once() {
+    let mut nats = NatsServer::start();
+    {
+        let nc = nats::connect(nats.url().as_str()).unwrap();
+        let js = nats::jetstream::new(nc);
+        js.add_stream(nats::jetstream::StreamConfig {
+            name: "BITES".into(),
+            subjects: vec!["bite".into(), "store".into()],
+            ..Default::default()
+        })
+        .expect("stream created");
+    }
+    let stream_len = |url: &str| -> u64 {
+        nats::connect(url)
+            .ok()
+            .and_then(|nc| nats::jetstream::new(nc).stream_info("BITES").ok())
+            .map(|i| i.state.messages)
+            .unwrap_or(0)
+    };
+
+    init_log();
+    let mut cfg = test_config(true, "");
+    cfg.nats = Some(nats.url());
+    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    let http = server.http_addr();
+    assert!(wait_for(Duration::from_secs(10), || metric(
+        http,
+        "beep_sfu_nats_connected "
+    ) == Some(1.0)));
+    let mut a = TestPeer::new("alice", "a");
+    let mut b = TestPeer::new("bob", "b");
+    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Prefixed]);
+    assert_eq!(join(http, &a.claim, "room").0, 200);
+    assert_eq!(join(http, &b.claim, "room").0, 200);
+
+    // Bite 1 while NATS is up.
+    talk(&mut [&mut a, &mut b], 0, 1, 0..25);
+    pump_for(&mut [&mut a, &mut b], Duration::from_millis(900));
+    assert!(wait_for(Duration::from_secs(10), || stream_len(
+        &nats.url()
+    ) == 2));
+
+    nats.kill();
+    assert!(wait_for(Duration::from_secs(10), || metric(
+        http,
+        "beep_sfu_nats_connected "
+    ) == Some(0.0)));
+    // Bites 2..4 during the outage; the call keeps working.
+    b.received.clear();
+    for k in 1..4u32 {
+        talk(&mut [&mut a, &mut b], 0, 1, k * 100..k * 100 + 25);
+        pump_for(&mut [&mut a, &mut b], Duration::from_millis(900));
+    }
+    assert_eq!(
+        b.received.len(),
+        75,
+        "bob hears alice throughout the outage"
+    );
+    assert!(wait_for(Duration::from_secs(5), || metric(
+        http,
+        "beep_sfu_bite_backlog "
+    ) == Some(3.0)));
+
+    nats.restart();
+    assert!(
+        wait_for(Duration::from_secs(20), || stream_len(&nats.url()) >= 8),
+        "the backlog reaches NATS after it returns"
+    );
+    pump_for(&mut [&mut a, &mut b], Duration::from_millis(500));
+    let nc = nats::connect(nats.url().as_str()).unwrap();
+    let js = nats::jetstream::new(nc);
+    let info = js.stream_info("BITES").unwrap();
+    assert_eq!(
+        info.state.messages, 8,
+        "every bite once on each subject, none twice"
+    );
+    let mut firsts = Vec::new();
+    for seq in info.state.first_seq..=info.state.last_seq {
+        let m = js.get_message("BITES", seq).unwrap();
+        let bite = if m.subject == "bite" {
+            Bite::decode(m.data.as_slice()).unwrap()
+        } else {
+            assert_eq!(m.subject, "store");
+            Store::decode(m.data.as_slice()).unwrap().bite.unwrap()
+        };
+        let (packets, _) = ogg_packets(&bite.data);
+        assert_eq!(packets.len(), 25);
+        firsts.push((
+            m.subject.clone(),
+            u32::from_be_bytes([packets[0][2], packets[0][3], packets[0][4], packets[0][5]]),
+        ));
+    }
+    let want: Vec<(String, u32)> = [0u32, 100, 200, 300]
+        .iter()
+        .flat_map(|n| [("bite".to_string(), *n), ("store".to_string(), *n)])
+        .collect();
+    assert_eq!(firsts, want, "in order, bite before store");
+    assert!(server.shutdown());
+}
