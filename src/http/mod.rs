@@ -27,6 +27,9 @@ use crate::permissions::PermissionClient;
 use request::Request;
 use response::Response;
 
+/// The demo page served at `/` in `--dev` (embedded: no build step, no CDN).
+pub const DEMO_PAGE: &str = include_str!("demo.html");
+
 /// How long a client may take to send its request head.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -211,6 +214,11 @@ fn route(stream: &mut TcpStream, req: Request, ctx: &Context) -> Option<Response
         (_, "/connect") => {
             Some(Response::text(405, "use GET /connect (WebSocket)").header("Allow", "GET"))
         }
+        ("GET", "/") if ctx.dev => Some(Response::with_type(
+            200,
+            "text/html; charset=utf-8",
+            DEMO_PAGE,
+        )),
         ("GET", "/healthz") => Some(healthz(ctx)),
         ("GET", "/metrics") => Some(Response::with_type(
             200,

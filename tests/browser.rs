@@ -1,0 +1,292 @@
+//! A real browser through beep-sfu: headless Chromium (Debian's package)
+//! with a fake microphone playing a 440 Hz tone, driven over the DevTools
+//! protocol, joins conversations through the demo page.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::{Message, WebSocket};
+
+use common::*;
+
+const CHROMIUM: &str = "/usr/lib/chromium/chromium";
+
+/// A 48 kHz mono 16-bit WAV of a sine tone.
+fn tone_wav(path: &std::path::Path, hz: f64, secs: u32) {
+    let rate = 48_000u32;
+    let n = rate * secs;
+    let mut data = Vec::with_capacity(44 + n as usize * 2);
+    data.extend_from_slice(b"RIFF");
+    data.extend_from_slice(&(36 + n * 2).to_le_bytes());
+    data.extend_from_slice(b"WAVEfmt ");
+    data.extend_from_slice(&16u32.to_le_bytes());
+    data.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    data.extend_from_slice(&1u16.to_le_bytes()); // mono
+    data.extend_from_slice(&rate.to_le_bytes());
+    data.extend_from_slice(&(rate * 2).to_le_bytes());
+    data.extend_from_slice(&2u16.to_le_bytes());
+    data.extend_from_slice(&16u16.to_le_bytes());
+    data.extend_from_slice(b"data");
+    data.extend_from_slice(&(n * 2).to_le_bytes());
+    for i in 0..n {
+        let v = (f64::from(i) * hz * 2.0 * std::f64::consts::PI / f64::from(rate)).sin()
+            * 0.5
+            * 32767.0;
+        data.extend_from_slice(&(v as i16).to_le_bytes());
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+struct Browser {
+    child: Child,
+    ws: WebSocket<TcpStream>,
+    next_id: u64,
+    dir: std::path::PathBuf,
+}
+
+impl Browser {
+    fn start(wav: &std::path::Path, dir: std::path::PathBuf) -> Browser {
+        assert!(
+            std::path::Path::new(CHROMIUM).exists(),
+            "Chromium is required for this test: apt-get install chromium (scripts/test does it)"
+        );
+        let mut child = Command::new(CHROMIUM)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream",
+                "--allow-loopback-in-peer-connection",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--autoplay-policy=no-user-gesture-required",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!(
+                "--use-file-for-fake-audio-capture={}",
+                wav.display()
+            ))
+            .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("Chromium failed to start: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("Chromium did not print its DevTools address within 30 s");
+        let (ws, _) = tungstenite::connect(url.as_str()).expect("DevTools connects");
+        let ws = match ws.into_inner() {
+            tungstenite::stream::MaybeTlsStream::Plain(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                WebSocket::from_raw_socket(s, tungstenite::protocol::Role::Client, None)
+            }
+            _ => panic!("plain DevTools socket expected"),
+        };
+        Browser {
+            child,
+            ws,
+            next_id: 1,
+            dir,
+        }
+    }
+
+    /// One DevTools call; returns its result.
+    fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = json!(s);
+        }
+        self.ws.send(Message::text(msg.to_string())).unwrap();
+        loop {
+            let m = self.ws.read().expect("DevTools answers");
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["id"] == json!(id) {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Opens a page; returns its session id.
+    fn open(&mut self, url: &str) -> String {
+        let target = self.call(None, "Target.createTarget", json!({"url": url}));
+        let id = target["targetId"].as_str().unwrap().to_string();
+        let att = self.call(
+            None,
+            "Target.attachToTarget",
+            json!({"targetId": id, "flatten": true}),
+        );
+        att["sessionId"].as_str().unwrap().to_string()
+    }
+
+    fn eval(&mut self, session: &str, expr: &str) -> Value {
+        let r = self.call(
+            Some(session),
+            "Runtime.evaluate",
+            json!({"expression": expr, "returnByValue": true}),
+        );
+        r["result"]["value"].clone()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn chromium_pages_hear_each_other_and_not_other_conversations() {
+    let server = start(true, "");
+    let http = server.http_addr();
+    let dir = std::env::temp_dir().join(format!("beep-sfu-browser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wav = dir.join("tone.wav");
+    tone_wav(&wav, 440.0, 10);
+    let mut b = Browser::start(&wav, dir);
+    let page = |u: &str, conv: &str| {
+        format!("http://{http}/?userid={u}&clientid=tab&conversation={conv}&autojoin=1&raw=1")
+    };
+    let p1 = b.open(&page("ann", "blue"));
+    let p2 = b.open(&page("ben", "blue"));
+    let p3 = b.open(&page("cat", "green"));
+
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let states: Vec<Value> = [&p1, &p2, &p3]
+            .iter()
+            .map(|p| b.eval(p, "window.beep && window.beep.state"))
+            .collect();
+        if states.iter().all(|s| s == "joined") {
+            break;
+        }
+        let errors: Vec<Value> = [&p1, &p2, &p3]
+            .iter()
+            .map(|p| b.eval(p, "window.beep && window.beep.error"))
+            .collect();
+        assert!(errors.iter().all(Value::is_null), "page error: {errors:?}");
+        assert!(
+            Instant::now() < end,
+            "pages did not join within 30 s: {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        metric(http, "beep_sfu_peers_connected "),
+        Some(3.0),
+        "the server reports the three peers connected"
+    );
+
+    // Both pages in "blue" receive the other's tone, with a level above zero,
+    // and the count keeps growing.
+    let stats = |b: &mut Browser, p: &str| b.eval(p, "JSON.stringify(window.beep.stats)");
+    let parse = |v: Value| -> Value { serde_json::from_str(v.as_str().unwrap_or("{}")).unwrap() };
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut first: Option<(u64, u64)> = None;
+    loop {
+        let s1 = parse(stats(&mut b, &p1));
+        let s2 = parse(stats(&mut b, &p2));
+        let level = |s: &Value| {
+            s["inbound"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|i| i["level"].as_f64().unwrap_or(0.0))
+                        .fold(0.0, f64::max)
+                })
+                .unwrap_or(0.0)
+        };
+        let (r1, r2) = (
+            s1["received"].as_u64().unwrap_or(0),
+            s2["received"].as_u64().unwrap_or(0),
+        );
+        if r1 > 100 && r2 > 100 && level(&s1) > 0.01 && level(&s2) > 0.01 {
+            match first {
+                None => first = Some((r1, r2)),
+                Some((f1, f2)) if r1 > f1 + 20 && r2 > f2 + 20 => break,
+                _ => {}
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "blue pages did not receive audio: {s1} {s2}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // BEEP_SFU_SCREENSHOT=file.png saves what the first page shows.
+    if let Ok(path) = std::env::var("BEEP_SFU_SCREENSHOT") {
+        b.call(
+            Some(&p1),
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 900, "height": 760, "deviceScaleFactor": 1, "mobile": false}),
+        );
+        std::thread::sleep(Duration::from_millis(1200));
+        let shot = b.call(
+            Some(&p1),
+            "Page.captureScreenshot",
+            json!({"format": "png"}),
+        );
+        let png = base64_decode(shot["data"].as_str().unwrap());
+        std::fs::write(path, png).unwrap();
+    }
+    // The page alone in "green" sends but hears nothing.
+    let s3 = parse(stats(&mut b, &p3));
+    assert!(
+        s3["sent"].as_u64().unwrap_or(0) > 50,
+        "green page sends: {s3}"
+    );
+    assert_eq!(
+        s3["received"].as_u64(),
+        Some(0),
+        "green page hears nothing from blue: {s3}"
+    );
+    assert!(metric(http, "beep_sfu_forwarded_packets_total ").unwrap_or(0.0) > 200.0);
+    drop(b);
+    assert!(server.shutdown());
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|c| *c != b'=').map(val).collect();
+    bytes
+        .chunks(4)
+        .flat_map(|c| {
+            let n = c
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, v)| acc | u32::from(*v) << (18 - 6 * i));
+            let out = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            out.into_iter().take(c.len().saturating_sub(1))
+        })
+        .collect()
+}
