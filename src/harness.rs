@@ -251,13 +251,7 @@ impl Harness {
         let c = &mut self.clients[i];
         let Some(mid) = c.send_mid else { return false };
         if c.pt.is_none() {
-            c.pt = c
-                .rtc
-                .codec_config()
-                .params()
-                .iter()
-                .find(|p| p.spec().codec == Codec::Opus)
-                .map(|p| p.pt());
+            c.pt = opus_pt(&c.rtc);
         }
         let Some(pt) = c.pt else { return false };
         let ext = ExtensionValues {
@@ -277,10 +271,55 @@ impl Harness {
         true
     }
 
+    /// Client `i` encrypts one packet and returns the datagram(s) it would
+    /// send, without delivering them (benchmarks feed them to the core).
+    pub fn produce(&mut self, i: usize, payload: &[u8], level: i8) -> Vec<Vec<u8>> {
+        let now = self.now;
+        let c = &mut self.clients[i];
+        let Some(mid) = c.send_mid else {
+            return Vec::new();
+        };
+        if c.pt.is_none() {
+            c.pt = opus_pt(&c.rtc);
+        }
+        let Some(pt) = c.pt else { return Vec::new() };
+        let ext = ExtensionValues {
+            audio_level: Some(level),
+            voice_activity: Some(level > -127),
+            ..Default::default()
+        };
+        let (seq, ts) = (c.seq, c.timestamp);
+        c.seq += 1;
+        c.timestamp = c.timestamp.wrapping_add(960);
+        if let Some(tx) = c.rtc.direct_api().stream_tx_by_mid(mid, None) {
+            tx.write_rtp(
+                RtpWrite::new(pt, SeqNo::from(seq), ts, now, payload.to_vec()).ext_vals(ext),
+            );
+        }
+        let _ = c.rtc.handle_input(Input::Timeout(now));
+        let mut out = Vec::new();
+        while let Ok(o) = c.rtc.poll_output() {
+            match o {
+                Output::Timeout(_) => break,
+                Output::Transmit(t) => out.push(t.contents.to_vec()),
+                Output::Event(_) => {}
+            }
+        }
+        out
+    }
+
     /// The server's simulated address.
     pub fn server_addr(&self) -> SocketAddr {
         self.server_addr
     }
+}
+
+fn opus_pt(rtc: &Rtc) -> Option<Pt> {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Opus)
+        .map(|p| p.pt())
 }
 
 impl Default for Harness {

@@ -825,6 +825,11 @@ impl Sfu {
             // Drain the subscriber right away (str0m's single-mutation rule).
             // Its own events are queued in `pending`; none is an RTP packet.
             drain_into(peer, &mut self.transmits, &mut self.pending);
+            // str0m's pacer releases queued RTP on a timeout; hand it "now"
+            // at once so the packet leaves in this wake, not the next one.
+            if peer.rtc.handle_input(Input::Timeout(now)).is_ok() {
+                drain_into(peer, &mut self.transmits, &mut self.pending);
+            }
             let d = peer.next_deadline(self.config.connect_timeout, self.config.idle_timeout);
             if peer.armed.is_none_or(|a| d < a) {
                 peer.armed = Some(d);

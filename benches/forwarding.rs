@@ -1,0 +1,267 @@
+//! Criterion benchmarks of the forwarding path, all in memory through the
+//! sans-IO core with real str0m clients on the other side (no sockets):
+//!
+//! - `forward/fanout_N`: one SRTP datagram from a speaker in, N SRTP
+//!   datagrams out (decrypt, speaker selection, slot rewrite, encrypt);
+//! - `crypto_floor/*_fanout_N`: the AES-GCM open + N seals alone on the same
+//!   packet size, with aws-lc-rs (str0m's backend), the floor forwarding
+//!   cannot go below;
+//! - `demux/*`: routing a datagram among 10, 1,000 and 10,000 peers;
+//! - `timer/wake`: one timer wake (pop + re-arm) among 10 .. 10,000 peers;
+//! - `bite/packet`: bite assembly per packet, Ogg encoding amortised.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+use beep_sfu::harness::Harness;
+use beep_sfu::sfu::bite::{BiteAssembler, BiteConfig, Owner};
+use beep_sfu::sfu::demux::{self, Demux};
+use beep_sfu::sfu::timer::{TimerHeap, TimerKey};
+use beep_sfu::sfu::PeerId;
+
+/// Opus-sized payload: 80 bytes, valid 20 ms TOC.
+fn payload(n: u32) -> Vec<u8> {
+    let mut p = vec![0x5A; 80];
+    p[0] = 0xF8;
+    p[1..5].copy_from_slice(&n.to_be_bytes());
+    p
+}
+
+/// A speaker and `fanout` single-slot listeners, connected and joined, the
+/// speaker already active.
+fn conversation(fanout: usize) -> (Harness, usize) {
+    let mut h = Harness::new();
+    let speaker = h.add_client("speaker", "s", true, 0);
+    for i in 0..fanout {
+        h.add_client(&format!("listener{i}"), "l", false, 1);
+    }
+    h.connect_all();
+    for i in 0..=fanout {
+        h.join(i, "room");
+    }
+    for n in 0..5 {
+        h.send(speaker, &payload(n), -20);
+        h.step(Duration::from_millis(20));
+    }
+    (h, speaker)
+}
+
+fn forward(c: &mut Criterion) {
+    let mut g = c.benchmark_group("forward");
+    for fanout in [1usize, 3, 10] {
+        let (mut h, speaker) = conversation(fanout);
+        let source = h.clients[speaker].addr;
+        let mut n = 1000u32;
+        g.throughput(Throughput::Elements(fanout as u64));
+        g.bench_function(BenchmarkId::new("fanout", fanout), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let chunk = left.min(2000);
+                    left -= chunk;
+                    // Encrypting at the client is not what is measured.
+                    let mut datagrams = Vec::with_capacity(chunk as usize);
+                    for _ in 0..chunk {
+                        h.now += Duration::from_micros(20);
+                        n += 1;
+                        datagrams.extend(h.produce(speaker, &payload(n), -20));
+                    }
+                    assert!(
+                        datagrams.len() as u64 >= chunk,
+                        "the speaker produced its packets"
+                    );
+                    let now = h.now;
+                    let t = Instant::now();
+                    let mut out = 0usize;
+                    for d in &datagrams {
+                        h.sfu.handle_datagram(now, source, d);
+                        while let Some(t) = h.sfu.poll_transmit() {
+                            out += t.contents.len();
+                        }
+                    }
+                    total += t.elapsed();
+                    assert!(out > 0, "the core sent the forwarded packets");
+                    black_box(out);
+                }
+                total
+            })
+        });
+        assert!(
+            h.sfu.stats().forwarded > 0,
+            "the bench must forward (fanout {fanout})"
+        );
+    }
+    g.finish();
+}
+
+fn crypto_floor(c: &mut Criterion) {
+    let mut g = c.benchmark_group("crypto_floor");
+    // RTP header (12) + audio level extension (8) + payload (80); tag 16.
+    let header = [0u8; 20];
+    let plain = payload(1);
+    for (name, alg, key_len) in [
+        ("aes128gcm", &AES_128_GCM, 16),
+        ("aes256gcm", &AES_256_GCM, 32),
+    ] {
+        let key = LessSafeKey::new(UnboundKey::new(alg, &vec![7u8; key_len]).unwrap());
+        let mut sealed = plain.clone();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key([1; 12]),
+            Aad::from(&header),
+            &mut sealed,
+        )
+        .unwrap();
+        for fanout in [1usize, 3, 10] {
+            g.throughput(Throughput::Elements(fanout as u64));
+            g.bench_function(BenchmarkId::new(format!("{name}_fanout"), fanout), |b| {
+                let mut buf = Vec::with_capacity(128);
+                b.iter(|| {
+                    buf.clear();
+                    buf.extend_from_slice(&sealed);
+                    let opened = key
+                        .open_in_place(
+                            Nonce::assume_unique_for_key([1; 12]),
+                            Aad::from(&header),
+                            &mut buf,
+                        )
+                        .unwrap()
+                        .len();
+                    for i in 0..fanout {
+                        let mut out = Vec::with_capacity(128);
+                        out.extend_from_slice(&plain[..opened]);
+                        key.seal_in_place_append_tag(
+                            Nonce::assume_unique_for_key([i as u8; 12]),
+                            Aad::from(&header),
+                            &mut out,
+                        )
+                        .unwrap();
+                        black_box(&out);
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+/// A real STUN binding request as a str0m client sends it, with the given
+/// server ufrag.
+fn stun_request(server_ufrag: &str) -> Vec<u8> {
+    use str0m::ice::{StunMessage, TransId};
+    let username = format!("{server_ufrag}:clientufrag");
+    let msg = StunMessage::binding_request(&username, TransId::new(), false, 0, 12345, false);
+    let mut buf = vec![0u8; 512];
+    let n = msg
+        .to_bytes(Some(b"password-password"), &mut buf, |key, parts| {
+            let mut out = [0u8; 20];
+            let tag = aws_lc_rs::hmac::sign(
+                &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key),
+                &parts.concat(),
+            );
+            out.copy_from_slice(tag.as_ref());
+            out
+        })
+        .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn demux_bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("demux");
+    for peers in [10usize, 1_000, 10_000] {
+        let mut d = Demux::default();
+        let addr = |i: usize| {
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8)),
+                40000 + (i % 20000) as u16,
+            )
+        };
+        for i in 0..peers {
+            d.add_ufrag(format!("ufrag{i:08}"), PeerId(i as u64));
+            d.learn_addr(addr(i), PeerId(i as u64));
+        }
+        let known = addr(peers / 2);
+        let unknown: SocketAddr = "192.0.2.1:9".parse().unwrap();
+        let stun = stun_request(&format!("ufrag{:08}", peers / 2));
+        assert_eq!(
+            demux::stun_local_ufrag(&stun).and_then(|u| d.by_ufrag(u)),
+            Some(PeerId((peers / 2) as u64))
+        );
+        g.bench_function(BenchmarkId::new("srtp_by_addr", peers), |b| {
+            b.iter(|| d.by_addr(black_box(&known)))
+        });
+        g.bench_function(BenchmarkId::new("unknown_source", peers), |b| {
+            b.iter(|| d.by_addr(black_box(&unknown)))
+        });
+        g.bench_function(BenchmarkId::new("stun_by_ufrag", peers), |b| {
+            b.iter(|| demux::stun_local_ufrag(black_box(&stun)).and_then(|u| d.by_ufrag(u)))
+        });
+    }
+    g.finish();
+}
+
+fn timer_bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("timer");
+    for peers in [10usize, 1_000, 10_000] {
+        let t0 = Instant::now();
+        let mut h = TimerHeap::default();
+        for i in 0..peers {
+            h.push(
+                t0 + Duration::from_micros((i as u64 * 7919) % 1_000_000),
+                TimerKey::Peer(PeerId(i as u64)),
+            );
+        }
+        let mut now = t0;
+        g.bench_function(BenchmarkId::new("wake", peers), |b| {
+            b.iter(|| {
+                // One wake: take the earliest due entry, re-arm it 1 s later.
+                let (at, key) = h.pop_due(now + Duration::from_secs(2)).unwrap();
+                now = at;
+                h.push(at + Duration::from_secs(1), key);
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bite_bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("bite");
+    let t0 = Instant::now();
+    let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 0));
+    let p: Arc<[u8]> = Arc::from(payload(1).into_boxed_slice());
+    let mut n = 0u32;
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("packet", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            let owner = Owner {
+                conversation: "room",
+                userid: "u",
+                clientid: "c",
+            };
+            let now = t0 + Duration::from_millis(u64::from(n) * 20);
+            black_box(a.on_packet(PeerId(1), owner, n.wrapping_mul(960), &p, Some(-20), now));
+            // One-second bites: the Ogg encode is amortised over 50 packets.
+            if n % 50 == 0 {
+                black_box(a.flush(PeerId(1)));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    forward,
+    crypto_floor,
+    demux_bench,
+    timer_bench,
+    bite_bench
+);
+criterion_main!(benches);
