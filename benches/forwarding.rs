@@ -248,7 +248,7 @@ fn bite_bench(c: &mut Criterion) {
             let now = t0 + Duration::from_millis(u64::from(n) * 20);
             black_box(a.on_packet(PeerId(1), owner, n.wrapping_mul(960), &p, Some(-20), now));
             // One-second bites: the Ogg encode is amortised over 50 packets.
-            if n % 50 == 0 {
+            if n.is_multiple_of(50) {
                 black_box(a.flush(PeerId(1)));
             }
         })
