@@ -24,6 +24,24 @@ use crate::sink::{BiteQueue, Sink, SinkConfig};
 /// How long shutdown waits for the media loop to close its peers.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Socket buffer size asked for the media socket: bursts (a reconnect
+/// storm, a flood of junk) must not overflow the kernel's queue while the
+/// loop is busy. The kernel may cap it (net.core.rmem_max / wmem_max).
+pub const MEDIA_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+fn size_socket_buffers(socket: &UdpSocket) {
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_recv_buffer_size(MEDIA_SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(MEDIA_SOCKET_BUFFER);
+    match (s.recv_buffer_size(), s.send_buffer_size()) {
+        (Ok(r), Ok(w)) if r < MEDIA_SOCKET_BUFFER => info!(
+            "media socket buffers are {r} B receive / {w} B send (asked {MEDIA_SOCKET_BUFFER}); raise net.core.rmem_max and wmem_max for bursts"
+        ),
+        (Ok(r), Ok(w)) => info!("media socket buffers: {r} B receive, {w} B send"),
+        _ => {}
+    }
+}
+
 /// A running service.
 pub struct Server {
     http: HttpServer,
@@ -40,6 +58,7 @@ impl Server {
         let socket = UdpSocket::bind(config.udp)
             .map_err(|e| io::Error::new(e.kind(), format!("--udp {}: {e}", config.udp)))?;
         let udp_addr = socket.local_addr()?;
+        size_socket_buffers(&socket);
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| io::Error::new(e.kind(), format!("--listen {}: {e}", config.listen)))?;
         let metrics = Arc::new(Metrics::new());

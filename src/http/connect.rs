@@ -93,6 +93,7 @@ pub fn serve(stream: &mut TcpStream, req: Request, ctx: &Context) -> Option<Resp
     let ws = WebSocket::from_partially_read(sock, req.leftover, Role::Server, Some(config));
     let mut session = Session {
         ws,
+        reader_broken: false,
         ctx,
         claim,
         deadline: Instant::now() + ctx.connect_timeout,
@@ -116,6 +117,9 @@ fn write_upgrade(stream: &mut TcpStream, r: &Response) -> std::io::Result<()> {
 
 struct Session<'a> {
     ws: WebSocket<TcpStream>,
+    /// The frame reader hit an error it cannot resume from (oversized or
+    /// invalid frame): do not read again, only send the close frame.
+    reader_broken: bool,
     ctx: &'a Context,
     claim: Claim,
     deadline: Instant,
@@ -277,9 +281,18 @@ impl Session<'_> {
             {
                 Read::Nothing
             }
-            Err(WsError::Capacity(e)) => Read::Fatal(1009, format!("message too big: {e}")),
-            Err(WsError::Utf8(_)) => Read::Fatal(1007, "text frame is not valid UTF-8".into()),
-            Err(WsError::Protocol(e)) => Read::Fatal(1002, format!("protocol error: {e}")),
+            Err(WsError::Capacity(e)) => {
+                self.reader_broken = true;
+                Read::Fatal(1009, format!("message too big: {e}"))
+            }
+            Err(WsError::Utf8(_)) => {
+                self.reader_broken = true;
+                Read::Fatal(1007, "text frame is not valid UTF-8".into())
+            }
+            Err(WsError::Protocol(e)) => {
+                self.reader_broken = true;
+                Read::Fatal(1002, format!("protocol error: {e}"))
+            }
             Err(_) => Read::Closed,
         }
     }
@@ -295,7 +308,8 @@ impl Session<'_> {
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        if self.ws.close(Some(frame)).is_err() {
+        if self.ws.close(Some(frame)).is_err() || self.reader_broken {
+            let _ = self.ws.flush();
             return;
         }
         let until = Instant::now() + CLOSE_LINGER;
