@@ -48,6 +48,8 @@ pub struct Metrics {
     pub forwarded: Counter,
     /// Datagrams dropped, by reason.
     pub dropped: Family<Reason, Counter>,
+    /// Timer wakes that advanced a peer's `Rtc`.
+    pub rtc_timeouts: Counter,
     /// Peers created, connected and closed.
     pub peer_events: Family<Reason, Counter>,
     /// Permission checks by outcome.
@@ -94,6 +96,7 @@ impl Metrics {
             rtp_in: Counter::default(),
             forwarded: Counter::default(),
             dropped: Family::default(),
+            rtc_timeouts: Counter::default(),
             peer_events: Family::default(),
             permission_checks: Family::default(),
             permission_latency: Histogram::new([
@@ -159,6 +162,11 @@ impl Metrics {
             "dropped_datagrams",
             "Datagrams dropped, by reason",
             m.dropped.clone(),
+        );
+        r.register(
+            "rtc_timeouts",
+            "Timer wakes that advanced a peer's WebRTC state",
+            m.rtc_timeouts.clone(),
         );
         r.register(
             "peer_events",
@@ -252,6 +260,7 @@ impl Metrics {
         self.bytes_in.inc_by(d(now.bytes_in, last.bytes_in));
         self.rtp_in.inc_by(d(now.rtp_in, last.rtp_in));
         self.forwarded.inc_by(d(now.forwarded, last.forwarded));
+        self.rtc_timeouts.inc_by(d(now.rtc_timeouts, last.rtc_timeouts));
         for (reason, a, b) in [
             ("malformed", now.dropped_malformed, last.dropped_malformed),
             (

@@ -30,6 +30,8 @@ const WAKER: Token = Token(1);
 const READ_BATCH: usize = 512;
 /// Commands handled per wake.
 const COMMAND_BATCH: usize = 256;
+/// How often the core's counters are copied into the shared metrics.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// How often the core's Unix clock is re-read.
 const CLOCK_REANCHOR: Duration = Duration::from_secs(1);
 /// Receive buffer: larger than any WebRTC datagram (MTU-sized).
@@ -55,6 +57,7 @@ struct MediaLoop {
     notices: HashMap<PeerId, Sender<PeerNotice>>,
     metrics: Arc<Metrics>,
     bites: BiteQueue,
+    next_publish: Instant,
     buf: Vec<u8>,
     stopping: bool,
 }
@@ -78,6 +81,7 @@ pub fn spawn(config: MediaLoopConfig) -> io::Result<(LoopHandle, JoinHandle<()>)
         notices: HashMap::new(),
         metrics: config.metrics,
         bites: config.bites,
+        next_publish: Instant::now(),
         buf: vec![0; RECV_BUF],
         stopping: false,
     };
@@ -129,6 +133,7 @@ impl MediaLoop {
                 break;
             }
         }
+        self.next_publish = Instant::now();
         self.flush();
         info!("media loop stopped");
     }
@@ -217,7 +222,9 @@ impl MediaLoop {
     /// Sends, dispatches and publishes everything the core produced.
     fn flush(&mut self) {
         self.send_transmits();
+        let mut had_events = false;
         while let Some(e) = self.sfu.poll_event() {
+            had_events = true;
             match e {
                 SfuEvent::PeerConnected(peer) => self.notify(peer, PeerNotice::Connected, false),
                 SfuEvent::PeerClosed { peer, reason } => {
@@ -226,6 +233,13 @@ impl MediaLoop {
                 SfuEvent::Bite(b) => self.bites.offer(b),
             }
         }
+        // Publish at once when peers came or went (so /metrics and /healthz
+        // agree with what clients just saw), else at most every 100 ms.
+        let now = Instant::now();
+        if !had_events && now < self.next_publish {
+            return;
+        }
+        self.next_publish = now + PUBLISH_EVERY;
         self.metrics.publish_core(
             self.sfu.stats(),
             self.sfu.peer_count(),

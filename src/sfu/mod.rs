@@ -203,6 +203,8 @@ pub struct Sfu {
     scratch_due: Vec<(Instant, TimerKey)>,
     shutting_down: bool,
     stats: CoreStats,
+    /// Connected peers, kept as a count so metrics need no scan.
+    connected: usize,
     bites: BiteAssembler,
     bite_tick: Option<Instant>,
     scratch_bites: Vec<FinishedBite>,
@@ -238,7 +240,9 @@ impl Sfu {
             .clear_codecs()
             .enable_opus(true, false)
             .set_rtp_mode(true)
-            .set_stats_interval(None);
+            .set_stats_interval(None)
+            // Opus is not retransmitted: a short send buffer saves memory per slot.
+            .set_send_buffer_audio(8);
         if let Some(cert) = provider.dtls_provider.generate_certificate() {
             rtc_config = rtc_config.set_dtls_cert(cert);
         }
@@ -259,6 +263,7 @@ impl Sfu {
             scratch_due: Vec::new(),
             shutting_down: false,
             stats: CoreStats::default(),
+            connected: 0,
             bites: BiteAssembler::new(config.bites, clock),
             bite_tick: None,
             scratch_bites: Vec::new(),
@@ -283,7 +288,7 @@ impl Sfu {
 
     /// Number of connected peers.
     pub fn connected_count(&self) -> usize {
-        self.peers.values().filter(|p| p.connected).count()
+        self.connected
     }
 
     /// Number of conversations with members or joined users.
@@ -583,6 +588,7 @@ impl Sfu {
         } else if now >= peer.last_rx + idle_timeout {
             self.remove_peer(id, CloseReason::Idle, now);
         } else if now >= peer.rtc_deadline {
+            self.stats.rtc_timeouts += 1;
             self.feed(id, now, Input::Timeout(now));
         } else {
             self.arm(id);
@@ -733,6 +739,7 @@ impl Sfu {
             return;
         }
         peer.connected = true;
+        self.connected += 1;
         self.stats.peers_connected += 1;
         let userid = peer.claim.userid.clone();
         info!("{} connected from {:?}", peer.label(), peer.addrs.first());
@@ -993,6 +1000,9 @@ impl Sfu {
             } else {
                 self.users.remove(&userid);
             }
+        }
+        if peer.connected {
+            self.connected -= 1;
         }
         self.stats.peers_closed += 1;
         info!("{} closed: {reason}", peer.label());

@@ -30,6 +30,8 @@ pub struct CoreStats {
     pub connects_refused: u64,
     /// Joins applied.
     pub joins: u64,
+    /// Timer wakes that advanced a peer's `Rtc`.
+    pub rtc_timeouts: u64,
     /// Bites finished.
     pub bites: u64,
     /// Times a conversation's slot mapping was rebuilt.

@@ -1,0 +1,524 @@
+//! `beep-sfu-loadgen`: simulates many talking participants against a running
+//! beep-sfu through the real protocol (WebSocket offer/answer, `POST /join`,
+//! ICE/DTLS/SRTP over UDP), all on one `mio` loop, and measures what the
+//! server sustains: packets/s, loss, one-way latency, the server's CPU per
+//! forwarded packet and memory per participant. `relay` and `baseline` run
+//! the same traffic through a bare UDP fan-out relay (no crypto, no WebRTC):
+//! the machine's floor, measured the same way.
+//!
+//! Pin the server and the generator to different cores, e.g.
+//! `taskset -c 0 beep-sfu --dev …` and `taskset -c 1 beep-sfu-loadgen run …`.
+
+mod participant;
+mod probe;
+mod relay;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use mio::{Events, Interest, Poll, Token};
+use serde_json::{json, Value};
+
+use participant::{Tally, UdpParticipant, WebRtcParticipant, Window};
+
+/// Packets per second per talker (20 ms Opus frames).
+const PPS: u64 = 50;
+/// Send phases per 20 ms period: participants are spread over them so the
+/// server does not see everyone's packet in the same instant.
+const PHASES: u64 = 20;
+
+#[derive(Parser)]
+#[command(name = "beep-sfu-loadgen", about = "Load generator and bare-UDP baseline for beep-sfu")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One run of P participants against beep-sfu.
+    Run(RunArgs),
+    /// Raise P step by step until loss > 0.5 %, p99 > 20 ms or server CPU > 95 %.
+    Ramp {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Participants added per step.
+        #[arg(long, default_value_t = 40)]
+        step: usize,
+        /// Stop after this many participants.
+        #[arg(long, default_value_t = 4000)]
+        max: usize,
+    },
+    /// The bare UDP fan-out relay (the baseline's server side).
+    Relay {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:40000")]
+        listen: SocketAddr,
+    },
+    /// The same traffic as `run`, over plain UDP through `relay`.
+    Baseline {
+        /// The relay's address.
+        #[arg(long, default_value = "127.0.0.1:40000")]
+        relay: SocketAddr,
+        /// The relay's pid (for its CPU).
+        #[arg(long)]
+        relay_pid: Option<u32>,
+        #[command(flatten)]
+        shape: Shape,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Shape {
+    /// Participants.
+    #[arg(long, short = 'p', default_value_t = 40)]
+    participants: usize,
+    /// Conversation size.
+    #[arg(long, short = 'r', default_value_t = 4)]
+    room_size: usize,
+    /// Share of participants talking at once (1.0 = all, the worst case).
+    #[arg(long, default_value_t = 1.0)]
+    talkers: f64,
+    /// Seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Local IP the participants bind to.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: IpAddr,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// The server's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    server: SocketAddr,
+    /// The server's pid (for its CPU and RSS).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Audio m-lines each participant offers (slots it can hear at once);
+    /// default: room size − 1, so everyone hears everyone.
+    #[arg(long)]
+    slots: Option<usize>,
+    #[command(flatten)]
+    shape: Shape,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run(&a).map(|r| report(&[r], a.shape.json.as_deref())),
+        Cmd::Ramp { run: a, step, max } => ramp(&a, step, max),
+        Cmd::Relay { listen } => relay::serve(listen).map_err(|e| e.to_string()),
+        Cmd::Baseline {
+            relay,
+            relay_pid,
+            shape,
+        } => baseline(relay, relay_pid, &shape).map(|r| report(&[r], shape.json.as_deref())),
+    };
+    if let Err(e) = result {
+        eprintln!("beep-sfu-loadgen: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Anything the loop drives.
+trait Endpoint {
+    fn socket(&mut self) -> &mut mio::net::UdpSocket;
+    fn readable(&mut self, epoch: Instant, w: Option<Window>);
+    fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool);
+}
+
+impl Endpoint for WebRtcParticipant {
+    fn socket(&mut self) -> &mut mio::net::UdpSocket {
+        &mut self.socket
+    }
+    fn readable(&mut self, epoch: Instant, w: Option<Window>) {
+        self.on_readable(epoch, w)
+    }
+    fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool) {
+        self.on_tick(epoch, w, talk)
+    }
+}
+
+impl Endpoint for UdpParticipant {
+    fn socket(&mut self) -> &mut mio::net::UdpSocket {
+        &mut self.socket
+    }
+    fn readable(&mut self, epoch: Instant, w: Option<Window>) {
+        self.on_readable(epoch, w)
+    }
+    fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool) {
+        self.on_tick(epoch, w, talk)
+    }
+}
+
+/// The one event loop of the generator.
+struct Driver {
+    poll: Poll,
+    events: Events,
+    epoch: Instant,
+    next_phase: Instant,
+    phase: u64,
+    window: Option<Window>,
+}
+
+impl Driver {
+    fn new() -> Result<Self, String> {
+        let now = Instant::now();
+        Ok(Driver {
+            poll: Poll::new().map_err(|e| e.to_string())?,
+            events: Events::with_capacity(1024),
+            epoch: now,
+            next_phase: now,
+            phase: 0,
+            window: None,
+        })
+    }
+
+    fn register<E: Endpoint>(&self, e: &mut E, i: usize) -> Result<(), String> {
+        self.poll
+            .registry()
+            .register(e.socket(), Token(i), Interest::READABLE)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Drives every endpoint until `until`; participant `i` talks if `talk(i)`.
+    fn drive<E: Endpoint>(&mut self, ps: &mut [E], until: Instant, talk: &dyn Fn(usize) -> bool) {
+        let period = Duration::from_millis(1000 / PPS) / PHASES as u32;
+        while Instant::now() < until {
+            let timeout = self.next_phase.saturating_duration_since(Instant::now());
+            let _ = self.poll.poll(&mut self.events, Some(timeout));
+            for ev in self.events.iter() {
+                if let Some(p) = ps.get_mut(ev.token().0) {
+                    p.readable(self.epoch, self.window);
+                }
+            }
+            let now = Instant::now();
+            if now >= self.next_phase {
+                let phase = self.phase % PHASES;
+                for (i, p) in ps.iter_mut().enumerate() {
+                    if i as u64 % PHASES == phase {
+                        p.tick(self.epoch, self.window, talk(i));
+                    }
+                }
+                self.phase += 1;
+                self.next_phase += period;
+                if now > self.next_phase + Duration::from_millis(100) {
+                    // We fell behind (overloaded generator): do not burst to catch up.
+                    self.next_phase = now + period;
+                }
+            }
+        }
+    }
+
+    fn ns(&self, t: Instant) -> u64 {
+        t.duration_since(self.epoch).as_nanos() as u64
+    }
+}
+
+/// Results of one measured window.
+#[derive(Debug, Clone)]
+struct Outcome {
+    kind: &'static str,
+    participants: usize,
+    room_size: usize,
+    talkers: usize,
+    setup_ms_p50: Option<f64>,
+    setup_ms_max: Option<f64>,
+    window_s: f64,
+    pps_in: f64,
+    pps_out: f64,
+    cpu_percent: Option<f64>,
+    cpu_us_per_forwarded: Option<f64>,
+    loss_percent: f64,
+    latency_ms_p50: f64,
+    latency_ms_p99: f64,
+    latency_ms_max: f64,
+    rss_per_participant_kib: Option<f64>,
+}
+
+fn percentile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+fn talk_fn(shape: &Shape) -> impl Fn(usize) -> bool {
+    let talkers = (shape.participants as f64 * shape.talkers.clamp(0.0, 1.0)).round() as usize;
+    move |i| i < talkers
+}
+
+fn run(a: &RunArgs) -> Result<Outcome, String> {
+    let mut d = Driver::new()?;
+    let mut ps = Vec::new();
+    let idle_rss = a.server_pid.and_then(probe::rss_bytes);
+    add_participants(&mut d, &mut ps, a, a.shape.participants)?;
+    measure(&mut d, &mut ps, a, idle_rss)
+}
+
+fn ramp(a: &RunArgs, step: usize, max: usize) -> Result<(), String> {
+    let mut d = Driver::new()?;
+    let mut ps: Vec<WebRtcParticipant> = Vec::new();
+    let idle_rss = a.server_pid.and_then(probe::rss_bytes);
+    let mut results = Vec::new();
+    let mut last_good = None;
+    while ps.len() + step <= max {
+        let mut step_args = a.clone();
+        step_args.shape.participants = ps.len() + step;
+        add_participants(&mut d, &mut ps, &step_args, step)?;
+        let o = measure(&mut d, &mut ps, &step_args, idle_rss)?;
+        eprintln!(
+            "P={:5}  out {:8.0} pps  cpu {:5.1}%  loss {:6.3}%  p99 {:6.2} ms",
+            o.participants,
+            o.pps_out,
+            o.cpu_percent.unwrap_or(0.0),
+            o.loss_percent,
+            o.latency_ms_p99
+        );
+        let good = o.loss_percent <= 0.5 && o.latency_ms_p99 <= 20.0 && o.cpu_percent.unwrap_or(0.0) <= 95.0;
+        results.push(o.clone());
+        if !good {
+            break;
+        }
+        last_good = Some(o.participants);
+    }
+    report(&results, a.shape.json.as_deref());
+    println!("last good P: {}", last_good.map(|p| p.to_string()).unwrap_or("none".into()));
+    Ok(())
+}
+
+/// Signals, connects and joins `n` more participants, one at a time.
+fn add_participants(d: &mut Driver, ps: &mut Vec<WebRtcParticipant>, a: &RunArgs, n: usize) -> Result<(), String> {
+    let slots = a.slots.unwrap_or(a.shape.room_size.saturating_sub(1).max(1));
+    let talk = talk_fn(&a.shape);
+    for _ in 0..n {
+        let i = ps.len();
+        let room = i / a.shape.room_size.max(1);
+        let user = format!("load-u{i}");
+        let mut p = WebRtcParticipant::signal(i as u32, a.server, &user, slots, a.shape.bind_ip)
+            .map_err(|e| format!("participant {i}: {e}"))?;
+        d.register(&mut p, i)?;
+        ps.push(p);
+        // Keep everyone flowing while this one connects.
+        let end = Instant::now() + Duration::from_secs(10);
+        while ps[i].connected_at.is_none() && Instant::now() < end {
+            let until = Instant::now() + Duration::from_millis(2);
+            d.drive(ps, until, &talk);
+            // Let a fresh participant's handshake progress between phases.
+            ps[i].on_tick(d.epoch, None, false);
+        }
+        if ps[i].connected_at.is_none() {
+            return Err(format!("participant {i} did not connect within 10 s"));
+        }
+        WebRtcParticipant::join(a.server, &user, i as u32, &format!("load-room-{room}"))
+            .map_err(|e| format!("participant {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn measure(d: &mut Driver, ps: &mut [WebRtcParticipant], a: &RunArgs, idle_rss: Option<u64>) -> Result<Outcome, String> {
+    let talk = talk_fn(&a.shape);
+    let warm = Instant::now() + Duration::from_secs(a.shape.warmup);
+    d.drive(ps, warm, &talk);
+    for p in ps.iter_mut() {
+        p.tally = Tally::default();
+    }
+    let start = Instant::now();
+    let end = start + Duration::from_secs(a.shape.duration);
+    d.window = Some(Window {
+        from_ns: d.ns(start),
+        to_ns: d.ns(end),
+    });
+    let cpu0 = a.server_pid.and_then(probe::cpu_seconds);
+    let in0 = probe::metric(a.server, "beep_sfu_rtp_packets_in_total");
+    let out0 = probe::metric(a.server, "beep_sfu_forwarded_packets_total");
+    d.drive(ps, end, &talk);
+    let cpu1 = a.server_pid.and_then(probe::cpu_seconds);
+    let in1 = probe::metric(a.server, "beep_sfu_rtp_packets_in_total");
+    let out1 = probe::metric(a.server, "beep_sfu_forwarded_packets_total");
+    let elapsed = start.elapsed().as_secs_f64();
+    // Let packets sent at the end of the window arrive.
+    d.drive(ps, Instant::now() + Duration::from_millis(500), &talk);
+    d.window = None;
+    let rss = a.server_pid.and_then(probe::rss_bytes);
+
+    let mut setup: Vec<f64> = ps
+        .iter()
+        .filter_map(|p| p.connected_at.map(|c| (c - p.started).as_secs_f64() * 1000.0))
+        .collect();
+    setup.sort_by(f64::total_cmp);
+    let hearers = a
+        .slots
+        .unwrap_or(a.shape.room_size.saturating_sub(1))
+        .min(a.shape.room_size.saturating_sub(1));
+    let forwarded = out1.zip(out0).map(|(b, a)| b - a).unwrap_or(0.0);
+    let cpu = cpu1.zip(cpu0).map(|(b, a)| b - a);
+    Ok(summarise(
+        "beep-sfu",
+        ps.iter_mut().map(|p| p.tally.clone()).collect(),
+        &a.shape,
+        ps.len(),
+        hearers,
+        room_sizes(ps.len(), a.shape.room_size),
+        elapsed,
+        (in1.zip(in0).map(|(b, a)| b - a).unwrap_or(0.0), forwarded),
+        cpu,
+        Some(&setup),
+        rss.zip(idle_rss).map(|(r, i)| r.saturating_sub(i) as f64 / 1024.0 / ps.len().max(1) as f64),
+    ))
+}
+
+/// Members per room when `n` participants fill rooms of `size` in order.
+fn room_sizes(n: usize, size: usize) -> Vec<usize> {
+    let size = size.max(1);
+    (0..n).map(|i| (n - (i / size) * size).min(size)).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarise(
+    kind: &'static str,
+    tallies: Vec<Tally>,
+    shape: &Shape,
+    n: usize,
+    hearers: usize,
+    room_of: Vec<usize>,
+    elapsed: f64,
+    (packets_in, forwarded): (f64, f64),
+    cpu: Option<f64>,
+    setup: Option<&[f64]>,
+    rss_kib: Option<f64>,
+) -> Outcome {
+    let talkers = (n as f64 * shape.talkers.clamp(0.0, 1.0)).round() as usize;
+    let mut latencies: Vec<u32> = tallies.iter().flat_map(|t| t.latencies_us.iter().copied()).collect();
+    latencies.sort_unstable();
+    // Every packet sent in the window should reach each other member of the
+    // sender's room that can hear it.
+    let expected: f64 = tallies
+        .iter()
+        .enumerate()
+        .map(|(i, t)| t.sent_in_window as f64 * hearers.min(room_of[i].saturating_sub(1)) as f64)
+        .sum();
+    let received: f64 = tallies.iter().map(|t| t.received_in_window as f64).sum();
+    let loss = if expected > 0.0 {
+        (1.0 - received / expected).max(0.0) * 100.0
+    } else {
+        0.0
+    };
+    let pct = |s: &[f64], q: f64| s.get(((s.len().max(1) - 1) as f64 * q).round() as usize).copied();
+    Outcome {
+        kind,
+        participants: n,
+        room_size: shape.room_size,
+        talkers,
+        setup_ms_p50: setup.and_then(|s| pct(s, 0.5)),
+        setup_ms_max: setup.and_then(|s| s.last().copied()),
+        window_s: elapsed,
+        pps_in: packets_in / elapsed,
+        pps_out: forwarded / elapsed,
+        cpu_percent: cpu.map(|c| c / elapsed * 100.0),
+        cpu_us_per_forwarded: cpu.filter(|_| forwarded > 0.0).map(|c| c / forwarded * 1e6),
+        loss_percent: loss,
+        latency_ms_p50: percentile(&latencies, 0.5),
+        latency_ms_p99: percentile(&latencies, 0.99),
+        latency_ms_max: latencies.last().map(|v| f64::from(*v) / 1000.0).unwrap_or(0.0),
+        rss_per_participant_kib: rss_kib,
+    }
+}
+
+fn baseline(relay: SocketAddr, relay_pid: Option<u32>, shape: &Shape) -> Result<Outcome, String> {
+    let mut d = Driver::new()?;
+    let mut ps = Vec::new();
+    for i in 0..shape.participants {
+        let room = (i / shape.room_size.max(1)) as u32;
+        let mut p = UdpParticipant::new(i as u32, room, relay, shape.bind_ip).map_err(|e| e.to_string())?;
+        d.register(&mut p, i)?;
+        ps.push(p);
+    }
+    let talk = talk_fn(shape);
+    d.drive(&mut ps, Instant::now() + Duration::from_secs(shape.warmup), &talk);
+    for p in ps.iter_mut() {
+        p.tally = Tally::default();
+    }
+    let start = Instant::now();
+    let end = start + Duration::from_secs(shape.duration);
+    d.window = Some(Window {
+        from_ns: d.ns(start),
+        to_ns: d.ns(end),
+    });
+    let cpu0 = relay_pid.and_then(probe::cpu_seconds);
+    d.drive(&mut ps, end, &talk);
+    let cpu1 = relay_pid.and_then(probe::cpu_seconds);
+    let elapsed = start.elapsed().as_secs_f64();
+    d.drive(&mut ps, Instant::now() + Duration::from_millis(500), &talk);
+    let tallies: Vec<Tally> = ps.iter().map(|p| p.tally.clone()).collect();
+    let sent: f64 = tallies.iter().map(|t| t.sent_in_window as f64).sum();
+    let received: f64 = tallies.iter().map(|t| t.received_in_window as f64).sum();
+    Ok(summarise(
+        "bare-udp-relay",
+        tallies,
+        shape,
+        ps.len(),
+        shape.room_size.saturating_sub(1),
+        room_sizes(ps.len(), shape.room_size),
+        elapsed,
+        (sent, received),
+        cpu1.zip(cpu0).map(|(b, a)| b - a),
+        None,
+        None,
+    ))
+}
+
+fn report(results: &[Outcome], json_path: Option<&std::path::Path>) {
+    println!(
+        "{:<15} {:>6} {:>3} {:>7} {:>9} {:>9} {:>7} {:>9} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9}",
+        "kind", "P", "R", "talkers", "pps in", "pps out", "cpu %", "µs/fwd", "loss %", "p50 ms", "p99 ms", "max ms", "setup ms", "RSS/P KiB"
+    );
+    let opt = |v: Option<f64>, prec: usize| v.map(|v| format!("{v:.prec$}")).unwrap_or_else(|| "-".into());
+    for o in results {
+        println!(
+            "{:<15} {:>6} {:>3} {:>7} {:>9.0} {:>9.0} {:>7} {:>9} {:>7.3} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9}",
+            o.kind,
+            o.participants,
+            o.room_size,
+            o.talkers,
+            o.pps_in,
+            o.pps_out,
+            opt(o.cpu_percent, 1),
+            opt(o.cpu_us_per_forwarded, 2),
+            o.loss_percent,
+            o.latency_ms_p50,
+            o.latency_ms_p99,
+            o.latency_ms_max,
+            opt(o.setup_ms_p50, 1),
+            opt(o.rss_per_participant_kib, 1),
+        );
+    }
+    if let Some(path) = json_path {
+        let v: Vec<Value> = results
+            .iter()
+            .map(|o| {
+                json!({
+                    "kind": o.kind, "participants": o.participants, "room_size": o.room_size,
+                    "talkers": o.talkers, "window_s": o.window_s, "pps_in": o.pps_in, "pps_out": o.pps_out,
+                    "cpu_percent": o.cpu_percent, "cpu_us_per_forwarded": o.cpu_us_per_forwarded,
+                    "loss_percent": o.loss_percent, "latency_ms_p50": o.latency_ms_p50,
+                    "latency_ms_p99": o.latency_ms_p99, "latency_ms_max": o.latency_ms_max,
+                    "setup_ms_p50": o.setup_ms_p50, "setup_ms_max": o.setup_ms_max,
+                    "rss_per_participant_kib": o.rss_per_participant_kib,
+                })
+            })
+            .collect();
+        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&v).unwrap_or_default()) {
+            eprintln!("cannot write {}: {e}", path.display());
+        }
+    }
+}
