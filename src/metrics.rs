@@ -260,7 +260,8 @@ impl Metrics {
         self.bytes_in.inc_by(d(now.bytes_in, last.bytes_in));
         self.rtp_in.inc_by(d(now.rtp_in, last.rtp_in));
         self.forwarded.inc_by(d(now.forwarded, last.forwarded));
-        self.rtc_timeouts.inc_by(d(now.rtc_timeouts, last.rtc_timeouts));
+        self.rtc_timeouts
+            .inc_by(d(now.rtc_timeouts, last.rtc_timeouts));
         for (reason, a, b) in [
             ("malformed", now.dropped_malformed, last.dropped_malformed),
             (

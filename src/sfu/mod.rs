@@ -34,7 +34,7 @@ use log::{debug, info, warn};
 use str0m::change::SdpOffer;
 use str0m::media::Mid;
 use str0m::net::{Protocol, Receive, Transmit};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
+use str0m::rtp::{Extension, ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, RtcConfig};
 
 use bite::{BiteAssembler, BiteConfig, FinishedBite, Owner};
@@ -242,7 +242,14 @@ impl Sfu {
             .set_rtp_mode(true)
             .set_stats_interval(None)
             // Opus is not retransmitted: a short send buffer saves memory per slot.
-            .set_send_buffer_audio(8);
+            .set_send_buffer_audio(8)
+            // Only the extensions an audio SFU uses: the RFC 6464 level (speaker
+            // selection, bites) and the mid. Transport-wide congestion control
+            // would cost a sequence register per sent packet (about 90 KiB per
+            // peer) for a bandwidth estimate nobody reads.
+            .clear_extension_map()
+            .set_extension(1, Extension::AudioLevel)
+            .set_extension(4, Extension::RtpMid);
         if let Some(cert) = provider.dtls_provider.generate_certificate() {
             rtc_config = rtc_config.set_dtls_cert(cert);
         }

@@ -29,7 +29,10 @@ const PPS: u64 = 50;
 const PHASES: u64 = 20;
 
 #[derive(Parser)]
-#[command(name = "beep-sfu-loadgen", about = "Load generator and bare-UDP baseline for beep-sfu")]
+#[command(
+    name = "beep-sfu-loadgen",
+    about = "Load generator and bare-UDP baseline for beep-sfu"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -284,7 +287,9 @@ fn ramp(a: &RunArgs, step: usize, max: usize) -> Result<(), String> {
             o.loss_percent,
             o.latency_ms_p99
         );
-        let good = o.loss_percent <= 0.5 && o.latency_ms_p99 <= 20.0 && o.cpu_percent.unwrap_or(0.0) <= 95.0;
+        let good = o.loss_percent <= 0.5
+            && o.latency_ms_p99 <= 20.0
+            && o.cpu_percent.unwrap_or(0.0) <= 95.0;
         results.push(o.clone());
         if !good {
             break;
@@ -292,13 +297,23 @@ fn ramp(a: &RunArgs, step: usize, max: usize) -> Result<(), String> {
         last_good = Some(o.participants);
     }
     report(&results, a.shape.json.as_deref());
-    println!("last good P: {}", last_good.map(|p| p.to_string()).unwrap_or("none".into()));
+    println!(
+        "last good P: {}",
+        last_good.map(|p| p.to_string()).unwrap_or("none".into())
+    );
     Ok(())
 }
 
 /// Signals, connects and joins `n` more participants, one at a time.
-fn add_participants(d: &mut Driver, ps: &mut Vec<WebRtcParticipant>, a: &RunArgs, n: usize) -> Result<(), String> {
-    let slots = a.slots.unwrap_or(a.shape.room_size.saturating_sub(1).max(1));
+fn add_participants(
+    d: &mut Driver,
+    ps: &mut Vec<WebRtcParticipant>,
+    a: &RunArgs,
+    n: usize,
+) -> Result<(), String> {
+    let slots = a
+        .slots
+        .unwrap_or(a.shape.room_size.saturating_sub(1).max(1));
     let talk = talk_fn(&a.shape);
     for _ in 0..n {
         let i = ps.len();
@@ -325,7 +340,12 @@ fn add_participants(d: &mut Driver, ps: &mut Vec<WebRtcParticipant>, a: &RunArgs
     Ok(())
 }
 
-fn measure(d: &mut Driver, ps: &mut [WebRtcParticipant], a: &RunArgs, idle_rss: Option<u64>) -> Result<Outcome, String> {
+fn measure(
+    d: &mut Driver,
+    ps: &mut [WebRtcParticipant],
+    a: &RunArgs,
+    idle_rss: Option<u64>,
+) -> Result<Outcome, String> {
     let talk = talk_fn(&a.shape);
     let warm = Instant::now() + Duration::from_secs(a.shape.warmup);
     d.drive(ps, warm, &talk);
@@ -353,7 +373,10 @@ fn measure(d: &mut Driver, ps: &mut [WebRtcParticipant], a: &RunArgs, idle_rss: 
 
     let mut setup: Vec<f64> = ps
         .iter()
-        .filter_map(|p| p.connected_at.map(|c| (c - p.started).as_secs_f64() * 1000.0))
+        .filter_map(|p| {
+            p.connected_at
+                .map(|c| (c - p.started).as_secs_f64() * 1000.0)
+        })
         .collect();
     setup.sort_by(f64::total_cmp);
     let hearers = a
@@ -373,7 +396,8 @@ fn measure(d: &mut Driver, ps: &mut [WebRtcParticipant], a: &RunArgs, idle_rss: 
         (in1.zip(in0).map(|(b, a)| b - a).unwrap_or(0.0), forwarded),
         cpu,
         Some(&setup),
-        rss.zip(idle_rss).map(|(r, i)| r.saturating_sub(i) as f64 / 1024.0 / ps.len().max(1) as f64),
+        rss.zip(idle_rss)
+            .map(|(r, i)| r.saturating_sub(i) as f64 / 1024.0 / ps.len().max(1) as f64),
     ))
 }
 
@@ -398,7 +422,10 @@ fn summarise(
     rss_kib: Option<f64>,
 ) -> Outcome {
     let talkers = (n as f64 * shape.talkers.clamp(0.0, 1.0)).round() as usize;
-    let mut latencies: Vec<u32> = tallies.iter().flat_map(|t| t.latencies_us.iter().copied()).collect();
+    let mut latencies: Vec<u32> = tallies
+        .iter()
+        .flat_map(|t| t.latencies_us.iter().copied())
+        .collect();
     latencies.sort_unstable();
     // Every packet sent in the window should reach each other member of the
     // sender's room that can hear it.
@@ -413,7 +440,10 @@ fn summarise(
     } else {
         0.0
     };
-    let pct = |s: &[f64], q: f64| s.get(((s.len().max(1) - 1) as f64 * q).round() as usize).copied();
+    let pct = |s: &[f64], q: f64| {
+        s.get(((s.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+    };
     Outcome {
         kind,
         participants: n,
@@ -429,7 +459,10 @@ fn summarise(
         loss_percent: loss,
         latency_ms_p50: percentile(&latencies, 0.5),
         latency_ms_p99: percentile(&latencies, 0.99),
-        latency_ms_max: latencies.last().map(|v| f64::from(*v) / 1000.0).unwrap_or(0.0),
+        latency_ms_max: latencies
+            .last()
+            .map(|v| f64::from(*v) / 1000.0)
+            .unwrap_or(0.0),
         rss_per_participant_kib: rss_kib,
     }
 }
@@ -439,12 +472,17 @@ fn baseline(relay: SocketAddr, relay_pid: Option<u32>, shape: &Shape) -> Result<
     let mut ps = Vec::new();
     for i in 0..shape.participants {
         let room = (i / shape.room_size.max(1)) as u32;
-        let mut p = UdpParticipant::new(i as u32, room, relay, shape.bind_ip).map_err(|e| e.to_string())?;
+        let mut p =
+            UdpParticipant::new(i as u32, room, relay, shape.bind_ip).map_err(|e| e.to_string())?;
         d.register(&mut p, i)?;
         ps.push(p);
     }
     let talk = talk_fn(shape);
-    d.drive(&mut ps, Instant::now() + Duration::from_secs(shape.warmup), &talk);
+    d.drive(
+        &mut ps,
+        Instant::now() + Duration::from_secs(shape.warmup),
+        &talk,
+    );
     for p in ps.iter_mut() {
         p.tally = Tally::default();
     }
@@ -480,9 +518,25 @@ fn baseline(relay: SocketAddr, relay_pid: Option<u32>, shape: &Shape) -> Result<
 fn report(results: &[Outcome], json_path: Option<&std::path::Path>) {
     println!(
         "{:<15} {:>6} {:>3} {:>7} {:>9} {:>9} {:>7} {:>9} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9}",
-        "kind", "P", "R", "talkers", "pps in", "pps out", "cpu %", "µs/fwd", "loss %", "p50 ms", "p99 ms", "max ms", "setup ms", "RSS/P KiB"
+        "kind",
+        "P",
+        "R",
+        "talkers",
+        "pps in",
+        "pps out",
+        "cpu %",
+        "µs/fwd",
+        "loss %",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "setup ms",
+        "RSS/P KiB"
     );
-    let opt = |v: Option<f64>, prec: usize| v.map(|v| format!("{v:.prec$}")).unwrap_or_else(|| "-".into());
+    let opt = |v: Option<f64>, prec: usize| {
+        v.map(|v| format!("{v:.prec$}"))
+            .unwrap_or_else(|| "-".into())
+    };
     for o in results {
         println!(
             "{:<15} {:>6} {:>3} {:>7} {:>9.0} {:>9.0} {:>7} {:>9} {:>7.3} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9}",

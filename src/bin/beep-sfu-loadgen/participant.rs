@@ -73,7 +73,9 @@ fn record(tally: &mut Tally, window: Option<Window>, epoch: Instant, now: Instan
         if w.contains(sent_ns) {
             tally.received_in_window += 1;
             let now_ns = now.duration_since(epoch).as_nanos() as u64;
-            tally.latencies_us.push((now_ns.saturating_sub(sent_ns) / 1000) as u32);
+            tally
+                .latencies_us
+                .push((now_ns.saturating_sub(sent_ns) / 1000) as u32);
         }
     }
 }
@@ -101,7 +103,13 @@ pub struct WebRtcParticipant {
 
 impl WebRtcParticipant {
     /// Creates the client, does the WebSocket offer/answer with the server.
-    pub fn signal(id: u32, http: SocketAddr, userid: &str, slots: usize, bind_ip: std::net::IpAddr) -> Result<Self, String> {
+    pub fn signal(
+        id: u32,
+        http: SocketAddr,
+        userid: &str,
+        slots: usize,
+        bind_ip: std::net::IpAddr,
+    ) -> Result<Self, String> {
         let started = Instant::now();
         let std_sock = std::net::UdpSocket::bind((bind_ip, 0)).map_err(|e| format!("bind: {e}"))?;
         std_sock.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -121,19 +129,26 @@ impl WebRtcParticipant {
         }
         let (offer, pending) = api.apply().ok_or("no offer")?;
         let claim = serde_json::json!({"userid": userid, "clientid": format!("c{id}")}).to_string();
-        let mut req = format!("ws://{http}/connect").into_client_request().map_err(|e| e.to_string())?;
+        let mut req = format!("ws://{http}/connect")
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
         req.headers_mut()
             .insert("X-User-Claim", claim.parse().map_err(|_| "claim header")?);
-        let tcp = TcpStream::connect_timeout(&http, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect_timeout(&http, Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
         let (mut ws, _) = tungstenite::client(req, tcp).map_err(|e| format!("websocket: {e}"))?;
-        ws.send(Message::text(offer.to_sdp_string())).map_err(|e| e.to_string())?;
+        ws.send(Message::text(offer.to_sdp_string()))
+            .map_err(|e| e.to_string())?;
         let answer = match ws.read().map_err(|e| format!("answer: {e}"))? {
             Message::Text(t) => t.as_str().to_string(),
             other => return Err(format!("expected an answer, got {other:?}")),
         };
         let answer = SdpAnswer::from_sdp_string(&answer).map_err(|e| e.to_string())?;
-        rtc.sdp_api().accept_answer(pending, answer).map_err(|e| e.to_string())?;
+        rtc.sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| e.to_string())?;
         // The server closes the socket once connected; we need nothing more from it.
         drop(ws);
         Ok(WebRtcParticipant {
@@ -155,8 +170,10 @@ impl WebRtcParticipant {
     /// `POST /join/{conversation}` for this participant's user.
     pub fn join(http: SocketAddr, userid: &str, id: u32, conversation: &str) -> Result<(), String> {
         let claim = serde_json::json!({"userid": userid, "clientid": format!("c{id}")}).to_string();
-        let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        let mut s =
+            TcpStream::connect_timeout(&http, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
         write!(
             s,
             "POST /join/{conversation} HTTP/1.1\r\nHost: x\r\nX-User-Claim: {claim}\r\nContent-Length: 0\r\n\r\n"
@@ -167,7 +184,10 @@ impl WebRtcParticipant {
         if resp.starts_with("HTTP/1.1 200") {
             Ok(())
         } else {
-            Err(format!("join: {}", resp.lines().next().unwrap_or("no answer")))
+            Err(format!(
+                "join: {}",
+                resp.lines().next().unwrap_or("no answer")
+            ))
         }
     }
 
@@ -216,7 +236,9 @@ impl WebRtcParticipant {
                 self.seq += 1;
                 self.ts = self.ts.wrapping_add(960);
                 if let Some(tx) = self.rtc.direct_api().stream_tx_by_mid(self.send_mid, None) {
-                    tx.write_rtp(RtpWrite::new(pt, SeqNo::from(seq), ts, now, data.to_vec()).ext_vals(ext));
+                    tx.write_rtp(
+                        RtpWrite::new(pt, SeqNo::from(seq), ts, now, data.to_vec()).ext_vals(ext),
+                    );
                 }
                 self.drain(epoch, window, now);
             }
@@ -261,7 +283,12 @@ pub struct UdpParticipant {
 
 impl UdpParticipant {
     /// Binds a socket and registers with the relay.
-    pub fn new(id: u32, room: u32, relay: SocketAddr, bind_ip: std::net::IpAddr) -> std::io::Result<Self> {
+    pub fn new(
+        id: u32,
+        room: u32,
+        relay: SocketAddr,
+        bind_ip: std::net::IpAddr,
+    ) -> std::io::Result<Self> {
         let s = std::net::UdpSocket::bind((bind_ip, 0))?;
         s.set_nonblocking(true)?;
         let p = UdpParticipant {

@@ -32,7 +32,8 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 pub fn metric(http: SocketAddr, name: &str) -> Option<f64> {
     let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     let mut found = None;
