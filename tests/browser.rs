@@ -159,15 +159,43 @@ impl Drop for Browser {
     }
 }
 
+/// Decodes an Ogg Opus file with `opusdec` (Debian's opus-tools) and returns
+/// (seconds of audio, dominant frequency by zero crossings).
+fn decode(ogg: &std::path::Path) -> (f64, f64) {
+    let wav = ogg.with_extension("wav");
+    let status = Command::new("opusdec")
+        .args(["--quiet", "--rate", "48000"])
+        .arg(ogg)
+        .arg(&wav)
+        .status()
+        .expect("opusdec must be installed for this test (apt-get install opus-tools)");
+    assert!(status.success(), "opusdec decodes {}", ogg.display());
+    let data = std::fs::read(&wav).unwrap();
+    let channels = u16::from_le_bytes([data[22], data[23]]) as usize;
+    let start = data.windows(4).position(|w| w == b"data").unwrap() + 8;
+    let samples: Vec<i16> = data[start..]
+        .chunks_exact(2 * channels)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let secs = samples.len() as f64 / 48_000.0;
+    // Skip the first 100 ms (decoder convergence), count rising zero crossings.
+    let body = &samples[samples.len().min(4800)..];
+    let crossings = body.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
+    (secs, crossings as f64 / (body.len() as f64 / 48_000.0))
+}
+
 #[test]
 fn chromium_pages_hear_each_other_and_not_other_conversations() {
-    let server = start(true, "");
-    let http = server.http_addr();
     let dir = std::env::temp_dir().join(format!("beep-sfu-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    init_log();
+    let mut cfg = test_config(true, "");
+    cfg.bites_dir = Some(dir.join("bites"));
+    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    let http = server.http_addr();
     let wav = dir.join("tone.wav");
     tone_wav(&wav, 440.0, 10);
-    let mut b = Browser::start(&wav, dir);
+    let mut b = Browser::start(&wav, dir.join("chromium"));
     let page = |u: &str, conv: &str| {
         format!("http://{http}/?userid={u}&clientid=tab&conversation={conv}&autojoin=1&raw=1")
     };
@@ -267,6 +295,34 @@ fn chromium_pages_hear_each_other_and_not_other_conversations() {
     assert!(metric(http, "beep_sfu_forwarded_packets_total ").unwrap_or(0.0) > 200.0);
     drop(b);
     assert!(server.shutdown());
+
+    // What the browsers said became bites (finished at shutdown at the
+    // latest): real Opus from Chromium that decodes to the 440 Hz tone.
+    let blue: Vec<std::path::PathBuf> = std::fs::read_dir(dir.join("bites").join("blue"))
+        .expect("bites of conversation blue")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ogg"))
+        .collect();
+    for user in ["ann", "ben"] {
+        let mine: Vec<_> = blue
+            .iter()
+            .filter(|p| p.to_string_lossy().contains(&format!("-{user}-")))
+            .collect();
+        assert!(!mine.is_empty(), "a bite of {user}: {blue:?}");
+        let (secs, hz) =
+            mine.iter()
+                .map(|p| decode(p))
+                .fold((0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a });
+        assert!(
+            secs >= 1.0,
+            "{user}'s longest bite decodes to {secs:.2} s of audio"
+        );
+        assert!(
+            (400.0..480.0).contains(&hz),
+            "{user}'s bite is the 440 Hz tone: {hz:.0} Hz"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {

@@ -1,0 +1,93 @@
+//! The `beep-sfu` binary as an operator runs it: bad flags fail at start with
+//! one line naming the flag, and SIGTERM stops it cleanly with exit 0.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_beep-sfu");
+
+#[test]
+fn invalid_values_fail_at_start_with_one_line_naming_the_flag() {
+    for (args, flag) in [
+        (vec!["--listen", "1.2.3.4"], "--listen"),
+        (vec!["--udp", "127.0.0.1"], "--udp"),
+        (
+            vec!["--permissions-host", "ftp://x", "--udp", "127.0.0.1:0"],
+            "--permissions-host",
+        ),
+        (
+            vec!["--max-peers", "0", "--udp", "127.0.0.1:0"],
+            "--max-peers",
+        ),
+        (vec!["--silence-dbov", "5", "--dev"], "--silence-dbov"),
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .env_remove("LISTEN")
+            .env_remove("UDP_LISTEN")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly() {
+    let dir = std::env::temp_dir().join(format!("beep-sfu-bin-{}", std::process::id()));
+    let mut child = Command::new(BIN)
+        .args([
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--bites-dir",
+        ])
+        .arg(&dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("ready: http://").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("server ready")
+        .parse()
+        .unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let end = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "still running 10 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
