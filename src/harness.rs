@@ -245,29 +245,16 @@ impl Harness {
     }
 
     /// Client `i` sends one 20 ms Opus packet with `payload` and an RFC 6464
-    /// level (`-127..=0`, 0 loudest). Returns false if it has no send m-line.
+    /// level (`-127..=0`, 0 loudest), delivered to the core at once. Returns
+    /// false if it has no send m-line.
     pub fn send(&mut self, i: usize, payload: &[u8], level: i8) -> bool {
-        let now = self.now;
-        let c = &mut self.clients[i];
-        let Some(mid) = c.send_mid else { return false };
-        if c.pt.is_none() {
-            c.pt = opus_pt(&c.rtc);
-        }
-        let Some(pt) = c.pt else { return false };
-        let ext = ExtensionValues {
-            audio_level: Some(level),
-            voice_activity: Some(level > -127),
-            ..Default::default()
-        };
-        let (seq, ts) = (c.seq, c.timestamp);
-        c.seq += 1;
-        c.timestamp = c.timestamp.wrapping_add(960);
-        let mut api = c.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+        if self.clients[i].send_mid.is_none() {
             return false;
-        };
-        tx.write_rtp(RtpWrite::new(pt, SeqNo::from(seq), ts, now, payload.to_vec()).ext_vals(ext));
-        self.drain_client(i);
+        }
+        let source = self.clients[i].addr;
+        for d in self.produce(i, payload, level) {
+            self.sfu.handle_datagram(self.now, source, &d);
+        }
         true
     }
 

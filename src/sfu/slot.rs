@@ -104,21 +104,7 @@ impl Slot {
                     (run.last_out_seq + delta as u64, true)
                 } else if !(-MAX_SEQ_JUMP..=MAX_SEQ_JUMP).contains(&delta) {
                     // The sender restarted its sequence space: continue ours.
-                    let out_seq = st.next_seq;
-                    let ts = st.continued_ts(now);
-                    st.run = Some(Run {
-                        source,
-                        last_in_seq: in_seq,
-                        last_out_seq: out_seq,
-                        ts_offset: ts.wrapping_sub(in_ts),
-                    });
-                    st.next_seq = out_seq + 1;
-                    st.last_out = Some((ts, now));
-                    return Some(Rewritten {
-                        seq: out_seq,
-                        timestamp: ts,
-                        marker: true,
-                    });
+                    return Some(st.start_run(source, in_seq, in_ts, now));
                 } else if delta < 0 && -delta <= MAX_LATE && run.last_out_seq as i64 + delta >= 0 {
                     ((run.last_out_seq as i64 + delta) as u64, false)
                 } else {
@@ -140,28 +126,33 @@ impl Slot {
                     marker: false,
                 })
             }
-            _ => {
-                let out_seq = st.next_seq;
-                let ts = st.continued_ts(now);
-                st.run = Some(Run {
-                    source,
-                    last_in_seq: in_seq,
-                    last_out_seq: out_seq,
-                    ts_offset: ts.wrapping_sub(in_ts),
-                });
-                st.next_seq = out_seq + 1;
-                st.last_out = Some((ts, now));
-                Some(Rewritten {
-                    seq: out_seq,
-                    timestamp: ts,
-                    marker: true,
-                })
-            }
+            // A new speaker on this slot.
+            _ => Some(st.start_run(source, in_seq, in_ts, now)),
         }
     }
 }
 
 impl SeqState {
+    /// Starts a run of `source` at the next sequence number, its timestamps
+    /// continuing ours; the first packet carries the marker bit.
+    fn start_run(&mut self, source: PeerId, in_seq: u64, in_ts: u32, now: Instant) -> Rewritten {
+        let out_seq = self.next_seq;
+        let ts = self.continued_ts(now);
+        self.run = Some(Run {
+            source,
+            last_in_seq: in_seq,
+            last_out_seq: out_seq,
+            ts_offset: ts.wrapping_sub(in_ts),
+        });
+        self.next_seq = out_seq + 1;
+        self.last_out = Some((ts, now));
+        Rewritten {
+            seq: out_seq,
+            timestamp: ts,
+            marker: true,
+        }
+    }
+
     /// The timestamp for the first packet of a new run: the last outgoing
     /// timestamp advanced by the wall-clock time since (at least one frame),
     /// so the receiver's jitter buffer sees time moving forward.
