@@ -342,3 +342,35 @@ fn a_disconnecting_speaker_finishes_their_bite() {
     assert_eq!(done.len(), 1, "bite finished on disconnect, not after 30 s");
     assert_eq!(done[0].packets, 8);
 }
+
+#[test]
+fn a_client_reconnecting_within_the_grace_lands_back_in_the_conversation() {
+    let mut h = Harness::new();
+    let a = h.add_client("alice", "phone", true, 0);
+    let b = h.add_client("bob", "b", true, 0);
+    h.connect_all();
+    h.join(a, "room");
+    h.join(b, "room");
+    // Alice's phone hangs up.
+    h.clients[a].rtc.close().unwrap();
+    for _ in 0..20 {
+        h.step(Duration::from_millis(20));
+    }
+    assert!(!h.sfu.is_connected(h.clients[a].peer), "old peer gone");
+    assert_eq!(
+        h.sfu.conversation_of("alice"),
+        Some("room"),
+        "membership kept"
+    );
+    // It reconnects (a new peer) without joining again, and hears bob.
+    let again = h.add_client("alice", "phone", true, 0);
+    h.clients[a].connected = true; // the closed client is not waited for
+    for _ in 0..400 {
+        if h.sfu.is_connected(h.clients[again].peer) && h.clients[again].connected {
+            break;
+        }
+        h.step(Duration::from_millis(5));
+    }
+    talk(&mut h, &[b], 10);
+    assert_eq!(senders_heard(&h, again), HashSet::from([b as u8]));
+}
