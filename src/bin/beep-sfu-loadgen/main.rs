@@ -239,6 +239,8 @@ struct Outcome {
     pps_in: f64,
     pps_out: f64,
     cpu_percent: Option<f64>,
+    /// The generator's own CPU over the window, % of a core.
+    generator_cpu_percent: Option<f64>,
     cpu_us_per_forwarded: Option<f64>,
     loss_percent: f64,
     latency_ms_p50: f64,
@@ -359,10 +361,12 @@ fn measure(
         to_ns: d.ns(end),
     });
     let cpu0 = a.server_pid.and_then(probe::cpu_seconds);
+    let gen0 = probe::cpu_seconds(std::process::id());
     let in0 = probe::metric(a.server, "beep_sfu_rtp_packets_in_total");
     let out0 = probe::metric(a.server, "beep_sfu_forwarded_packets_total");
     d.drive(ps, end, &talk);
     let cpu1 = a.server_pid.and_then(probe::cpu_seconds);
+    let gen1 = probe::cpu_seconds(std::process::id());
     let in1 = probe::metric(a.server, "beep_sfu_rtp_packets_in_total");
     let out1 = probe::metric(a.server, "beep_sfu_forwarded_packets_total");
     let elapsed = start.elapsed().as_secs_f64();
@@ -385,7 +389,7 @@ fn measure(
         .min(a.shape.room_size.saturating_sub(1));
     let forwarded = out1.zip(out0).map(|(b, a)| b - a).unwrap_or(0.0);
     let cpu = cpu1.zip(cpu0).map(|(b, a)| b - a);
-    Ok(summarise(
+    let mut o = summarise(
         "beep-sfu",
         ps.iter_mut().map(|p| p.tally.clone()).collect(),
         &a.shape,
@@ -398,7 +402,9 @@ fn measure(
         Some(&setup),
         rss.zip(idle_rss)
             .map(|(r, i)| r.saturating_sub(i) as f64 / 1024.0 / ps.len().max(1) as f64),
-    ))
+    );
+    o.generator_cpu_percent = gen1.zip(gen0).map(|(b, a)| (b - a) / elapsed * 100.0);
+    Ok(o)
 }
 
 /// Members per room when `n` participants fill rooms of `size` in order.
@@ -455,6 +461,7 @@ fn summarise(
         pps_in: packets_in / elapsed,
         pps_out: forwarded / elapsed,
         cpu_percent: cpu.map(|c| c / elapsed * 100.0),
+        generator_cpu_percent: None,
         cpu_us_per_forwarded: cpu.filter(|_| forwarded > 0.0).map(|c| c / forwarded * 1e6),
         loss_percent: loss,
         latency_ms_p50: percentile(&latencies, 0.5),
@@ -493,14 +500,16 @@ fn baseline(relay: SocketAddr, relay_pid: Option<u32>, shape: &Shape) -> Result<
         to_ns: d.ns(end),
     });
     let cpu0 = relay_pid.and_then(probe::cpu_seconds);
+    let gen0 = probe::cpu_seconds(std::process::id());
     d.drive(&mut ps, end, &talk);
     let cpu1 = relay_pid.and_then(probe::cpu_seconds);
+    let gen1 = probe::cpu_seconds(std::process::id());
     let elapsed = start.elapsed().as_secs_f64();
     d.drive(&mut ps, Instant::now() + Duration::from_millis(500), &talk);
     let tallies: Vec<Tally> = ps.iter().map(|p| p.tally.clone()).collect();
     let sent: f64 = tallies.iter().map(|t| t.sent_in_window as f64).sum();
     let received: f64 = tallies.iter().map(|t| t.received_in_window as f64).sum();
-    Ok(summarise(
+    let mut o = summarise(
         "bare-udp-relay",
         tallies,
         shape,
@@ -512,7 +521,9 @@ fn baseline(relay: SocketAddr, relay_pid: Option<u32>, shape: &Shape) -> Result<
         cpu1.zip(cpu0).map(|(b, a)| b - a),
         None,
         None,
-    ))
+    );
+    o.generator_cpu_percent = gen1.zip(gen0).map(|(b, a)| (b - a) / elapsed * 100.0);
+    Ok(o)
 }
 
 fn report(results: &[Outcome], json_path: Option<&std::path::Path>) {
@@ -539,7 +550,7 @@ fn report(results: &[Outcome], json_path: Option<&std::path::Path>) {
     };
     for o in results {
         println!(
-            "{:<15} {:>6} {:>3} {:>7} {:>9.0} {:>9.0} {:>7} {:>9} {:>7.3} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9}",
+            "{:<15} {:>6} {:>3} {:>7} {:>9.0} {:>9.0} {:>7} {:>9} {:>7.3} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9} {:>7}",
             o.kind,
             o.participants,
             o.room_size,
@@ -554,6 +565,7 @@ fn report(results: &[Outcome], json_path: Option<&std::path::Path>) {
             o.latency_ms_max,
             opt(o.setup_ms_p50, 1),
             opt(o.rss_per_participant_kib, 1),
+            opt(o.generator_cpu_percent, 1),
         );
     }
     if let Some(path) = json_path {
@@ -568,6 +580,7 @@ fn report(results: &[Outcome], json_path: Option<&std::path::Path>) {
                     "latency_ms_p99": o.latency_ms_p99, "latency_ms_max": o.latency_ms_max,
                     "setup_ms_p50": o.setup_ms_p50, "setup_ms_max": o.setup_ms_max,
                     "rss_per_participant_kib": o.rss_per_participant_kib,
+                    "generator_cpu_percent": o.generator_cpu_percent,
                 })
             })
             .collect();
