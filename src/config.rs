@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::error::ErrorKind;
 use clap::Parser;
 
 /// beep-sfu: WebRTC audio Selective Forwarding Unit for Beep conversations.
@@ -158,7 +159,19 @@ impl Config {
                 return Err(format!(".env: {e}"));
             }
         }
-        Config::from_args(Args::parse())
+        let args = match Args::try_parse() {
+            Ok(a) => a,
+            Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+                e.exit()
+            }
+            // clap's own message, first line only: "invalid value 'x' for '--flag …'".
+            Err(e) => {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                return Err(first.trim_start_matches("error: ").to_string());
+            }
+        };
+        Config::from_args(args)
     }
 
     /// Validates parsed arguments.

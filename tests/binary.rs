@@ -23,6 +23,8 @@ fn invalid_values_fail_at_start_with_one_line_naming_the_flag() {
             "--max-peers",
         ),
         (vec!["--silence-dbov", "5", "--dev"], "--silence-dbov"),
+        (vec!["--max-peers", "lots", "--dev"], "--max-peers"),
+        (vec!["--no-such-flag", "--dev"], "--no-such-flag"),
     ] {
         let out = Command::new(BIN)
             .args(&args)
