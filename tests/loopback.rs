@@ -75,7 +75,9 @@ fn join_outcomes_follow_the_permissions_service() {
     let http = server.http_addr();
     assert_eq!(join(http, &claim("ok-u", "c"), "conv").0, 200);
     let (status, _) = join(http, &claim("nobody", "c"), "conv");
-    assert_eq!(status, 401, "403 from permissions means 401");
+    assert_eq!(status, 401, "401 from permissions means 401");
+    let (status, _) = join(http, &claim("mallory", "c"), "conv");
+    assert_eq!(status, 401, "403 (any non-200) from permissions means 401");
     let t = Instant::now();
     let (status, body) = join(http, &claim("hang-u", "c"), "conv");
     let took = t.elapsed();

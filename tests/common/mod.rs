@@ -388,7 +388,8 @@ pub fn metric(addr: SocketAddr, prefix: &str) -> Option<f64> {
 }
 
 /// A real HTTP server standing in for Beep's permissions service. Users named
-/// `ok*` are allowed (200), `hang*` get no answer for 10 s, anyone else 403.
+/// `ok*` are allowed (200), `no*` get 401, `hang*` get no answer for 10 s,
+/// anyone else 403.
 pub struct FakePermissions {
     pub addr: SocketAddr,
     pub paths: Arc<Mutex<Vec<String>>>,
@@ -421,6 +422,8 @@ impl FakePermissions {
                         .unwrap_or("");
                     let status = if user.starts_with("ok") {
                         "200 OK"
+                    } else if user.starts_with("no") {
+                        "401 Unauthorized"
                     } else if user.starts_with("hang") {
                         thread::sleep(Duration::from_secs(10));
                         "200 OK"
