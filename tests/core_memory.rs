@@ -374,3 +374,113 @@ fn a_client_reconnecting_within_the_grace_lands_back_in_the_conversation() {
     talk(&mut h, &[b], 10);
     assert_eq!(senders_heard(&h, again), HashSet::from([b as u8]));
 }
+
+/// A small deterministic generator for the fuzz-style tests.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn junk_from_a_connected_peers_own_address_disturbs_nothing() {
+    let mut h = Harness::new();
+    let a = h.add_client("alice", "a", true, 0);
+    let b = h.add_client("bob", "b", true, 0);
+    h.connect_all();
+    h.join(a, "room");
+    h.join(b, "room");
+    let mut rng = XorShift(0x1234_5678_9abc_def1);
+    let source = h.clients[a].addr;
+    let real = h.produce(a, &payload(a, 999), LOUD);
+    for i in 0..20_000u32 {
+        let len = (rng.next() % 400) as usize;
+        let mut d: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        match i % 4 {
+            // Every first byte: STUN, DTLS, RTP/RTCP and the rest.
+            0 => {
+                if let Some(f) = d.first_mut() {
+                    *f = (i / 4 % 256) as u8;
+                }
+            }
+            // A real SRTP packet with bytes flipped.
+            1 if !real.is_empty() => {
+                d = real[0].clone();
+                let at = (rng.next() as usize) % d.len();
+                d[at] ^= 1 << (rng.next() % 8);
+            }
+            // Truncated real packets.
+            2 if !real.is_empty() => {
+                d = real[0][..(rng.next() as usize) % real[0].len()].to_vec();
+            }
+            _ => {}
+        }
+        h.sfu.handle_datagram(h.now, source, &d);
+    }
+    while h.sfu.poll_transmit().is_some() {}
+    assert!(h.sfu.is_connected(h.clients[a].peer) && h.sfu.is_connected(h.clients[b].peer));
+    // The call goes on.
+    h.clients[b].received.clear();
+    talk(&mut h, &[a], 10);
+    assert_eq!(
+        h.clients[b].received.len(),
+        10,
+        "bob still hears every packet of alice"
+    );
+}
+
+#[test]
+fn slot_streams_stay_valid_under_random_speaker_switches_and_loss() {
+    use beep_sfu::sfu::slot::Slot;
+    use beep_sfu::sfu::PeerId;
+    use std::time::Instant;
+    let mut rng = XorShift(0xfeed_beef_cafe_f00d);
+    let t0 = Instant::now();
+    let mut slot = Slot::new(str0m::media::Mid::from("0"), 1234, 777);
+    let mut in_seq = [0u64; 4];
+    let mut in_ts = [0u32; 4];
+    let mut last: Option<(u64, u32)> = None;
+    let mut now = t0;
+    let mut source = 0usize;
+    let mut lost_since_forwarded = 0u64;
+    for _ in 0..50_000 {
+        now += Duration::from_millis(20);
+        if rng.next() % 50 == 0 {
+            let next = (rng.next() % 4) as usize;
+            if next != source {
+                lost_since_forwarded = 0;
+            }
+            source = next;
+        }
+        // Each source's own stream advances, with occasional loss.
+        in_seq[source] += 1;
+        in_ts[source] = in_ts[source].wrapping_add(960);
+        if rng.next() % 20 == 0 {
+            lost_since_forwarded += 1;
+            continue;
+        }
+        let out = slot
+            .rewrite(PeerId(source as u64), in_seq[source], in_ts[source], now)
+            .expect("in-order packets are forwarded");
+        if let Some((seq, ts)) = last {
+            if out.marker {
+                // A new speaker: the stream continues with the next number.
+                assert_eq!(out.seq, seq + 1, "no gap across a speaker switch");
+            } else {
+                // Same speaker: the gap is exactly its lost packets.
+                assert_eq!(out.seq, seq + 1 + lost_since_forwarded, "gaps mirror loss");
+            }
+            assert!(
+                out.timestamp.wrapping_sub(ts) as i32 > 0,
+                "timestamps only grow"
+            );
+        }
+        lost_since_forwarded = 0;
+        last = Some((out.seq, out.timestamp));
+    }
+}
