@@ -450,7 +450,7 @@ fn slot_streams_stay_valid_under_random_speaker_switches_and_loss() {
     let mut lost_since_forwarded = 0u64;
     for _ in 0..50_000 {
         now += Duration::from_millis(20);
-        if rng.next() % 50 == 0 {
+        if rng.next().is_multiple_of(50) {
             let next = (rng.next() % 4) as usize;
             if next != source {
                 lost_since_forwarded = 0;
@@ -460,7 +460,7 @@ fn slot_streams_stay_valid_under_random_speaker_switches_and_loss() {
         // Each source's own stream advances, with occasional loss.
         in_seq[source] += 1;
         in_ts[source] = in_ts[source].wrapping_add(960);
-        if rng.next() % 20 == 0 {
+        if rng.next().is_multiple_of(20) {
             lost_since_forwarded += 1;
             continue;
         }
