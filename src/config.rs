@@ -5,7 +5,7 @@
 //! `.env` file or a container. Invalid values fail at start with a one-line
 //! error naming the flag.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -293,14 +293,20 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
-/// The first non-loopback IPv4 address of this host, found the portable way:
-/// the source address the kernel would pick for an outside destination (no
-/// packet is sent by a UDP connect).
+/// The first non-loopback interface address of this host (IPv4 preferred,
+/// link-local addresses skipped), read from the interface list.
 fn first_interface_ip() -> Option<IpAddr> {
-    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
-    s.connect("192.0.2.1:9").ok()?;
-    let ip = s.local_addr().ok()?.ip();
-    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+    let addrs = if_addrs::get_if_addrs().ok()?;
+    let usable = |ip: &IpAddr| {
+        !ip.is_loopback()
+            && !ip.is_unspecified()
+            && match ip {
+                IpAddr::V4(v4) => !v4.is_link_local(),
+                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+            }
+    };
+    let ips: Vec<IpAddr> = addrs.iter().map(|i| i.ip()).filter(usable).collect();
+    ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied()
 }
 
 #[cfg(test)]
@@ -352,12 +358,29 @@ mod tests {
         assert!(args(&["--udp", "0.0.0.0:1", "--public-ip", "0.0.0.0"])
             .unwrap_err()
             .starts_with("--public-ip"));
-        assert!(args(&["--permissions-host", "ftp://x"])
-            .unwrap_err()
-            .starts_with("--permissions-host"));
+        assert!(
+            args(&["--permissions-host", "ftp://x", "--udp", "127.0.0.1:1"])
+                .unwrap_err()
+                .starts_with("--permissions-host")
+        );
         assert!(args(&["--max-peers", "0", "--udp", "127.0.0.1:1"])
             .unwrap_err()
             .starts_with("--max-peers"));
+    }
+
+    #[test]
+    fn public_ip_falls_back_to_an_interface_address() {
+        match first_interface_ip() {
+            Some(ip) => {
+                assert!(!ip.is_loopback());
+                let c = args(&["--udp", "0.0.0.0:6000"]).unwrap();
+                assert_eq!(c.public_ip, ip);
+            }
+            // A host with only loopback: the error names the flag.
+            None => assert!(args(&["--udp", "0.0.0.0:6000"])
+                .unwrap_err()
+                .starts_with("--public-ip")),
+        }
     }
 
     #[test]
