@@ -33,15 +33,22 @@ fn payload(n: u32) -> Vec<u8> {
 }
 
 /// A speaker and `fanout` single-slot listeners, connected and joined, the
-/// speaker already active.
-fn conversation(fanout: usize) -> (Harness, usize) {
+/// speaker already active; `resident` other connected peers sit in other
+/// conversations (their state competes for the caches, as on a busy server).
+fn conversation(fanout: usize, resident: usize) -> (Harness, usize) {
     let mut h = Harness::new();
+    for i in 0..resident {
+        h.add_client(&format!("resident{i}"), "r", true, 2);
+    }
     let speaker = h.add_client("speaker", "s", true, 0);
     for i in 0..fanout {
         h.add_client(&format!("listener{i}"), "l", false, 1);
     }
     h.connect_all();
-    for i in 0..=fanout {
+    for i in 0..resident {
+        h.join(i, &format!("resident-room-{}", i / 4));
+    }
+    for i in resident..=resident + fanout {
         h.join(i, "room");
     }
     for n in 0..5 {
@@ -53,12 +60,17 @@ fn conversation(fanout: usize) -> (Harness, usize) {
 
 fn forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("forward");
-    for fanout in [1usize, 3, 10] {
-        let (mut h, speaker) = conversation(fanout);
+    for (fanout, resident) in [(1usize, 0usize), (3, 0), (10, 0), (3, 200)] {
+        let (mut h, speaker) = conversation(fanout, resident);
         let source = h.clients[speaker].addr;
         let mut n = 1000u32;
         g.throughput(Throughput::Elements(fanout as u64));
-        g.bench_function(BenchmarkId::new("fanout", fanout), |b| {
+        let id = if resident == 0 {
+            BenchmarkId::new("fanout", fanout)
+        } else {
+            BenchmarkId::new(format!("fanout_{fanout}_with_resident_peers"), resident)
+        };
+        g.bench_function(id, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 let mut left = iters;

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub dropped: Family<Reason, Counter>,
     /// Timer wakes that advanced a peer's `Rtc`.
     pub rtc_timeouts: Counter,
+    /// Times the media loop woke from `poll`.
+    pub loop_wakes: Counter,
     /// Peers created, connected and closed.
     pub peer_events: Family<Reason, Counter>,
     /// Permission checks by outcome.
@@ -97,6 +99,7 @@ impl Metrics {
             forwarded: Counter::default(),
             dropped: Family::default(),
             rtc_timeouts: Counter::default(),
+            loop_wakes: Counter::default(),
             peer_events: Family::default(),
             permission_checks: Family::default(),
             permission_latency: Histogram::new([
@@ -162,6 +165,11 @@ impl Metrics {
             "dropped_datagrams",
             "Datagrams dropped, by reason",
             m.dropped.clone(),
+        );
+        r.register(
+            "loop_wakes",
+            "Times the media loop woke from poll (datagrams per wake = datagrams_in / loop_wakes)",
+            m.loop_wakes.clone(),
         );
         r.register(
             "rtc_timeouts",

@@ -97,6 +97,7 @@ impl MediaLoop {
         let mut more_to_read = false;
         let mut more_commands = false;
         let mut clock_anchored = Instant::now();
+        let mut wakes = 0u64;
         info!(
             "media loop running on {} (candidate {})",
             self.socket
@@ -120,10 +121,13 @@ impl MediaLoop {
                 error!("media loop poll failed: {e}; stopping");
                 break;
             }
+            wakes += 1;
             let readable = more_to_read || events.iter().any(|e| e.token() == SOCKET);
             more_to_read = readable && self.read_socket();
             more_commands = self.handle_commands();
             if clock_anchored.elapsed() >= CLOCK_REANCHOR {
+                self.metrics.loop_wakes.inc_by(wakes);
+                wakes = 0;
                 self.sfu.set_unix_clock(crate::sfu::unix_clock_now());
                 clock_anchored = Instant::now();
             }
