@@ -12,13 +12,20 @@
 //! - **Signalling** (`http`): an acceptor and a bounded set of blocking
 //!   connection threads for `/connect`, `/join`, `/healthz`, `/metrics`.
 //!   Permission checks (`permissions`) run on those threads.
+//! - **The bite sink** (`sink`): one thread that publishes finished bites to
+//!   NATS (with a connector thread for the blocking first connect) and writes
+//!   them as files.
 //! - They talk to the loop only through bounded `crossbeam-channel` queues
-//!   (`command`), waking it with a `mio::Waker`.
+//!   (`command` into the loop, `sink::BiteQueue` out of it), waking it with a
+//!   `mio::Waker`; the loop never waits on them.
 //!
 //! # Where things happen
 //! A datagram enters in `net::media_loop`, is demultiplexed in `sfu::demux`,
 //! the forwarding decision is made in `sfu` (`Sfu::on_rtp`, with
-//! `sfu::speaker` choosing who is heard and `sfu::slot` rewriting headers).
+//! `sfu::speaker` choosing who is heard and `sfu::slot` rewriting headers),
+//! bites are cut in `sfu::bite` and written as Ogg Opus by `ogg_opus`, and
+//! NATS is written in `sink::nats`. `harness` wires str0m clients to the core
+//! in memory for the tests and benchmarks.
 
 pub mod command;
 pub mod config;

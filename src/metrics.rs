@@ -5,7 +5,6 @@
 //! ([`crate::sfu::CoreStats`]) and publishes them here once per loop
 //! iteration ([`Metrics::publish_core`]), so forwarding pays for no atomics.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -80,7 +79,6 @@ pub struct Metrics {
     pub bite_backlog_bytes: Gauge,
     /// 1 while connected to NATS.
     pub nats_connected: Gauge,
-    published: Mutex<CoreStats>,
 }
 
 impl Metrics {
@@ -116,7 +114,6 @@ impl Metrics {
             bite_backlog: Gauge::default(),
             bite_backlog_bytes: Gauge::default(),
             nats_connected: Gauge::default(),
-            published: Mutex::new(CoreStats::default()),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -245,9 +242,11 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Copies the core's counters in (called by the media loop only).
+    /// Copies the core's counters in (called by the media loop only, which
+    /// keeps `last`, what it published before, so no lock is needed).
     pub fn publish_core(
         &self,
+        last: &mut CoreStats,
         now: &CoreStats,
         peers: usize,
         connected: usize,
@@ -256,9 +255,6 @@ impl Metrics {
         self.peers.set(peers as i64);
         self.peers_connected.set(connected as i64);
         self.conversations.set(conversations as i64);
-        let Ok(mut last) = self.published.lock() else {
-            return;
-        };
         if *last == *now {
             return;
         }

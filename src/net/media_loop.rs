@@ -21,7 +21,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::command::{self, Command, LoopHandle, PeerNotice};
 use crate::metrics::Metrics;
-use crate::sfu::{PeerId, Sfu, SfuConfig, SfuEvent};
+use crate::sfu::{CoreStats, PeerId, Sfu, SfuConfig, SfuEvent};
 use crate::sink::BiteQueue;
 
 const SOCKET: Token = Token(0);
@@ -58,6 +58,7 @@ struct MediaLoop {
     metrics: Arc<Metrics>,
     bites: BiteQueue,
     next_publish: Instant,
+    published: CoreStats,
     buf: Vec<u8>,
     stopping: bool,
 }
@@ -82,6 +83,7 @@ pub fn spawn(config: MediaLoopConfig) -> io::Result<(LoopHandle, JoinHandle<()>)
         metrics: config.metrics,
         bites: config.bites,
         next_publish: Instant::now(),
+        published: CoreStats::default(),
         buf: vec![0; RECV_BUF],
         stopping: false,
     };
@@ -245,6 +247,7 @@ impl MediaLoop {
         }
         self.next_publish = now + PUBLISH_EVERY;
         self.metrics.publish_core(
+            &mut self.published,
             self.sfu.stats(),
             self.sfu.peer_count(),
             self.sfu.connected_count(),
