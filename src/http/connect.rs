@@ -238,7 +238,7 @@ impl Session<'_> {
         }
         match reply_rx.recv_timeout(LOOP_REPLY_TIMEOUT) {
             Ok(Ok((peer, answer))) => {
-                info!(
+                debug!(
                     "peer {peer} ({}/{}) offered; answer sent",
                     self.claim.userid, self.claim.clientid
                 );

@@ -100,14 +100,6 @@ impl MediaLoop {
         let mut more_commands = false;
         let mut clock_anchored = Instant::now();
         let mut wakes = 0u64;
-        info!(
-            "media loop running on {} (candidate {})",
-            self.socket
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            self.sfu.config().candidate_addr
-        );
         loop {
             let timeout = if more_to_read || more_commands {
                 Some(Duration::ZERO)

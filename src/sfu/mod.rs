@@ -749,7 +749,10 @@ impl Sfu {
         self.connected += 1;
         self.stats.peers_connected += 1;
         let userid = peer.claim.userid.clone();
-        info!("{} connected from {:?}", peer.label(), peer.addrs.first());
+        match peer.addrs.first() {
+            Some(a) => info!("{} connected from {a}", peer.label()),
+            None => info!("{} connected", peer.label()),
+        }
         self.events.push_back(SfuEvent::PeerConnected(id));
         let user = self.user_mut(&userid);
         user.grace_until = None;
