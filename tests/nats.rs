@@ -240,3 +240,56 @@ fn bites_spoken_while_nats_is_down_arrive_after_it_returns_in_order_once() {
     assert_eq!(firsts, want, "in order, bite before store");
     assert!(server.shutdown());
 }
+
+#[test]
+fn nats_down_at_start_gets_the_bites_once_it_comes_up() {
+    // Prepare a stream capturing both subjects, then take NATS away before
+    // beep-sfu starts (the stream is restored from disk when it returns).
+    let mut nats = NatsServer::start();
+    {
+        let nc = nats::connect(nats.url().as_str()).unwrap();
+        nats::jetstream::new(nc)
+            .add_stream(nats::jetstream::StreamConfig {
+                name: "BITES".into(),
+                subjects: vec!["bite".into(), "store".into()],
+                ..Default::default()
+            })
+            .expect("stream created");
+    }
+    nats.kill();
+
+    init_log();
+    let mut cfg = test_config(true, "");
+    cfg.nats = Some(nats.url());
+    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    let http = server.http_addr();
+    let mut a = TestPeer::new("alice", "a");
+    let mut b = TestPeer::new("bob", "b");
+    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Json]);
+    assert_eq!(join(http, &a.claim, "room").0, 200);
+    assert_eq!(join(http, &b.claim, "room").0, 200);
+    talk(&mut [&mut a, &mut b], 0, 1, 0..25);
+    pump_for(&mut [&mut a, &mut b], Duration::from_millis(900));
+    assert!(wait_for(Duration::from_secs(5), || metric(
+        http,
+        "beep_sfu_bite_backlog "
+    ) == Some(1.0)));
+    assert_ne!(metric(http, "beep_sfu_nats_connected "), Some(1.0));
+
+    nats.restart();
+    let delivered = wait_for(Duration::from_secs(20), || {
+        nats::connect(nats.url().as_str())
+            .ok()
+            .and_then(|nc| nats::jetstream::new(nc).stream_info("BITES").ok())
+            .is_some_and(|i| i.state.messages == 2)
+    });
+    assert!(
+        delivered,
+        "the bite spoken before NATS ever came up arrives"
+    );
+    assert!(wait_for(Duration::from_secs(5), || metric(
+        http,
+        "beep_sfu_bite_backlog "
+    ) == Some(0.0)));
+    assert!(server.shutdown());
+}
