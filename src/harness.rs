@@ -102,13 +102,7 @@ impl Harness {
             IpAddr::V4(Ipv4Addr::new(10, 1, (n / 250) as u8, (n % 250 + 2) as u8)),
             40000 + (n % 20000) as u16,
         );
-        let mut rtc = RtcConfig::new()
-            .clear_codecs()
-            .enable_opus(true, false)
-            .set_rtp_mode(true)
-            .set_stats_interval(None)
-            .build(self.now);
-        rtc.add_local_candidate(Candidate::host(addr, "udp").expect("valid simulated address"));
+        let mut rtc = client_rtc(addr, self.now).expect("valid simulated address");
         let mut api = rtc.sdp_api();
         let send_mid = if send {
             Some(api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None))
@@ -301,7 +295,21 @@ impl Harness {
     }
 }
 
-fn opus_pt(rtc: &Rtc) -> Option<Pt> {
+/// A WebRTC client as the tests, benchmarks and load generator use it: Opus
+/// only, RTP mode, one host candidate at `addr`.
+pub fn client_rtc(addr: SocketAddr, now: Instant) -> Result<Rtc, String> {
+    let mut rtc = RtcConfig::new()
+        .clear_codecs()
+        .enable_opus(true, false)
+        .set_rtp_mode(true)
+        .set_stats_interval(None)
+        .build(now);
+    rtc.add_local_candidate(Candidate::host(addr, "udp").map_err(|e| e.to_string())?);
+    Ok(rtc)
+}
+
+/// The payload type the client's Opus was negotiated with.
+pub fn opus_pt(rtc: &Rtc) -> Option<Pt> {
     rtc.codec_config()
         .params()
         .iter()

@@ -15,6 +15,20 @@ fn payload(sender: usize, n: u32) -> Vec<u8> {
     p
 }
 
+/// Users with one send-receive client each, connected and joined to `conv`.
+fn joined(conv: &str, users: &[&str]) -> (Harness, Vec<usize>) {
+    let mut h = Harness::new();
+    let ids: Vec<usize> = users
+        .iter()
+        .map(|u| h.add_client(u, &u[..1], true, 0))
+        .collect();
+    h.connect_all();
+    for &i in &ids {
+        h.join(i, conv);
+    }
+    (h, ids)
+}
+
 fn senders_heard(h: &Harness, i: usize) -> HashSet<u8> {
     h.clients[i].received.iter().map(|r| r.payload[0]).collect()
 }
@@ -30,12 +44,8 @@ fn talk(h: &mut Harness, who: &[usize], packets: u32) {
 
 #[test]
 fn two_peers_hear_each_other_never_themselves() {
-    let mut h = Harness::new();
-    let a = h.add_client("alice", "a1", true, 0);
-    let b = h.add_client("bob", "b1", true, 0);
-    h.connect_all();
-    h.join(a, "c1");
-    h.join(b, "c1");
+    let (mut h, ids) = joined("c1", &["alice", "bob"]);
+    let (a, b) = (ids[0], ids[1]);
     talk(&mut h, &[a], 20);
     talk(&mut h, &[b], 20);
     assert_eq!(senders_heard(&h, a), HashSet::from([b as u8]));
@@ -285,12 +295,8 @@ fn bites(h: &mut Harness) -> Vec<beep_sfu::sfu::bite::FinishedBite> {
 
 #[test]
 fn one_bite_per_spurt_and_leaving_or_shutdown_finishes_the_open_one() {
-    let mut h = Harness::new();
-    let a = h.add_client("alice", "a", true, 0);
-    let b = h.add_client("bob", "b", true, 0);
-    h.connect_all();
-    h.join(a, "one");
-    h.join(b, "one");
+    let (mut h, ids) = joined("one", &["alice", "bob"]);
+    let (a, b) = (ids[0], ids[1]);
     talk(&mut h, &[a], 30);
     assert!(bites(&mut h).is_empty(), "still talking");
     h.step(Duration::from_millis(700));
@@ -325,12 +331,8 @@ fn one_bite_per_spurt_and_leaving_or_shutdown_finishes_the_open_one() {
 
 #[test]
 fn a_disconnecting_speaker_finishes_their_bite() {
-    let mut h = Harness::new();
-    let a = h.add_client("alice", "a", true, 0);
-    let b = h.add_client("bob", "b", true, 0);
-    h.connect_all();
-    h.join(a, "one");
-    h.join(b, "one");
+    let (mut h, ids) = joined("one", &["alice", "bob"]);
+    let a = ids[0];
     talk(&mut h, &[a], 8);
     // Alice's client closes its peer connection (DTLS close_notify).
     h.clients[a].rtc.close().unwrap();
@@ -345,12 +347,8 @@ fn a_disconnecting_speaker_finishes_their_bite() {
 
 #[test]
 fn a_client_reconnecting_within_the_grace_lands_back_in_the_conversation() {
-    let mut h = Harness::new();
-    let a = h.add_client("alice", "phone", true, 0);
-    let b = h.add_client("bob", "b", true, 0);
-    h.connect_all();
-    h.join(a, "room");
-    h.join(b, "room");
+    let (mut h, ids) = joined("room", &["alice", "bob"]);
+    let (a, b) = (ids[0], ids[1]);
     // Alice's phone hangs up.
     h.clients[a].rtc.close().unwrap();
     for _ in 0..20 {
@@ -389,12 +387,8 @@ impl XorShift {
 
 #[test]
 fn junk_from_a_connected_peers_own_address_disturbs_nothing() {
-    let mut h = Harness::new();
-    let a = h.add_client("alice", "a", true, 0);
-    let b = h.add_client("bob", "b", true, 0);
-    h.connect_all();
-    h.join(a, "room");
-    h.join(b, "room");
+    let (mut h, ids) = joined("room", &["alice", "bob"]);
+    let (a, b) = (ids[0], ids[1]);
     let mut rng = XorShift(0x1234_5678_9abc_def1);
     let source = h.clients[a].addr;
     let real = h.produce(a, &payload(a, 999), LOUD);

@@ -51,6 +51,27 @@ fn ogg_packets(data: &[u8]) -> (Vec<Vec<u8>>, u64) {
     (packets, granule)
 }
 
+/// A JetStream stream capturing both subjects, so a test can read back
+/// everything published, whenever its reader connects.
+fn create_stream(url: &str) {
+    let nc = nats::connect(url).expect("nats connects");
+    nats::jetstream::new(nc)
+        .add_stream(nats::jetstream::StreamConfig {
+            name: "BITES".into(),
+            subjects: vec!["bite".into(), "store".into()],
+            ..Default::default()
+        })
+        .expect("stream created");
+}
+
+/// The server in dev mode, publishing to `url`.
+fn server_with_nats(url: &str) -> beep_sfu::server::Server {
+    init_log();
+    let mut cfg = test_config(true, "");
+    cfg.nats = Some(url.to_string());
+    beep_sfu::server::Server::start(&cfg).unwrap()
+}
+
 fn talk(peers: &mut [&mut TestPeer], who: usize, sender: u8, range: std::ops::Range<u32>) {
     for n in range {
         peers[who].send(&opus_payload(sender, n), -20);
@@ -66,10 +87,7 @@ fn every_talk_spurt_arrives_on_bite_and_store_as_ogg_opus() {
     let stores = sub.subscribe("store").unwrap();
     sub.flush().unwrap();
 
-    init_log();
-    let mut cfg = test_config(true, "");
-    cfg.nats = Some(nats.url());
-    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    let server = server_with_nats(&nats.url());
     let http = server.http_addr();
     let mut a = TestPeer::new("alice", "phone");
     let mut b = TestPeer::new("bob", "laptop");
@@ -143,16 +161,7 @@ fn every_talk_spurt_arrives_on_bite_and_store_as_ogg_opus() {
 #[test]
 fn bites_spoken_while_nats_is_down_arrive_after_it_returns_in_order_once() {
     let mut nats = NatsServer::start();
-    {
-        let nc = nats::connect(nats.url().as_str()).unwrap();
-        let js = nats::jetstream::new(nc);
-        js.add_stream(nats::jetstream::StreamConfig {
-            name: "BITES".into(),
-            subjects: vec!["bite".into(), "store".into()],
-            ..Default::default()
-        })
-        .expect("stream created");
-    }
+    create_stream(&nats.url());
     let stream_len = |url: &str| -> u64 {
         nats::connect(url)
             .ok()
@@ -161,10 +170,7 @@ fn bites_spoken_while_nats_is_down_arrive_after_it_returns_in_order_once() {
             .unwrap_or(0)
     };
 
-    init_log();
-    let mut cfg = test_config(true, "");
-    cfg.nats = Some(nats.url());
-    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    let server = server_with_nats(&nats.url());
     let http = server.http_addr();
     assert!(wait_for(Duration::from_secs(10), || metric(
         http,
@@ -246,22 +252,10 @@ fn nats_down_at_start_gets_the_bites_once_it_comes_up() {
     // Prepare a stream capturing both subjects, then take NATS away before
     // beep-sfu starts (the stream is restored from disk when it returns).
     let mut nats = NatsServer::start();
-    {
-        let nc = nats::connect(nats.url().as_str()).unwrap();
-        nats::jetstream::new(nc)
-            .add_stream(nats::jetstream::StreamConfig {
-                name: "BITES".into(),
-                subjects: vec!["bite".into(), "store".into()],
-                ..Default::default()
-            })
-            .expect("stream created");
-    }
+    create_stream(&nats.url());
     nats.kill();
 
-    init_log();
-    let mut cfg = test_config(true, "");
-    cfg.nats = Some(nats.url());
-    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    let server = server_with_nats(&nats.url());
     let http = server.http_addr();
     let mut a = TestPeer::new("alice", "a");
     let mut b = TestPeer::new("bob", "b");

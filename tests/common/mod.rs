@@ -14,11 +14,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpAnswer;
-use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo, Ssrc};
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use str0m::{Event, Input, Output, Rtc};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
@@ -102,13 +101,7 @@ impl TestPeer {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();
         let addr = socket.local_addr().unwrap();
-        let mut rtc = RtcConfig::new()
-            .clear_codecs()
-            .enable_opus(true, false)
-            .set_rtp_mode(true)
-            .set_stats_interval(None)
-            .build(Instant::now());
-        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let rtc = beep_sfu::harness::client_rtc(addr, Instant::now()).unwrap();
         TestPeer {
             name: format!("{userid}/{clientid}"),
             claim: claim(userid, clientid),
@@ -234,13 +227,7 @@ impl TestPeer {
     pub fn send(&mut self, payload: &[u8], level: i8) {
         let Some(mid) = self.send_mid else { return };
         if self.pt.is_none() {
-            self.pt = self
-                .rtc
-                .codec_config()
-                .params()
-                .iter()
-                .find(|p| p.spec().codec == Codec::Opus)
-                .map(|p| p.pt());
+            self.pt = beep_sfu::harness::opus_pt(&self.rtc);
         }
         let Some(pt) = self.pt else { return };
         let ext = ExtensionValues {

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use str0m::change::SdpAnswer;
-use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use str0m::{Event, Input, Output, Rtc};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::Message;
 
@@ -115,13 +114,7 @@ impl WebRtcParticipant {
         std_sock.set_nonblocking(true).map_err(|e| e.to_string())?;
         let addr = std_sock.local_addr().map_err(|e| e.to_string())?;
         let socket = UdpSocket::from_std(std_sock);
-        let mut rtc = RtcConfig::new()
-            .clear_codecs()
-            .enable_opus(true, false)
-            .set_rtp_mode(true)
-            .set_stats_interval(None)
-            .build(Instant::now());
-        rtc.add_local_candidate(Candidate::host(addr, "udp").map_err(|e| e.to_string())?);
+        let mut rtc = beep_sfu::harness::client_rtc(addr, Instant::now())?;
         let mut api = rtc.sdp_api();
         let send_mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
         for _ in 1..slots.max(1) {
@@ -213,13 +206,7 @@ impl WebRtcParticipant {
         let now = Instant::now();
         if talk && self.connected_at.is_some() {
             if self.pt.is_none() {
-                self.pt = self
-                    .rtc
-                    .codec_config()
-                    .params()
-                    .iter()
-                    .find(|p| p.spec().codec == Codec::Opus)
-                    .map(|p| p.pt());
+                self.pt = beep_sfu::harness::opus_pt(&self.rtc);
             }
             if let Some(pt) = self.pt {
                 let sent_ns = now.duration_since(epoch).as_nanos() as u64;
