@@ -155,7 +155,21 @@ fn every_talk_spurt_arrives_on_bite_and_store_as_ogg_opus() {
     }
     assert_eq!(metric(http, "beep_sfu_bites_published_total "), Some(2.0));
     assert_eq!(metric(http, "beep_sfu_nats_connected "), Some(1.0));
+
+    // Shutdown in mid-sentence: the open bite is finished and reaches NATS
+    // before the process would exit.
+    talk(&mut [&mut a, &mut b], 0, 3, 0..10);
+    pump_for(&mut [&mut a, &mut b], Duration::from_millis(100));
     assert!(server.shutdown());
+    let m = bites
+        .next_timeout(Duration::from_secs(5))
+        .expect("the cut-off bite on `bite`");
+    let last = Bite::decode(m.data.as_slice()).unwrap();
+    let (packets, _) = ogg_packets(&last.data);
+    assert_eq!(
+        packets,
+        (0..10).map(|n| opus_payload(3, n)).collect::<Vec<_>>()
+    );
 }
 
 #[test]
