@@ -86,6 +86,10 @@ pub struct Args {
     #[arg(long, env = "MAX_PEERS", default_value_t = 10_000)]
     pub max_peers: usize,
 
+    /// Most clients (peers) one user may have connected at once; more get close code 1008.
+    #[arg(long, env = "MAX_PEERS_PER_USER", default_value_t = 16)]
+    pub max_peers_per_user: usize,
+
     /// Most concurrent HTTP/WebSocket signalling connections; more get 503.
     #[arg(long, env = "MAX_SIGNALLING", default_value_t = 256)]
     pub max_signalling: usize,
@@ -136,6 +140,8 @@ pub struct Config {
     pub dev: bool,
     /// Peer limit.
     pub max_peers: usize,
+    /// Peer limit per user.
+    pub max_peers_per_user: usize,
     /// Signalling connection limit.
     pub max_signalling: usize,
     /// Connect timeout.
@@ -229,6 +235,9 @@ impl Config {
         if a.bite_max_ms < 100 || a.bite_silence_ms == 0 {
             return Err("--bite-max-ms must be at least 100 and --bite-silence-ms above 0".into());
         }
+        if a.max_peers_per_user == 0 {
+            return Err("--max-peers-per-user: must be at least 1".into());
+        }
         if a.max_peers == 0 {
             return Err("--max-peers: must be at least 1".into());
         }
@@ -258,6 +267,7 @@ impl Config {
             permissions_host,
             dev: a.dev,
             max_peers: a.max_peers,
+            max_peers_per_user: a.max_peers_per_user,
             max_signalling: a.max_signalling,
             connect_timeout: Duration::from_secs(a.connect_timeout_secs),
             idle_timeout: Duration::from_secs(a.idle_timeout_secs),

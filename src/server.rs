@@ -82,6 +82,7 @@ impl Server {
         let candidate_addr = SocketAddr::new(config.public_ip, udp_addr.port());
         let mut sfu = SfuConfig::new(candidate_addr);
         sfu.max_peers = config.max_peers;
+        sfu.max_peers_per_user = config.max_peers_per_user;
         sfu.connect_timeout = config.connect_timeout;
         sfu.idle_timeout = config.idle_timeout;
         sfu.membership_grace = config.membership_grace;

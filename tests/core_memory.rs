@@ -478,3 +478,36 @@ fn slot_streams_stay_valid_under_random_speaker_switches_and_loss() {
         last = Some((out.seq, out.timestamp));
     }
 }
+
+#[test]
+fn one_user_cannot_take_more_than_their_share_of_peers() {
+    use beep_sfu::sfu::{Claim, ConnectError, SfuConfig};
+    let mut config = SfuConfig::new("10.0.0.1:5000".parse().unwrap());
+    config.max_peers_per_user = 2;
+    let mut h = Harness::with_config(config);
+    h.add_client("greedy", "1", true, 0);
+    h.add_client("greedy", "2", true, 0);
+    // A third offer from the same user is refused; another user is not.
+    let offer = {
+        let mut rtc =
+            beep_sfu::harness::client_rtc("10.9.0.1:4000".parse().unwrap(), h.now).unwrap();
+        let mut api = rtc.sdp_api();
+        api.add_media(
+            str0m::media::MediaKind::Audio,
+            str0m::media::Direction::SendRecv,
+            None,
+            None,
+            None,
+        );
+        api.apply().unwrap().0.to_sdp_string()
+    };
+    let claim = |u: &str| Claim {
+        userid: u.into(),
+        clientid: "x".into(),
+    };
+    assert_eq!(
+        h.sfu.connect(h.now, claim("greedy"), &offer).unwrap_err(),
+        ConnectError::UserLimit
+    );
+    assert!(h.sfu.connect(h.now, claim("modest"), &offer).is_ok());
+}

@@ -11,7 +11,7 @@
 //! | 1001 | server shutting down |
 //! | 1003 | binary frame (only text is spoken) |
 //! | 1007 | malformed message or offer, or no Opus in the offer |
-//! | 1008 | protocol misuse (candidate before offer, second offer) |
+//! | 1008 | protocol misuse (candidate before offer, second offer), or the user already has `--max-peers-per-user` clients |
 //! | 1009 | message too big |
 //! | 1011 | the peer failed (ICE/DTLS), or the media loop did not answer |
 //! | 1013 | server at its peer limit or overloaded; retry later |
@@ -247,6 +247,7 @@ impl Session<'_> {
             Ok(Err(e)) => {
                 self.ctx.metrics.outcome(match e {
                     ConnectError::ServerFull => "ws_server_full",
+                    ConnectError::UserLimit => "ws_user_limit",
                     ConnectError::ShuttingDown => "ws_shutting_down",
                     ConnectError::MalformedOffer(_) => "ws_malformed_offer",
                     ConnectError::NoOpus => "ws_no_opus",
@@ -257,6 +258,7 @@ impl Session<'_> {
                 );
                 Err(match e {
                     ConnectError::ServerFull => (1013, e.to_string()),
+                    ConnectError::UserLimit => (1008, e.to_string()),
                     ConnectError::ShuttingDown => (1001, e.to_string()),
                     ConnectError::MalformedOffer(_) | ConnectError::NoOpus => (1007, e.to_string()),
                 })

@@ -71,6 +71,8 @@ pub struct SfuConfig {
     pub candidate_addr: SocketAddr,
     /// Most peers at once; further connects are refused.
     pub max_peers: usize,
+    /// Most peers one user may have at once (their devices).
+    pub max_peers_per_user: usize,
     /// A peer that has not connected within this time is removed.
     pub connect_timeout: Duration,
     /// A peer that sent nothing for this long is removed.
@@ -89,6 +91,7 @@ impl SfuConfig {
         SfuConfig {
             candidate_addr,
             max_peers: 10_000,
+            max_peers_per_user: 16,
             connect_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             membership_grace: Duration::from_secs(60),
@@ -103,6 +106,8 @@ impl SfuConfig {
 pub enum ConnectError {
     /// The peer limit is reached.
     ServerFull,
+    /// This user already has the most clients allowed.
+    UserLimit,
     /// The server is shutting down.
     ShuttingDown,
     /// The offer could not be parsed or accepted.
@@ -115,6 +120,7 @@ impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConnectError::ServerFull => write!(f, "server is at its peer limit"),
+            ConnectError::UserLimit => write!(f, "this user has too many connected clients"),
             ConnectError::ShuttingDown => write!(f, "server is shutting down"),
             ConnectError::MalformedOffer(e) => write!(f, "malformed offer: {e}"),
             ConnectError::NoOpus => write!(f, "offer has no audio m-line with Opus"),
@@ -347,6 +353,14 @@ impl Sfu {
         if self.peers.len() >= self.config.max_peers {
             self.stats.connects_refused += 1;
             return Err(ConnectError::ServerFull);
+        }
+        if self
+            .users
+            .get(&claim.userid)
+            .is_some_and(|u| u.peers.len() >= self.config.max_peers_per_user)
+        {
+            self.stats.connects_refused += 1;
+            return Err(ConnectError::UserLimit);
         }
         check_offer_text(offer)?;
         let offer = SdpOffer::from_sdp_string(offer)

@@ -41,6 +41,7 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
         permissions_host: permissions_host.into(),
         dev,
         max_peers: 100,
+        max_peers_per_user: 16,
         max_signalling: 64,
         connect_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(30),
