@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{TcpStream, UdpSocket};
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -317,8 +316,8 @@ fn query_claims_are_refused_outside_dev_mode() {
         .0,
         400
     );
-    let mut s = TcpStream::connect(http).unwrap();
-    s.write_all(b"GET /connect?userid=ok&clientid=c HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
-    drop(s);
+    let (status, body) = http_raw(http, b"GET /connect?userid=ok&clientid=c HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
+    assert_eq!(status, 400, "no upgrade without the claim header: {body}");
+    assert!(body.contains("X-User-Claim"), "{body}");
     assert!(server.shutdown());
 }

@@ -404,6 +404,7 @@ impl Sfu {
         if slots.is_empty() && sending_mlines == 0 {
             return Err(ConnectError::NoOpus);
         }
+        let userid = claim.userid.clone();
         let peer = Peer {
             id,
             claim,
@@ -421,12 +422,10 @@ impl Sfu {
         };
         self.peers.insert(id, peer);
         self.demux.add_ufrag(ufrag, id);
-        self.user_mut(&self.peers[&id].claim.userid.clone())
-            .peers
-            .push(id);
+        self.user_mut(&userid).peers.push(id);
         // str0m may report a far-future timeout right after accept_offer until
         // it has seen the current time once.
-        self.feed(id, now, Input::Timeout(now));
+        self.feed(id, Input::Timeout(now));
         self.process_pending(now);
         let Some(peer) = self.peers.get(&id) else {
             return Err(ConnectError::MalformedOffer(
@@ -465,7 +464,7 @@ impl Sfu {
             return Err("peer is gone".into());
         };
         p.rtc.add_remote_candidate(parsed);
-        self.drain(peer, now);
+        self.drain(peer);
         self.process_pending(now);
         Ok(())
     }
@@ -555,7 +554,7 @@ impl Sfu {
         } else if peer.addrs.contains(&source) && self.demux.by_addr(&source) != Some(id) {
             self.demux.learn_addr(source, id);
         }
-        self.feed(id, now, input);
+        self.feed(id, input);
         self.process_pending(now);
     }
 
@@ -610,7 +609,7 @@ impl Sfu {
             self.remove_peer(id, CloseReason::Idle, now);
         } else if now >= peer.rtc_deadline {
             self.stats.rtc_timeouts += 1;
-            self.feed(id, now, Input::Timeout(now));
+            self.feed(id, Input::Timeout(now));
         } else {
             self.arm(id);
         }
@@ -669,7 +668,7 @@ impl Sfu {
     /// Hands one input to a peer's `Rtc` and drains it. A panic inside str0m
     /// (it should have none, but the input came from outside) closes only
     /// that peer.
-    fn feed(&mut self, id: PeerId, now: Instant, input: Input) {
+    fn feed(&mut self, id: PeerId, input: Input) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -692,53 +691,22 @@ impl Sfu {
                 return;
             }
         }
-        self.drain(id, now);
+        self.drain(id);
     }
 
-    /// Drains one `Rtc` to its timeout, queueing transmits and deferring
-    /// everything that touches other state to `process_pending`.
-    fn drain(&mut self, id: PeerId, _now: Instant) {
+    /// Drains one `Rtc` to its timeout and re-arms its deadline.
+    fn drain(&mut self, id: PeerId) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        loop {
-            match peer.rtc.poll_output() {
-                Ok(Output::Timeout(t)) => {
-                    peer.rtc_deadline = t;
-                    break;
-                }
-                Ok(Output::Transmit(t)) => self.transmits.push_back(t),
-                Ok(Output::Event(e)) => match e {
-                    RtcEvent::RtpPacket(p) => self.pending.push_back(Pending::Rtp(id, p)),
-                    RtcEvent::Connected => self.pending.push_back(Pending::Connected(id)),
-                    RtcEvent::IceConnectionStateChange(IceConnectionState::Disconnected) => self
-                        .pending
-                        .push_back(Pending::Close(id, CloseReason::Disconnected)),
-                    _ => {}
-                },
-                Err(e) => {
-                    self.pending
-                        .push_back(Pending::Close(id, CloseReason::Failed(e.to_string())));
-                    break;
-                }
-            }
-        }
-        if !peer.rtc.is_alive() {
-            self.pending
-                .push_back(Pending::Close(id, CloseReason::Disconnected));
-        }
-        self.arm(id);
+        drain_into(peer, &mut self.transmits, &mut self.pending);
+        arm_peer(peer, &mut self.timers, &self.config);
     }
 
     /// Makes sure the timer heap holds this peer's next deadline.
     fn arm(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get_mut(&id) else {
-            return;
-        };
-        let d = peer.next_deadline(self.config.connect_timeout, self.config.idle_timeout);
-        if peer.armed.is_none_or(|a| d < a) {
-            peer.armed = Some(d);
-            self.timers.push(d, TimerKey::Peer(id));
+        if let Some(peer) = self.peers.get_mut(&id) {
+            arm_peer(peer, &mut self.timers, &self.config);
         }
     }
 
@@ -853,19 +821,15 @@ impl Sfu {
                 .ext_vals(ext.clone()),
             );
             self.stats.forwarded += 1;
-            // Drain the subscriber right away (str0m's single-mutation rule).
-            // Its own events are queued in `pending`; none is an RTP packet.
+            // Drain the subscriber right away (str0m's single-mutation rule);
+            // whatever it reports is queued in `pending`.
             drain_into(peer, &mut self.transmits, &mut self.pending);
             // str0m's pacer releases queued RTP on a timeout; hand it "now"
             // at once so the packet leaves in this wake, not the next one.
             if peer.rtc.handle_input(Input::Timeout(now)).is_ok() {
                 drain_into(peer, &mut self.transmits, &mut self.pending);
             }
-            let d = peer.next_deadline(self.config.connect_timeout, self.config.idle_timeout);
-            if peer.armed.is_none_or(|a| d < a) {
-                peer.armed = Some(d);
-                self.timers.push(d, TimerKey::Peer(sub));
-            }
+            arm_peer(peer, &mut self.timers, &self.config);
         }
     }
 
@@ -1035,13 +999,15 @@ impl Sfu {
     }
 }
 
-/// Drains an `Rtc` to its timeout into the given queues (used where the
-/// peer is borrowed apart from the `Sfu`).
+/// Drains an `Rtc` to its timeout: datagrams go to `transmits`, everything
+/// that touches other state (media, connect, close) is deferred to `pending`,
+/// so no two `Rtc`s are ever borrowed at once.
 fn drain_into(
     peer: &mut Peer,
     transmits: &mut VecDeque<Transmit>,
     pending: &mut VecDeque<Pending>,
 ) {
+    let id = peer.id;
     loop {
         match peer.rtc.poll_output() {
             Ok(Output::Timeout(t)) => {
@@ -1049,15 +1015,33 @@ fn drain_into(
                 break;
             }
             Ok(Output::Transmit(t)) => transmits.push_back(t),
-            Ok(Output::Event(RtcEvent::IceConnectionStateChange(
-                IceConnectionState::Disconnected,
-            ))) => pending.push_back(Pending::Close(peer.id, CloseReason::Disconnected)),
-            Ok(Output::Event(_)) => {}
+            Ok(Output::Event(e)) => match e {
+                RtcEvent::RtpPacket(p) => pending.push_back(Pending::Rtp(id, p)),
+                RtcEvent::Connected => pending.push_back(Pending::Connected(id)),
+                RtcEvent::IceConnectionStateChange(IceConnectionState::Disconnected)
+                | RtcEvent::Closed => {
+                    pending.push_back(Pending::Close(id, CloseReason::Disconnected))
+                }
+                _ => {}
+            },
             Err(e) => {
-                pending.push_back(Pending::Close(peer.id, CloseReason::Failed(e.to_string())));
+                pending.push_back(Pending::Close(id, CloseReason::Failed(e.to_string())));
                 break;
             }
         }
+    }
+    if !peer.rtc.is_alive() {
+        pending.push_back(Pending::Close(id, CloseReason::Disconnected));
+    }
+}
+
+/// Puts the peer's next deadline in the heap if it is earlier than the one
+/// already armed (later ones are found when the armed entry pops).
+fn arm_peer(peer: &mut Peer, timers: &mut TimerHeap, config: &SfuConfig) {
+    let d = peer.next_deadline(config.connect_timeout, config.idle_timeout);
+    if peer.armed.is_none_or(|a| d < a) {
+        peer.armed = Some(d);
+        timers.push(d, TimerKey::Peer(peer.id));
     }
 }
 

@@ -138,29 +138,24 @@ trait Endpoint {
     fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool);
 }
 
-impl Endpoint for WebRtcParticipant {
-    fn socket(&mut self) -> &mut mio::net::UdpSocket {
-        &mut self.socket
-    }
-    fn readable(&mut self, epoch: Instant, w: Option<Window>) {
-        self.on_readable(epoch, w)
-    }
-    fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool) {
-        self.on_tick(epoch, w, talk)
-    }
+/// Both participant kinds have the same `socket` field and `on_*` methods.
+macro_rules! endpoint {
+    ($($t:ty),*) => {$(
+        impl Endpoint for $t {
+            fn socket(&mut self) -> &mut mio::net::UdpSocket {
+                &mut self.socket
+            }
+            fn readable(&mut self, epoch: Instant, w: Option<Window>) {
+                self.on_readable(epoch, w)
+            }
+            fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool) {
+                self.on_tick(epoch, w, talk)
+            }
+        }
+    )*};
 }
 
-impl Endpoint for UdpParticipant {
-    fn socket(&mut self) -> &mut mio::net::UdpSocket {
-        &mut self.socket
-    }
-    fn readable(&mut self, epoch: Instant, w: Option<Window>) {
-        self.on_readable(epoch, w)
-    }
-    fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool) {
-        self.on_tick(epoch, w, talk)
-    }
-}
+endpoint!(WebRtcParticipant, UdpParticipant);
 
 /// The one event loop of the generator.
 struct Driver {
