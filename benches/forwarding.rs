@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use beep_sfu::harness::Harness;
-use beep_sfu::sfu::bite::{BiteAssembler, BiteConfig, Owner};
-use beep_sfu::sfu::demux::{self, Demux};
-use beep_sfu::sfu::timer::{TimerHeap, TimerKey};
-use beep_sfu::sfu::PeerId;
+use beep_sfu::sfu::{BiteConfig, PeerId};
+use beep_sfu::testkit::internals::{
+    self as demux, BiteAssembler, Demux, Owner, TimerHeap, TimerKey,
+};
+use beep_sfu::testkit::Harness;
 
 /// Opus-sized payload: 80 bytes, valid 20 ms TOC.
 fn payload(n: u32) -> Vec<u8> {
@@ -108,7 +108,7 @@ fn forward(c: &mut Criterion) {
             })
         });
         assert!(
-            h.sfu.stats().forwarded > 0,
+            h.sfu.snapshot().stats.forwarded > 0,
             "the bench must forward (fanout {fanout})"
         );
     }
@@ -261,7 +261,7 @@ fn bite_bench(c: &mut Criterion) {
                 clientid: "c",
             };
             let now = t0 + Duration::from_millis(u64::from(n) * 20);
-            black_box(a.on_packet(PeerId(1), owner, n.wrapping_mul(960), &p, Some(-20), now));
+            black_box(a.on_packet(PeerId(1), owner, n.wrapping_mul(960), &p, true, now));
             // One-second bites: the Ogg encode is amortised over 50 packets.
             if n.is_multiple_of(50) {
                 black_box(a.flush(PeerId(1)));

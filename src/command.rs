@@ -12,57 +12,47 @@ use log::warn;
 use mio::Waker;
 
 use crate::metrics::Metrics;
-use crate::sfu::{Claim, CloseReason, ConnectError, JoinError, PeerId};
+use crate::sfu::{CloseReason, Reply, Request};
 
 /// Depth of the command queue into the media loop.
-pub const COMMAND_QUEUE: usize = 4096;
+pub(crate) const COMMAND_QUEUE: usize = 4096;
 
 /// What a peer's signalling session hears about its peer from the loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerNotice {
+pub(crate) enum PeerNotice {
     /// ICE and DTLS are up.
     Connected,
     /// The peer was removed.
     Closed(CloseReason),
 }
 
-/// One request to the media loop.
+/// One request to the media loop: the core's plain [`Request`], paired
+/// with where its [`Reply`] goes and, for a connect, where later news about
+/// the peer goes.
 #[derive(Debug)]
-pub enum Command {
-    /// Create a peer from an SDP offer.
-    Connect {
-        /// Who is connecting.
-        claim: Claim,
-        /// The SDP offer text.
-        offer: String,
-        /// Where the answer (or the refusal) goes.
-        reply: Sender<Result<(PeerId, String), ConnectError>>,
-        /// Where later news about the peer goes.
-        notices: Sender<PeerNotice>,
-    },
-    /// A trickled remote ICE candidate.
-    Candidate {
-        /// For which peer.
-        peer: PeerId,
-        /// The candidate line.
-        candidate: String,
-    },
-    /// Move a user's clients into a conversation (permission already checked).
-    Join {
-        /// The user.
-        userid: String,
-        /// The conversation id.
-        conversation: String,
-        /// Where the outcome goes.
-        reply: Sender<Result<(), JoinError>>,
-    },
-    /// Close every peer and stop.
-    Shutdown,
+pub(crate) struct Command {
+    /// What the core is asked.
+    pub request: Request,
+    /// Where the reply goes (`None`: nobody waits for it).
+    pub reply: Option<Sender<Reply>>,
+    /// For a connect: where notices about the new peer go.
+    pub notices: Option<Sender<PeerNotice>>,
+}
+
+impl Command {
+    /// A request whose reply nobody waits for.
+    pub fn fire(request: Request) -> Self {
+        Command {
+            request,
+            reply: None,
+            notices: None,
+        }
+    }
 }
 
 /// Error returned when the loop's queue is full or the loop is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// The queue is full: the loop is overloaded.
     Full,
     /// The loop has stopped.
@@ -71,7 +61,7 @@ pub enum SendError {
 
 /// A cloneable handle side threads use to reach the media loop.
 #[derive(Clone)]
-pub struct LoopHandle {
+pub(crate) struct LoopHandle {
     tx: Sender<Command>,
     waker: Arc<Waker>,
     metrics: Arc<Metrics>,
@@ -103,6 +93,6 @@ impl LoopHandle {
 }
 
 /// The queue's two ends.
-pub fn queue() -> (Sender<Command>, Receiver<Command>) {
+pub(crate) fn queue() -> (Sender<Command>, Receiver<Command>) {
     crossbeam_channel::bounded(COMMAND_QUEUE)
 }

@@ -1,17 +1,40 @@
-//! beep-sfu: a single-node WebRTC Selective Forwarding Unit for Beep's voice
+//! beep-sfu: a WebRTC Selective Forwarding Unit for Beep's voice
 //! conversations.
 //!
 //! Clients exchange an SDP offer and answer over a WebSocket (`GET /connect`),
 //! then join a conversation (`POST /join/:conversationid`). Everyone in a
-//! conversation hears everyone else, never themselves.
+//! conversation hears everyone else, never themselves, on as many streams
+//! ("slots") as they offered receiving audio m-lines.
+//!
+//! # Shape
+//! The core, [`sfu::Sfu`], is sans-IO like str0m's `Rtc`: it owns every
+//! peer's `Rtc`, the conversations and the bites, and never touches a
+//! socket, a thread or a clock. One loop drives it:
+//!
+//! ```ignore
+//! loop {
+//!     let timeout = sfu.poll_timeout();            // when to wake at the latest
+//!     poll.poll(&mut events, timeout)?;             // the one place we wait
+//!     while let Ok((n, src)) = socket.recv_from(&mut buf) {
+//!         sfu.handle_datagram(Instant::now(), src, &buf[..n]);
+//!     }
+//!     for cmd in commands.try_iter() {              // from signalling threads
+//!         let reply = sfu.handle_request(Instant::now(), cmd.request);
+//!         cmd.reply.map(|r| r.try_send(reply));
+//!     }
+//!     sfu.handle_timeout(Instant::now());
+//!     while let Some(t) = sfu.poll_transmit() { socket.send_to(&t.contents, t.destination)?; }
+//!     while let Some(e) = sfu.poll_event() { /* notify sessions, hand bites to the sink */ }
+//! }
+//! ```
 //!
 //! # Threads
-//! - **The media loop** (`net`): one thread, one `mio::Poll`, one UDP socket.
-//!   It owns the [`sfu::Sfu`] core and is the only place datagrams are read or
-//!   sent. It never blocks: no network call, file write or lock wait.
+//! - **The media loop** (`net`): one thread, one `mio::Poll`, one UDP socket,
+//!   the loop above. It never blocks: no network call, file write or lock wait.
 //! - **Signalling** (`http`): an acceptor and a bounded set of blocking
 //!   connection threads for `/connect`, `/join`, `/healthz`, `/metrics`.
-//!   Permission checks (`permissions`) run on those threads.
+//!   Each WebSocket session is a sans-IO state machine (`signalling`) driven
+//!   by its thread; permission checks (`permissions`) run there too.
 //! - **The bite sink** (`sink`): one thread that publishes finished bites to
 //!   NATS (with a connector thread for the blocking first connect) and writes
 //!   them as files.
@@ -20,23 +43,25 @@
 //!   `mio::Waker`; the loop never waits on them.
 //!
 //! # Where things happen
-//! A datagram enters in `net::media_loop`, is demultiplexed in `sfu::demux`,
-//! the forwarding decision is made in `sfu` (`Sfu::on_rtp`, with
-//! `sfu::speaker` choosing who is heard and `sfu::slot` rewriting headers),
-//! bites are cut in `sfu::bite` and written as Ogg Opus by `ogg_opus`, and
-//! NATS is written in `sink::nats`. `harness` wires str0m clients to the core
-//! in memory for the tests and benchmarks.
+//! A datagram enters in `net::media_loop`, is routed in `sfu::peers` (by
+//! `sfu::demux`), the forwarding decision is made in `sfu::conversation`
+//! (`sfu::speaker` chooses who is heard) and carried out by `sfu::peer`
+//! (`sfu::slot` rewrites headers), bites are cut in `sfu::bite` and written
+//! as Ogg Opus by `ogg_opus`, and NATS is written in `sink::nats`. With the
+//! `test-kit` feature, `testkit` wires str0m clients to the core in memory
+//! for tests, benchmarks and the load generator.
 
-pub mod command;
+mod command;
 pub mod config;
-pub mod harness;
-pub mod http;
+mod http;
 pub mod metrics;
-pub mod net;
-pub mod ogg_opus;
-pub mod permissions;
+mod net;
+mod ogg_opus;
+mod permissions;
 pub mod proto;
 pub mod server;
 pub mod sfu;
-pub mod signalling;
-pub mod sink;
+mod signalling;
+mod sink;
+#[cfg(feature = "test-kit")]
+pub mod testkit;

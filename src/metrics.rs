@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::sfu::CoreStats;
+use crate::sfu::{CoreStats, Export, Snapshot};
 
 /// Label for counters split by a reason or outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,22 +33,17 @@ pub struct Metrics {
     pub peers_connected: Gauge,
     /// Conversations with members or joined users.
     pub conversations: Gauge,
-    /// Datagrams received on the media socket.
-    pub datagrams_in: Counter,
-    /// Bytes received on the media socket.
-    pub bytes_in: Counter,
+    /// Bites being assembled.
+    pub open_bites: Gauge,
     /// Datagrams sent on the media socket.
     pub datagrams_out: Counter,
     /// Bytes sent on the media socket.
     pub bytes_out: Counter,
-    /// RTP packets received from peers.
-    pub rtp_in: Counter,
-    /// RTP packets forwarded to subscribers.
-    pub forwarded: Counter,
     /// Datagrams dropped, by reason.
     pub dropped: Family<Reason, Counter>,
-    /// Timer wakes that advanced a peer's `Rtc`.
-    pub rtc_timeouts: Counter,
+    /// The core's own counters that have a metric of their own, in the
+    /// order of [`CoreStats::EXPORTS`] (`None` for those in a family).
+    core: Vec<Option<Counter>>,
     /// Times the media loop woke from `poll`.
     pub loop_wakes: Counter,
     /// Peers created, connected and closed.
@@ -89,14 +84,11 @@ impl Metrics {
             peers: Gauge::default(),
             peers_connected: Gauge::default(),
             conversations: Gauge::default(),
-            datagrams_in: Counter::default(),
-            bytes_in: Counter::default(),
+            open_bites: Gauge::default(),
             datagrams_out: Counter::default(),
             bytes_out: Counter::default(),
-            rtp_in: Counter::default(),
-            forwarded: Counter::default(),
             dropped: Family::default(),
-            rtc_timeouts: Counter::default(),
+            core: Vec::new(),
             loop_wakes: Counter::default(),
             peer_events: Family::default(),
             permission_checks: Family::default(),
@@ -129,14 +121,9 @@ impl Metrics {
             m.conversations.clone(),
         );
         r.register(
-            "datagrams_in",
-            "Datagrams received on the media socket",
-            m.datagrams_in.clone(),
-        );
-        r.register(
-            "bytes_in",
-            "Bytes received on the media socket",
-            m.bytes_in.clone(),
+            "open_bites",
+            "Bites (talk spurts) being assembled",
+            m.open_bites.clone(),
         );
         r.register(
             "datagrams_out",
@@ -149,16 +136,6 @@ impl Metrics {
             m.bytes_out.clone(),
         );
         r.register(
-            "rtp_packets_in",
-            "RTP packets received from peers",
-            m.rtp_in.clone(),
-        );
-        r.register(
-            "forwarded_packets",
-            "RTP packets forwarded to subscribers",
-            m.forwarded.clone(),
-        );
-        r.register(
             "dropped_datagrams",
             "Datagrams dropped, by reason",
             m.dropped.clone(),
@@ -167,11 +144,6 @@ impl Metrics {
             "loop_wakes",
             "Times the media loop woke from poll (datagrams per wake = datagrams_in / loop_wakes)",
             m.loop_wakes.clone(),
-        );
-        r.register(
-            "rtc_timeouts",
-            "Timer wakes that advanced a peer's WebRTC state",
-            m.rtc_timeouts.clone(),
         );
         r.register(
             "peer_events",
@@ -239,68 +211,59 @@ impl Metrics {
             "1 while connected to NATS",
             m.nats_connected.clone(),
         );
-        Metrics { registry, ..m }
+        let core = CoreStats::EXPORTS
+            .iter()
+            .map(|e| match e {
+                Export::Counter { name, help } => {
+                    let c = Counter::default();
+                    r.register(*name, *help, c.clone());
+                    Some(c)
+                }
+                _ => None,
+            })
+            .collect();
+        Metrics {
+            registry,
+            core,
+            ..m
+        }
     }
 
-    /// Copies the core's counters in (called by the media loop only, which
-    /// keeps `last`, what it published before, so no lock is needed).
-    pub fn publish_core(
-        &self,
-        last: &mut CoreStats,
-        now: &CoreStats,
-        peers: usize,
-        connected: usize,
-        conversations: usize,
-    ) {
-        self.peers.set(peers as i64);
-        self.peers_connected.set(connected as i64);
-        self.conversations.set(conversations as i64);
-        if *last == *now {
+    /// Copies the core's snapshot in (called by the media loop only, which
+    /// keeps `last`, the counters it published before, so no lock is needed).
+    pub(crate) fn publish_core(&self, last: &mut CoreStats, now: &Snapshot) {
+        self.peers.set(now.peers as i64);
+        self.peers_connected.set(now.connected as i64);
+        self.conversations.set(now.conversations as i64);
+        self.open_bites.set(now.open_bites as i64);
+        if *last == now.stats {
             return;
         }
-        let d = |a: u64, b: u64| a.saturating_sub(b);
-        self.datagrams_in
-            .inc_by(d(now.datagrams_in, last.datagrams_in));
-        self.bytes_in.inc_by(d(now.bytes_in, last.bytes_in));
-        self.rtp_in.inc_by(d(now.rtp_in, last.rtp_in));
-        self.forwarded.inc_by(d(now.forwarded, last.forwarded));
-        self.rtc_timeouts
-            .inc_by(d(now.rtc_timeouts, last.rtc_timeouts));
-        for (reason, a, b) in [
-            ("malformed", now.dropped_malformed, last.dropped_malformed),
-            (
-                "unknown_source",
-                now.dropped_unknown_source,
-                last.dropped_unknown_source,
-            ),
-            (
-                "rejected_by_peer",
-                now.dropped_rejected,
-                last.dropped_rejected,
-            ),
-            (
-                "outside_conversation",
-                now.rtp_outside_conversation,
-                last.rtp_outside_conversation,
-            ),
-        ] {
-            if a > b {
-                self.dropped.get_or_create(&Reason { reason }).inc_by(a - b);
+        let deltas = now
+            .stats
+            .values()
+            .zip(last.values())
+            .map(|(a, b)| a.saturating_sub(b));
+        for ((export, delta), counter) in CoreStats::EXPORTS.iter().zip(deltas).zip(&self.core) {
+            if delta == 0 {
+                continue;
+            }
+            match (export, counter) {
+                (Export::Counter { .. }, Some(c)) => {
+                    c.inc_by(delta);
+                }
+                (Export::Dropped(reason), _) => {
+                    self.dropped.get_or_create(&Reason { reason }).inc_by(delta);
+                }
+                (Export::PeerEvent(reason), _) => {
+                    self.peer_events
+                        .get_or_create(&Reason { reason })
+                        .inc_by(delta);
+                }
+                (Export::Counter { .. }, None) => {}
             }
         }
-        for (reason, a, b) in [
-            ("created", now.peers_created, last.peers_created),
-            ("connected", now.peers_connected, last.peers_connected),
-            ("closed", now.peers_closed, last.peers_closed),
-            ("refused_full", now.connects_refused, last.connects_refused),
-        ] {
-            if a > b {
-                self.peer_events
-                    .get_or_create(&Reason { reason })
-                    .inc_by(a - b);
-            }
-        }
-        *last = *now;
+        *last = now.stats;
     }
 
     /// Counts one datagram sent by the media loop.

@@ -6,6 +6,13 @@
 
 use ogg::writing::{PacketWriteEndInfo, PacketWriter};
 
+/// Opus's RTP clock rate and sample rate: 48 kHz whatever the codec bandwidth.
+pub const CLOCK_RATE: u32 = 48_000;
+/// RTP ticks (samples) per millisecond.
+pub const TICKS_PER_MS: u64 = CLOCK_RATE as u64 / 1000;
+/// One 20 ms frame, the usual Opus packet, in RTP ticks.
+pub const FRAME_TICKS: u32 = 960;
+
 /// Samples a decoder skips at the start (libopus' encoder lookahead at 48 kHz).
 pub const PRE_SKIP: u16 = 312;
 /// Audio packets per Ogg page (about one second of 20 ms packets).
@@ -54,7 +61,7 @@ pub fn opus_head(channels: u8) -> Vec<u8> {
     h.push(1); // version
     h.push(channels);
     h.extend_from_slice(&PRE_SKIP.to_le_bytes());
-    h.extend_from_slice(&48_000u32.to_le_bytes()); // input sample rate (informational)
+    h.extend_from_slice(&CLOCK_RATE.to_le_bytes()); // input sample rate (informational)
     h.extend_from_slice(&0i16.to_le_bytes()); // output gain
     h.push(0); // channel mapping family 0: mono or stereo
     h
@@ -94,7 +101,7 @@ pub fn encode(packets: &[TimedPacket<'_>], serial: u32) -> Vec<u8> {
         };
         let _ = w.write_packet(opus_tags(), serial, last_header, 0);
         for (i, p) in packets.iter().enumerate() {
-            let samples = u64::from(packet_samples(p.data).unwrap_or(960));
+            let samples = u64::from(packet_samples(p.data).unwrap_or(FRAME_TICKS));
             let granule = u64::from(PRE_SKIP) + p.offset + samples;
             let end = if i + 1 == packets.len() {
                 PacketWriteEndInfo::EndStream

@@ -16,8 +16,7 @@ use crate::http::{Context, HttpServer};
 use crate::metrics::Metrics;
 use crate::net::{self, MediaLoopConfig};
 use crate::permissions::PermissionClient;
-use crate::sfu::bite::BiteConfig;
-use crate::sfu::SfuConfig;
+use crate::sfu::{BiteConfig, Request, SfuConfig};
 use crate::sink::nats::NatsConfig;
 use crate::sink::{BiteQueue, Sink, SinkConfig};
 
@@ -90,7 +89,6 @@ impl Server {
         sfu.bites = BiteConfig {
             silence: config.bite_silence,
             max_len: config.bite_max,
-            voiced_loudness: config.voiced_loudness,
         };
         let (handle, media_thread) = net::spawn(MediaLoopConfig {
             sfu,
@@ -146,7 +144,7 @@ impl Server {
     pub fn shutdown(mut self) -> bool {
         self.http.stop();
         let start = Instant::now();
-        if self.handle.send(Command::Shutdown).is_err() {
+        if self.handle.send(Command::fire(Request::Shutdown)).is_err() {
             warn!("media loop did not take the shutdown command");
         }
         let mut clean = true;

@@ -1,21 +1,7 @@
-//! `GET /connect`: the WebSocket signalling session of one peer.
-//!
-//! Claims are checked before the upgrade (400). After it: the first text
-//! frame is the offer, the answer goes back in the same style, `ice::`
-//! frames add candidates, and the server closes with 1000 once the peer is
-//! connected, or with a descriptive code and reason otherwise:
-//!
-//! | code | meaning |
-//! |---|---|
-//! | 1000 | connected |
-//! | 1001 | server shutting down |
-//! | 1003 | binary frame (only text is spoken) |
-//! | 1007 | malformed message or offer, or no Opus in the offer |
-//! | 1008 | protocol misuse (candidate before offer, second offer), or the user already has `--max-peers-per-user` clients |
-//! | 1009 | message too big |
-//! | 1011 | the peer failed (ICE/DTLS), or the media loop did not answer |
-//! | 1013 | server at its peer limit or overloaded; retry later |
-//! | 4408 | not connected within the connect timeout |
+//! `GET /connect`: the WebSocket signalling session of one peer, as bytes
+//! and time. Claims are checked before the upgrade (400); after it, every
+//! frame, loop reply and tick goes through [`Session`], which decides what
+//! happens (the close codes are listed in `crate::signalling::close`).
 
 use std::io::ErrorKind;
 use std::net::TcpStream;
@@ -24,7 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, info};
 use tungstenite::handshake::derive_accept_key;
-use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
@@ -32,9 +18,10 @@ use super::claims;
 use super::request::Request;
 use super::response::Response;
 use super::Context;
-use crate::command::{Command, PeerNotice, SendError};
-use crate::sfu::{Claim, CloseReason, ConnectError, PeerId, MAX_OFFER_BYTES};
-use crate::signalling::{format_answer, parse_client_message, ClientMessage};
+use crate::command::{Command, PeerNotice};
+use crate::sfu::{self, Claim, Reply, MAX_OFFER_BYTES};
+use crate::signalling::session::ConnectReply;
+use crate::signalling::{Action, CloseCode, ReadFault, Session};
 
 /// How often a waiting session looks at its peer's notices.
 const TICK: Duration = Duration::from_millis(50);
@@ -42,9 +29,6 @@ const TICK: Duration = Duration::from_millis(50);
 const LOOP_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the client's close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-
-/// Close code for "not connected in time" (an application code mirroring HTTP 408).
-pub const CLOSE_CONNECT_TIMEOUT: u16 = 4408;
 
 /// Serves the request. Returns a response only when refusing before the
 /// upgrade; after the upgrade the session speaks WebSocket itself.
@@ -91,15 +75,16 @@ pub fn serve(stream: &mut TcpStream, req: Request, ctx: &Context) -> Option<Resp
         .max_message_size(Some(MAX_OFFER_BYTES + 1024))
         .max_frame_size(Some(MAX_OFFER_BYTES + 1024));
     let ws = WebSocket::from_partially_read(sock, req.leftover, Role::Server, Some(config));
-    let mut session = Session {
+    let mut conn = Connection {
         ws,
         reader_broken: false,
         ctx,
         claim,
-        deadline: Instant::now() + ctx.connect_timeout,
+        session: Session::new(Instant::now(), ctx.connect_timeout),
+        notices: None,
     };
-    let (code, reason) = session.run();
-    session.close(code, &reason);
+    let (code, reason) = conn.run();
+    conn.close(code, &reason);
     None
 }
 
@@ -115,14 +100,16 @@ fn write_upgrade(stream: &mut TcpStream, r: &Response) -> std::io::Result<()> {
     stream.flush()
 }
 
-struct Session<'a> {
+/// The I/O side of one session: the socket, the channels, the clock.
+struct Connection<'a> {
     ws: WebSocket<TcpStream>,
     /// The frame reader hit an error it cannot resume from (oversized or
     /// invalid frame): do not read again, only send the close frame.
     reader_broken: bool,
     ctx: &'a Context,
     claim: Claim,
-    deadline: Instant,
+    session: Session,
+    notices: Option<Receiver<PeerNotice>>,
 }
 
 /// What one read produced.
@@ -130,141 +117,101 @@ enum Read {
     Text(String),
     Nothing,
     Closed,
-    Fatal(u16, String),
+    Fault(ReadFault),
 }
 
-impl Session<'_> {
+impl Connection<'_> {
     /// Runs the session; returns the close code and reason to end it with.
-    fn run(&mut self) -> (u16, String) {
-        let (sdp, style) = loop {
-            if Instant::now() >= self.deadline {
-                return (
-                    CLOSE_CONNECT_TIMEOUT,
-                    "no offer within the connect timeout".into(),
-                );
-            }
-            match self.read() {
-                Read::Text(t) => match parse_client_message(&t) {
-                    Ok(ClientMessage::Offer { sdp, style }) => break (sdp, style),
-                    Ok(ClientMessage::Candidate(_)) => {
-                        return (1008, "the offer must come before candidates".into())
-                    }
-                    Err(e) => return (1007, e),
-                },
-                Read::Nothing => continue,
-                Read::Closed => return (1000, String::new()),
-                Read::Fatal(code, why) => return (code, why),
-            }
-        };
-        let (peer, answer, notices) = match self.connect(sdp) {
-            Ok(v) => v,
-            Err((code, why)) => return (code, why),
-        };
-        if self
-            .ws
-            .send(Message::text(format_answer(style, &answer)))
-            .is_err()
-        {
-            return (1000, String::new());
-        }
+    fn run(&mut self) -> (CloseCode, String) {
         loop {
-            match notices.try_recv() {
-                Ok(PeerNotice::Connected) => {
-                    self.ctx.metrics.outcome("ws_connected");
-                    return (1000, "connected".into());
-                }
-                Ok(PeerNotice::Closed(reason)) => {
-                    return match reason {
-                        CloseReason::ConnectTimeout => (CLOSE_CONNECT_TIMEOUT, reason.to_string()),
-                        CloseReason::Shutdown => (1001, reason.to_string()),
-                        other => (1011, format!("peer {other}")),
-                    };
-                }
-                Err(_) => {}
-            }
-            if Instant::now() >= self.deadline + Duration::from_secs(1) {
-                // The core removes the peer at the deadline too; this is the backstop.
-                return (
-                    CLOSE_CONNECT_TIMEOUT,
-                    "not connected within the connect timeout".into(),
-                );
-            }
-            match self.read() {
-                Read::Text(t) => match parse_client_message(&t) {
-                    Ok(ClientMessage::Candidate(candidate)) => {
-                        if self
-                            .ctx
-                            .handle
-                            .send(Command::Candidate { peer, candidate })
-                            .is_err()
-                        {
-                            return (1013, "server busy".into());
+            let mut action = self.next_input();
+            loop {
+                action = match action {
+                    Action::None => break,
+                    Action::Close(code, why) => return (code, why),
+                    Action::Send(text) => {
+                        if self.ws.send(Message::text(text)).is_err() {
+                            return (CloseCode::Normal, String::new());
+                        }
+                        Action::None
+                    }
+                    Action::Connect(offer) => {
+                        let reply = self.connect(offer);
+                        self.session.on_connect_reply(reply)
+                    }
+                    Action::Candidate(peer, candidate) => {
+                        let cmd = Command::fire(sfu::Request::Candidate { peer, candidate });
+                        match self.ctx.handle.send(cmd) {
+                            Ok(()) => Action::None,
+                            Err(e) => self.session.on_send_failed(e),
                         }
                     }
-                    Ok(ClientMessage::Offer { .. }) => {
-                        return (1008, "renegotiation is not supported".into())
-                    }
-                    Err(e) => return (1007, e),
-                },
-                Read::Nothing => {}
-                Read::Closed => {
-                    // The client hung up before connecting; the peer will
-                    // connect anyway or time out in the core.
-                    debug!("peer {peer}: client closed the WebSocket before connecting");
-                    return (1000, String::new());
-                }
-                Read::Fatal(code, why) => return (code, why),
+                };
             }
         }
     }
 
+    /// The next thing that happened: a notice from the loop, the deadline,
+    /// or a frame (waiting at most one tick).
+    fn next_input(&mut self) -> Action {
+        if let Some(n) = self.notices.as_ref().and_then(|n| n.try_recv().ok()) {
+            if n == PeerNotice::Connected {
+                self.ctx.metrics.outcome("ws_connected");
+            }
+            return self.session.on_notice(n);
+        }
+        let tick = self.session.on_tick(Instant::now());
+        if tick != Action::None {
+            return tick;
+        }
+        match self.read() {
+            Read::Text(t) => self.session.on_text(&t),
+            Read::Nothing => Action::None,
+            Read::Closed => {
+                if let Some(peer) = self.session.peer() {
+                    // The peer connects anyway or times out in the core.
+                    debug!("peer {peer}: client closed the WebSocket before connecting");
+                }
+                self.session.on_client_closed()
+            }
+            Read::Fault(f) => self.session.on_fault(f),
+        }
+    }
+
     /// Hands the offer to the media loop and waits for the answer.
-    fn connect(
-        &mut self,
-        sdp: String,
-    ) -> Result<(PeerId, String, Receiver<PeerNotice>), (u16, String)> {
+    fn connect(&mut self, offer: String) -> ConnectReply {
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
         let (notice_tx, notice_rx) = crossbeam_channel::bounded(4);
-        let cmd = Command::Connect {
-            claim: self.claim.clone(),
-            offer: sdp,
-            reply: reply_tx,
-            notices: notice_tx,
+        let cmd = Command {
+            request: sfu::Request::Connect {
+                claim: self.claim.clone(),
+                offer,
+            },
+            reply: Some(reply_tx),
+            notices: Some(notice_tx),
         };
-        match self.ctx.handle.send(cmd) {
-            Ok(()) => {}
-            Err(SendError::Full) => return Err((1013, "server busy; retry shortly".into())),
-            Err(SendError::Stopped) => return Err((1001, "server shutting down".into())),
+        if let Err(e) = self.ctx.handle.send(cmd) {
+            return ConnectReply::NotSent(e);
         }
         match reply_rx.recv_timeout(LOOP_REPLY_TIMEOUT) {
-            Ok(Ok((peer, answer))) => {
+            Ok(Reply::Connect(Ok((peer, answer)))) => {
                 debug!(
                     "peer {peer} ({}/{}) offered; answer sent",
                     self.claim.userid, self.claim.clientid
                 );
-                Ok((peer, answer, notice_rx))
+                self.notices = Some(notice_rx);
+                ConnectReply::Answer(Ok((peer, answer)))
             }
-            Ok(Err(e)) => {
-                self.ctx.metrics.outcome(match e {
-                    ConnectError::ServerFull => "ws_server_full",
-                    ConnectError::UserLimit => "ws_user_limit",
-                    ConnectError::ShuttingDown => "ws_shutting_down",
-                    ConnectError::MalformedOffer(_) => "ws_malformed_offer",
-                    ConnectError::NoOpus => "ws_no_opus",
-                });
+            Ok(Reply::Connect(Err(e))) => {
+                self.ctx.metrics.outcome(e.metric_label());
                 info!(
                     "offer from {}/{} refused: {e}",
                     self.claim.userid, self.claim.clientid
                 );
-                Err(match e {
-                    ConnectError::ServerFull => (1013, e.to_string()),
-                    ConnectError::UserLimit => (1008, e.to_string()),
-                    ConnectError::ShuttingDown => (1001, e.to_string()),
-                    ConnectError::MalformedOffer(_) | ConnectError::NoOpus => (1007, e.to_string()),
-                })
+                ConnectReply::Answer(Err(e))
             }
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                Err((1011, "media loop did not answer in time".into()))
+            Ok(_) | Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                ConnectReply::TimedOut
             }
         }
     }
@@ -273,9 +220,7 @@ impl Session<'_> {
     fn read(&mut self) -> Read {
         match self.ws.read() {
             Ok(Message::Text(t)) => Read::Text(t.as_str().to_string()),
-            Ok(Message::Binary(_)) => {
-                Read::Fatal(1003, "binary frames are not supported; send text".into())
-            }
+            Ok(Message::Binary(_)) => Read::Fault(ReadFault::Binary),
             Ok(Message::Close(_)) => Read::Closed,
             Ok(_) => Read::Nothing, // ping/pong (answered by tungstenite), raw frames
             Err(WsError::Io(e))
@@ -285,29 +230,29 @@ impl Session<'_> {
             }
             Err(WsError::Capacity(e)) => {
                 self.reader_broken = true;
-                Read::Fatal(1009, format!("message too big: {e}"))
+                Read::Fault(ReadFault::TooBig(e.to_string()))
             }
             Err(WsError::Utf8(_)) => {
                 self.reader_broken = true;
-                Read::Fatal(1007, "text frame is not valid UTF-8".into())
+                Read::Fault(ReadFault::BadUtf8)
             }
             Err(WsError::Protocol(e)) => {
                 self.reader_broken = true;
-                Read::Fatal(1002, format!("protocol error: {e}"))
+                Read::Fault(ReadFault::Protocol(e.to_string()))
             }
             Err(_) => Read::Closed,
         }
     }
 
     /// Sends the close frame and waits briefly for the client's reply.
-    fn close(&mut self, code: u16, reason: &str) {
+    fn close(&mut self, code: CloseCode, reason: &str) {
         let mut reason = reason.to_string();
         // A close reason must fit in a control frame (123 bytes).
         while reason.len() > 123 {
             reason.pop();
         }
         let frame = CloseFrame {
-            code: CloseCode::from(code),
+            code: WsCloseCode::from(code.code()),
             reason: reason.into(),
         };
         if self.ws.close(Some(frame)).is_err() || self.reader_broken {

@@ -8,11 +8,12 @@ use log::{info, warn};
 use percent_encoding::percent_decode_str;
 
 use super::claims;
-use super::request::Request;
+use super::request::Request as HttpRequest;
 use super::response::Response;
 use super::Context;
 use crate::command::{Command, SendError};
 use crate::permissions::Decision;
+use crate::sfu::{JoinError, Reply, Request};
 
 /// Longest conversation id accepted, in bytes.
 pub const MAX_CONVERSATION_BYTES: usize = 256;
@@ -20,7 +21,7 @@ pub const MAX_CONVERSATION_BYTES: usize = 256;
 const LOOP_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Handles the request; `rest` is the path after `/join`.
-pub fn serve(req: &Request, ctx: &Context, rest: &str) -> Response {
+pub fn serve(req: &HttpRequest, ctx: &Context, rest: &str) -> Response {
     let claim = match claims::from_request(req, ctx.dev) {
         Ok(c) => c,
         Err(e) => return Response::text(400, e),
@@ -55,10 +56,13 @@ pub fn serve(req: &Request, ctx: &Context, rest: &str) -> Response {
         }
     }
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let cmd = Command::Join {
-        userid: claim.userid.clone(),
-        conversation: conversation.clone(),
-        reply: tx,
+    let cmd = Command {
+        request: Request::Join {
+            userid: claim.userid.clone(),
+            conversation: conversation.clone(),
+        },
+        reply: Some(tx),
+        notices: None,
     };
     match ctx.handle.send(cmd) {
         Ok(()) => {}
@@ -68,9 +72,11 @@ pub fn serve(req: &Request, ctx: &Context, rest: &str) -> Response {
         Err(SendError::Stopped) => return Response::text(503, "server is shutting down"),
     }
     match rx.recv_timeout(LOOP_REPLY_TIMEOUT) {
-        Ok(Ok(())) => Response::text(200, ""),
-        Ok(Err(_)) => Response::text(503, "server is shutting down"),
-        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+        Ok(Reply::Join(Ok(()))) => Response::text(200, ""),
+        Ok(Reply::Join(Err(JoinError::ShuttingDown))) => {
+            Response::text(503, "server is shutting down")
+        }
+        Ok(_) | Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
             Response::text(503, "media loop did not answer in time")
         }
     }

@@ -21,7 +21,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::command::{self, Command, LoopHandle, PeerNotice};
 use crate::metrics::Metrics;
-use crate::sfu::{CoreStats, PeerId, Sfu, SfuConfig, SfuEvent};
+use crate::sfu::{CoreStats, PeerId, Reply, Request, Sfu, SfuConfig, SfuEvent};
 use crate::sink::BiteQueue;
 
 const SOCKET: Token = Token(0);
@@ -168,49 +168,39 @@ impl MediaLoop {
                     if !self.stopping {
                         info!("command queue closed; shutting down the media loop");
                         self.stopping = true;
-                        self.sfu.shutdown(Instant::now());
+                        self.sfu.handle_request(Instant::now(), Request::Shutdown);
                     }
                     return false;
                 }
             };
             let now = Instant::now();
-            match cmd {
-                Command::Connect {
-                    claim,
-                    offer,
-                    reply,
-                    notices,
-                } => {
-                    let result = self.sfu.connect(now, claim, &offer);
-                    if let Ok((peer, _)) = &result {
-                        self.notices.insert(*peer, notices);
-                    }
-                    // The session may have given up waiting; the peer then
-                    // times out on its own.
-                    let _ = reply.try_send(result);
+            let Command {
+                request,
+                reply,
+                notices,
+            } = cmd;
+            if request == Request::Shutdown {
+                if self.stopping {
+                    continue;
                 }
-                Command::Candidate { peer, candidate } => {
-                    if let Err(e) = self.sfu.add_remote_candidate(now, peer, &candidate) {
-                        debug!("peer {peer}: {e}");
-                    }
+                info!(
+                    "media loop shutting down: closing {} peer(s)",
+                    self.sfu.snapshot().peers
+                );
+                self.stopping = true;
+            }
+            let answer = self.sfu.handle_request(now, request);
+            match (&answer, notices) {
+                (Reply::Connect(Ok((peer, _))), Some(n)) => {
+                    self.notices.insert(*peer, n);
                 }
-                Command::Join {
-                    userid,
-                    conversation,
-                    reply,
-                } => {
-                    let _ = reply.try_send(self.sfu.join(now, &userid, &conversation));
-                }
-                Command::Shutdown => {
-                    if !self.stopping {
-                        info!(
-                            "media loop shutting down: closing {} peer(s)",
-                            self.sfu.peer_count()
-                        );
-                        self.stopping = true;
-                        self.sfu.shutdown(now);
-                    }
-                }
+                (Reply::Candidate(Err(e)), _) => debug!("candidate refused: {e}"),
+                _ => {}
+            }
+            if let Some(reply) = reply {
+                // The session may have given up waiting; a peer it asked for
+                // then times out on its own.
+                let _ = reply.try_send(answer);
             }
             self.send_transmits();
         }
@@ -238,13 +228,8 @@ impl MediaLoop {
             return;
         }
         self.next_publish = now + PUBLISH_EVERY;
-        self.metrics.publish_core(
-            &mut self.published,
-            self.sfu.stats(),
-            self.sfu.peer_count(),
-            self.sfu.connected_count(),
-            self.sfu.conversation_count(),
-        );
+        self.metrics
+            .publish_core(&mut self.published, &self.sfu.snapshot());
     }
 
     fn notify(&mut self, peer: PeerId, notice: PeerNotice, last: bool) {

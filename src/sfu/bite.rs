@@ -11,9 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::speaker::loudness;
 use super::PeerId;
-use crate::ogg_opus::{self, TimedPacket};
+use crate::ogg_opus::{self, TimedPacket, FRAME_TICKS, TICKS_PER_MS};
 
 /// Segmentation settings.
 #[derive(Debug, Clone, Copy)]
@@ -22,8 +21,6 @@ pub struct BiteConfig {
     pub silence: Duration,
     /// Longest bite; a longer talk spurt continues in a new bite.
     pub max_len: Duration,
-    /// Loudness (127 + RFC 6464 level) at or above which a packet is voiced.
-    pub voiced_loudness: f32,
 }
 
 impl Default for BiteConfig {
@@ -31,7 +28,6 @@ impl Default for BiteConfig {
         BiteConfig {
             silence: Duration::from_millis(600),
             max_len: Duration::from_secs(10),
-            voiced_loudness: 67.0,
         }
     }
 }
@@ -85,6 +81,8 @@ pub struct BiteAssembler {
     /// Maps the core's `Instant`s to Unix microseconds.
     clock: (Instant, u64),
     dropped_late: u64,
+    /// When the earliest open bite may have gone silent.
+    next_check: Option<Instant>,
 }
 
 impl BiteAssembler {
@@ -95,6 +93,7 @@ impl BiteAssembler {
             open: HashMap::new(),
             clock: clock_base,
             dropped_late: 0,
+            next_check: None,
         }
     }
 
@@ -113,22 +112,24 @@ impl BiteAssembler {
         self.dropped_late
     }
 
-    /// Records one packet; returns a bite if this packet finished one (max length).
+    /// Records one packet (`voiced` as the speaker selector judged it);
+    /// returns a bite if this packet finished one (max length).
     pub fn on_packet(
         &mut self,
         peer: PeerId,
         owner: Owner<'_>,
         rtp_ts: u32,
         payload: &Arc<[u8]>,
-        audio_level: Option<i8>,
+        voiced: bool,
         now: Instant,
     ) -> Option<FinishedBite> {
-        let voiced = loudness(audio_level) >= self.config.voiced_loudness;
         let bite = match self.open.get_mut(&peer) {
             Some(b) => b,
             None if voiced => {
                 let unix_us =
                     self.clock.1 + now.saturating_duration_since(self.clock.0).as_micros() as u64;
+                let check = now + self.config.silence;
+                self.next_check = Some(self.next_check.map_or(check, |t| t.min(check)));
                 self.open.entry(peer).or_insert(OpenBite {
                     conversation: owner.conversation.to_string(),
                     userid: owner.userid.to_string(),
@@ -157,23 +158,38 @@ impl BiteAssembler {
             bite.voiced_len = bite.packets.len();
             bite.last_voiced = now;
         }
-        let samples = u64::from(ogg_opus::packet_samples(payload).unwrap_or(960));
-        let max_ticks = self.config.max_len.as_millis() as u64 * 48;
+        let samples = u64::from(ogg_opus::packet_samples(payload).unwrap_or(FRAME_TICKS));
+        let max_ticks = self.config.max_len.as_millis() as u64 * TICKS_PER_MS;
         if u64::from(offset) + samples >= max_ticks {
             return self.flush(peer);
         }
         None
     }
 
-    /// Finishes every bite whose speaker has been silent long enough.
-    pub fn poll_silence(&mut self, now: Instant, out: &mut Vec<FinishedBite>) {
+    /// When [`BiteAssembler::handle_timeout`] must next run: the moment the
+    /// earliest open bite may have gone silent.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_check
+    }
+
+    /// Finishes every bite whose speaker has been silent long enough and
+    /// works out the next check.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Vec<FinishedBite>) {
+        if self.next_check.is_none_or(|t| t > now) {
+            return;
+        }
         let silence = self.config.silence;
-        let done: Vec<PeerId> = self
-            .open
-            .iter()
-            .filter(|(_, b)| now.saturating_duration_since(b.last_voiced) >= silence)
-            .map(|(p, _)| *p)
-            .collect();
+        let mut next: Option<Instant> = None;
+        let mut done = Vec::new();
+        for (p, b) in &self.open {
+            let ends = b.last_voiced + silence;
+            if ends <= now {
+                done.push(*p);
+            } else {
+                next = Some(next.map_or(ends, |t| t.min(ends)));
+            }
+        }
+        self.next_check = next;
         for p in done {
             out.extend(self.flush(p));
         }
@@ -199,33 +215,35 @@ impl BiteAssembler {
         let last = b
             .packets
             .last()
-            .map(|(o, d)| o + u64::from(ogg_opus::packet_samples(d).unwrap_or(960)));
+            .map(|(o, d)| o + u64::from(ogg_opus::packet_samples(d).unwrap_or(FRAME_TICKS)));
         Some(FinishedBite {
             conversation: b.conversation,
             userid: b.userid,
             clientid: b.clientid,
             start_unix_ms: b.start_unix_ms,
             packets: b.packets.len(),
-            duration_ms: last.unwrap_or(0) / 48,
+            duration_ms: last.unwrap_or(0) / TICKS_PER_MS,
             ogg,
         })
     }
+}
 
-    /// Finishes every open bite.
-    pub fn flush_all(&mut self, out: &mut Vec<FinishedBite>) {
-        let all: Vec<PeerId> = self.open.keys().copied().collect();
-        for p in all {
-            out.extend(self.flush(p));
-        }
-    }
+/// Now, as an `Instant` and Unix microseconds read back to back (the
+/// anchor bite start times are computed from).
+pub fn unix_clock_now() -> (Instant, u64) {
+    let unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    (Instant::now(), unix_us)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LOUD: Option<i8> = Some(-20);
-    const QUIET: Option<i8> = Some(-127);
+    const LOUD: bool = true;
+    const QUIET: bool = false;
 
     fn owner() -> Owner<'static> {
         Owner {
@@ -274,9 +292,9 @@ mod tests {
             );
         }
         let mut out = vec![];
-        a.poll_silence(ms(t0, 200 + 500), &mut out);
+        a.handle_timeout(ms(t0, 200 + 500), &mut out);
         assert!(out.is_empty(), "not yet 600 ms of silence");
-        a.poll_silence(ms(t0, 200 + 600), &mut out);
+        a.handle_timeout(ms(t0, 200 + 600), &mut out);
         assert_eq!(out.len(), 1);
         let b = &out[0];
         assert_eq!(b.packets, 10);
@@ -319,10 +337,8 @@ mod tests {
             .all(|b| b.packets == 50 && b.duration_ms == 1000));
         assert_eq!(done[1].start_unix_ms, 1000);
         assert_eq!(done[0].start_unix_ms, 0);
-        let mut rest = vec![];
-        a.flush_all(&mut rest);
-        assert_eq!(rest.len(), 1);
-        assert_eq!(rest[0].packets, 20);
+        let rest = a.flush(p).expect("the rest of the spurt");
+        assert_eq!(rest.packets, 20);
     }
 
     #[test]

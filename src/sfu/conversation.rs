@@ -1,46 +1,324 @@
-//! A conversation: its connected members, its active speakers, and who
-//! listens to whom.
+//! Conversations: their members, the speaker selector, which speaker each
+//! member's slots carry, and the listener table the forwarding path reads.
+//!
+//! This is the pure forwarding decision, "a packet from S at level L
+//! arrived: who hears it, on which slot", with no `Rtc` in sight. A speaker
+//! is a [`SpeakerId`], which need not be a local peer.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
-use super::speaker::SpeakerSelector;
+use super::speaker::{SpeakerConfig, SpeakerSelector};
 use super::PeerId;
+
+/// Most speakers one conversation's selector keeps active.
+const MAX_ACTIVE_SPEAKERS: usize = 16;
 
 /// Interned conversation id, so the hot path hashes a number, not a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConvKey(pub u64);
+pub(crate) struct ConvKey(pub u64);
+
+/// Who is speaking in a conversation. A local peer speaks as
+/// `SpeakerId::from(peer)`; the id space is the peers' own, so a speaker
+/// that is not a local peer only needs an id nobody else uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct SpeakerId(pub u64);
+
+impl From<PeerId> for SpeakerId {
+    fn from(p: PeerId) -> Self {
+        SpeakerId(p.0)
+    }
+}
+
+/// One listener: a local peer and the speaker on each of its slots.
+#[derive(Debug)]
+struct Member {
+    peer: PeerId,
+    slots: Vec<Option<SpeakerId>>,
+}
 
 /// One conversation's state.
 #[derive(Debug)]
-pub struct Conversation {
-    /// The conversation id clients joined with.
-    pub name: String,
-    /// Connected peers taking part (every client of every joined user).
-    pub members: Vec<PeerId>,
+struct Conversation {
+    name: String,
+    members: Vec<Member>,
     /// Users whose membership points here (connected or in their grace period).
-    pub users: usize,
-    /// Who is speaking.
-    pub selector: SpeakerSelector,
+    users: usize,
+    selector: SpeakerSelector,
     /// For each active speaker, the (subscriber, slot index) pairs that carry
-    /// it: rebuilt when the active set or the membership changes, read on
-    /// every forwarded packet.
-    pub listeners: HashMap<PeerId, Vec<(PeerId, usize)>>,
+    /// it: rebuilt when the ranking or the membership changes, read on every
+    /// forwarded packet.
+    listeners: HashMap<SpeakerId, Vec<(PeerId, usize)>>,
 }
 
-impl Conversation {
-    /// A conversation with no members yet.
-    pub fn new(name: String, selector: SpeakerSelector) -> Self {
-        Conversation {
-            name,
-            members: Vec::new(),
-            users: 0,
-            selector,
-            listeners: HashMap::new(),
+/// Who hears a packet.
+pub(crate) struct Heard<'a> {
+    /// The conversation's id, as clients joined it.
+    pub name: &'a str,
+    /// (subscriber, slot index) pairs that carry the speaker.
+    pub listeners: &'a [(PeerId, usize)],
+}
+
+/// Every conversation, by interned key and by name.
+#[derive(Debug)]
+pub(crate) struct Conversations {
+    by_key: HashMap<ConvKey, Conversation>,
+    keys: HashMap<String, ConvKey>,
+    member_of: HashMap<PeerId, ConvKey>,
+    next_key: u64,
+    speaker: SpeakerConfig,
+    scratch: Vec<SpeakerId>,
+    /// Times a slot mapping was rebuilt.
+    reassignments: u64,
+}
+
+impl Conversations {
+    /// No conversations; selectors are tuned by `speaker`.
+    pub fn new(speaker: SpeakerConfig) -> Self {
+        Conversations {
+            by_key: HashMap::new(),
+            keys: HashMap::new(),
+            member_of: HashMap::new(),
+            next_key: 0,
+            speaker,
+            scratch: Vec::new(),
+            reassignments: 0,
         }
     }
 
-    /// True when nothing refers to this conversation any more.
-    pub fn is_abandoned(&self) -> bool {
-        self.members.is_empty() && self.users == 0
+    /// Number of conversations with members or users.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Times a slot mapping was rebuilt.
+    pub fn reassignments(&self) -> u64 {
+        self.reassignments
+    }
+
+    /// The key of a conversation, created if it does not exist.
+    pub fn intern(&mut self, name: &str) -> ConvKey {
+        if let Some(k) = self.keys.get(name) {
+            return *k;
+        }
+        self.next_key += 1;
+        let k = ConvKey(self.next_key);
+        self.keys.insert(name.to_string(), k);
+        self.by_key.insert(
+            k,
+            Conversation {
+                name: name.to_string(),
+                members: Vec::new(),
+                users: 0,
+                selector: SpeakerSelector::new(self.speaker, 2),
+                listeners: HashMap::new(),
+            },
+        );
+        k
+    }
+
+    /// A conversation's name.
+    #[cfg(any(test, feature = "test-kit"))]
+    pub fn name(&self, key: ConvKey) -> Option<&str> {
+        self.by_key.get(&key).map(|c| c.name.as_str())
+    }
+
+    /// The conversation a peer is a member of.
+    pub fn of(&self, peer: PeerId) -> Option<ConvKey> {
+        self.member_of.get(&peer).copied()
+    }
+
+    /// A user's membership now points here.
+    pub fn user_entered(&mut self, key: ConvKey) {
+        if let Some(c) = self.by_key.get_mut(&key) {
+            c.users += 1;
+        }
+    }
+
+    /// A user's membership no longer points here; drops the conversation
+    /// when nothing refers to it.
+    pub fn user_left(&mut self, key: ConvKey) {
+        if let Some(c) = self.by_key.get_mut(&key) {
+            c.users = c.users.saturating_sub(1);
+        }
+        self.drop_if_abandoned(key);
+    }
+
+    /// A connected peer with `slots` slots becomes a listener (and a
+    /// potential speaker) in `key`.
+    pub fn add_member(&mut self, key: ConvKey, peer: PeerId, slots: usize, now: Instant) {
+        let Some(conv) = self.by_key.get_mut(&key) else {
+            return;
+        };
+        if !conv.members.iter().any(|m| m.peer == peer) {
+            conv.members.push(Member {
+                peer,
+                slots: vec![None; slots],
+            });
+        }
+        self.member_of.insert(peer, key);
+        self.resize_and_reassign(key, now);
+    }
+
+    /// A peer stops listening and speaking in `key`.
+    pub fn remove_member(&mut self, key: ConvKey, peer: PeerId, now: Instant) {
+        if self.member_of.get(&peer) == Some(&key) {
+            self.member_of.remove(&peer);
+        }
+        let Some(conv) = self.by_key.get_mut(&key) else {
+            return;
+        };
+        conv.members.retain(|m| m.peer != peer);
+        conv.selector.remove(SpeakerId::from(peer));
+        self.resize_and_reassign(key, now);
+        self.drop_if_abandoned(key);
+    }
+
+    /// A packet from `speaker` at `audio_level` arrived in `key`: updates
+    /// the ranking and says who hears it.
+    pub fn on_packet(
+        &mut self,
+        key: ConvKey,
+        speaker: SpeakerId,
+        audio_level: Option<i8>,
+        now: Instant,
+    ) -> Option<Heard<'_>> {
+        let conv = self.by_key.get_mut(&key)?;
+        if conv.selector.on_packet(speaker, audio_level, now) {
+            self.reassign(key);
+        }
+        let conv = self.by_key.get(&key)?;
+        Some(Heard {
+            name: &conv.name,
+            listeners: conv.listeners.get(&speaker).map_or(&[], Vec::as_slice),
+        })
+    }
+
+    /// Sizes the selector for the largest member (plus one, so a member who
+    /// speaks still hears someone) and remaps slots.
+    fn resize_and_reassign(&mut self, key: ConvKey, now: Instant) {
+        let Some(conv) = self.by_key.get_mut(&key) else {
+            return;
+        };
+        let most_slots = conv
+            .members
+            .iter()
+            .map(|m| m.slots.len())
+            .max()
+            .unwrap_or(1);
+        conv.selector
+            .set_capacity((most_slots + 1).min(MAX_ACTIVE_SPEAKERS), now);
+        self.reassign(key);
+    }
+
+    /// Maps the active speakers onto every member's slots, keeping a
+    /// speaker on the slot it already has, and rebuilds the listener table.
+    fn reassign(&mut self, key: ConvKey) {
+        let Some(conv) = self.by_key.get_mut(&key) else {
+            return;
+        };
+        let desired = &mut self.scratch;
+        conv.listeners.clear();
+        for m in &mut conv.members {
+            conv.selector
+                .top_for(SpeakerId::from(m.peer), m.slots.len(), desired);
+            for slot in &mut m.slots {
+                match *slot {
+                    Some(s) if desired.contains(&s) => desired.retain(|d| *d != s),
+                    _ => *slot = None,
+                }
+            }
+            let mut next = desired.drain(..);
+            for slot in m.slots.iter_mut().filter(|s| s.is_none()) {
+                *slot = next.next();
+            }
+            drop(next);
+            for (i, s) in m.slots.iter().enumerate() {
+                if let Some(s) = s {
+                    conv.listeners.entry(*s).or_default().push((m.peer, i));
+                }
+            }
+        }
+        desired.clear();
+        self.reassignments += 1;
+    }
+
+    fn drop_if_abandoned(&mut self, key: ConvKey) {
+        let abandoned = self
+            .by_key
+            .get(&key)
+            .is_some_and(|c| c.members.is_empty() && c.users == 0);
+        if abandoned {
+            if let Some(c) = self.by_key.remove(&key) {
+                self.keys.remove(&c.name);
+                log::debug!("conversation {} is empty and was dropped", c.name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const LOUD: Option<i8> = Some(-20);
+
+    fn listeners(c: &mut Conversations, k: ConvKey, s: u64, now: Instant) -> Vec<(PeerId, usize)> {
+        c.on_packet(k, SpeakerId(s), LOUD, now)
+            .map(|h| h.listeners.to_vec())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn everyone_hears_a_speaker_but_the_speaker() {
+        let t0 = Instant::now();
+        let mut c = Conversations::new(SpeakerConfig::default());
+        let k = c.intern("room");
+        for p in 1..=3 {
+            c.add_member(k, PeerId(p), 1, t0);
+        }
+        let mut heard = listeners(&mut c, k, 1, t0);
+        heard.sort();
+        assert_eq!(heard, vec![(PeerId(2), 0), (PeerId(3), 0)]);
+        assert_eq!(c.name(k), Some("room"));
+        assert_eq!(c.of(PeerId(2)), Some(k));
+    }
+
+    #[test]
+    fn a_speaker_that_is_not_a_member_is_heard() {
+        let t0 = Instant::now();
+        let mut c = Conversations::new(SpeakerConfig::default());
+        let k = c.intern("room");
+        c.add_member(k, PeerId(1), 2, t0);
+        // Speaker 99 is no local peer (a speaker on another node).
+        assert_eq!(listeners(&mut c, k, 99, t0), vec![(PeerId(1), 0)]);
+        assert_eq!(listeners(&mut c, k, 98, t0), vec![(PeerId(1), 1)]);
+    }
+
+    #[test]
+    fn a_speaker_keeps_its_slot_when_another_joins_the_ranking() {
+        let t0 = Instant::now();
+        let mut c = Conversations::new(SpeakerConfig::default());
+        let k = c.intern("room");
+        c.add_member(k, PeerId(1), 2, t0);
+        assert_eq!(listeners(&mut c, k, 5, t0), vec![(PeerId(1), 0)]);
+        let t1 = t0 + Duration::from_millis(20);
+        assert_eq!(listeners(&mut c, k, 6, t1), vec![(PeerId(1), 1)]);
+        assert_eq!(listeners(&mut c, k, 5, t1), vec![(PeerId(1), 0)]);
+    }
+
+    #[test]
+    fn the_last_member_and_user_leaving_drops_the_conversation() {
+        let t0 = Instant::now();
+        let mut c = Conversations::new(SpeakerConfig::default());
+        let k = c.intern("room");
+        c.user_entered(k);
+        c.add_member(k, PeerId(1), 1, t0);
+        c.remove_member(k, PeerId(1), t0);
+        assert_eq!(c.len(), 1, "the user's membership still points here");
+        c.user_left(k);
+        assert_eq!(c.len(), 0);
+        assert_eq!(c.of(PeerId(1)), None);
     }
 }

@@ -85,11 +85,6 @@ impl Demux {
             }
         }
     }
-
-    /// Number of known addresses (for tests and metrics).
-    pub fn addr_count(&self) -> usize {
-        self.by_addr.len()
-    }
 }
 
 #[cfg(test)]

@@ -1,14 +1,29 @@
-//! One client's peer connection as the core sees it: its `Rtc`, who it
-//! belongs to, its slots and its deadlines.
+//! One client's peer connection: its `Rtc` (private), who it belongs to, its
+//! slots and its named timers.
+//!
+//! Everything that touches the `Rtc` is here: accepting the offer, feeding it
+//! an input behind a panic guard, forwarding a packet on a slot, closing it,
+//! and draining it into an [`Outbox`]. The peer never looks at other peers or
+//! at conversations; what it finds that concerns them goes to
+//! [`Outbox::pending`].
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use log::{debug, warn};
+use str0m::change::SdpOffer;
 use str0m::format::Codec;
 use str0m::media::{Mid, Pt};
-use str0m::Rtc;
+use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
+use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
-use super::conversation::ConvKey;
+use super::api::ConnectError;
+use super::conversation::SpeakerId;
+use super::offer;
+use super::outbox::{Outbox, Pending};
 use super::slot::Slot;
 use super::PeerId;
 
@@ -21,49 +36,400 @@ pub struct Claim {
     pub clientid: String,
 }
 
+/// Why a peer was removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// ICE/DTLS did not complete within the connect timeout.
+    ConnectTimeout,
+    /// No datagram for the idle timeout.
+    Idle,
+    /// ICE reported the peer disconnected, or DTLS was closed.
+    Disconnected,
+    /// `Rtc` failed (error text).
+    Failed(String),
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::ConnectTimeout => write!(f, "not connected within the connect timeout"),
+            CloseReason::Idle => write!(f, "no traffic within the idle timeout"),
+            CloseReason::Disconnected => write!(f, "disconnected"),
+            CloseReason::Failed(e) => write!(f, "failed: {e}"),
+            CloseReason::Shutdown => write!(f, "server shutting down"),
+        }
+    }
+}
+
+/// A peer's timers, by name (quinn's timer table, for three entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerTimer {
+    /// ICE and DTLS did not come up in time.
+    Connect,
+    /// Nothing was received for the idle timeout.
+    Idle,
+    /// The `Rtc` asked to be woken (ICE consent, DTLS retransmit, pacing).
+    Rtc,
+}
+
+/// The two deadlines a peer is given besides its `Rtc`'s own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Time to connect after the offer.
+    pub connect: Duration,
+    /// Time without a datagram before the peer is dropped.
+    pub idle: Duration,
+}
+
+/// The header fields and payload of one packet to forward.
+pub(crate) struct Forward<'a> {
+    /// Who is speaking.
+    pub speaker: SpeakerId,
+    /// The speaker's extended sequence number.
+    pub seq: u64,
+    /// The speaker's RTP timestamp.
+    pub timestamp: u32,
+    /// Audio level and voice activity, forwarded as they came.
+    pub ext: &'a ExtensionValues,
+    /// The Opus payload, shared by every subscriber's write.
+    pub payload: &'a Arc<[u8]>,
+}
+
+/// What every new peer is built with besides its offer.
+pub(crate) struct Setup<'a> {
+    /// Settings shared by every `Rtc` (with the one DTLS certificate).
+    pub rtc_config: &'a RtcConfig,
+    /// The server's host candidate.
+    pub candidate: Candidate,
+    /// Connect and idle timeouts.
+    pub limits: Limits,
+}
+
 /// A connected or connecting client.
-#[derive(Debug)]
-pub struct Peer {
-    /// Core-assigned id, never reused.
-    pub id: PeerId,
-    /// Whose client this is.
-    pub claim: Claim,
-    /// The WebRTC state machine.
-    pub rtc: Rtc,
-    /// The server-side ICE ufrag this peer's STUN checks carry.
-    pub ufrag: String,
-    /// Addresses datagrams from this peer were routed from.
-    pub addrs: Vec<SocketAddr>,
-    /// Audio m-lines the server sends on.
-    pub slots: Vec<Slot>,
-    /// Number of audio m-lines the peer sends on.
-    pub sending_mlines: usize,
-    /// ICE + DTLS are up.
-    pub connected: bool,
-    /// The conversation this peer takes part in.
-    pub conversation: Option<ConvKey>,
-    /// When the peer was created (for the connect timeout).
-    pub created: Instant,
-    /// When the last datagram arrived (for the idle timeout).
-    pub last_rx: Instant,
-    /// The `Rtc`'s own next timeout.
-    pub rtc_deadline: Instant,
+pub(crate) struct Peer {
+    id: PeerId,
+    claim: Claim,
+    rtc: Rtc,
+    ufrag: String,
+    addrs: Vec<SocketAddr>,
+    slots: Vec<Slot>,
+    sending_mlines: usize,
+    connected: bool,
+    limits: Limits,
+    /// When the connect timeout fires; `None` once connected.
+    connect_at: Option<Instant>,
+    last_rx: Instant,
+    rtc_at: Instant,
     /// The deadline currently in the timer heap for this peer, if any.
-    pub armed: Option<Instant>,
+    armed: Option<Instant>,
 }
 
 impl Peer {
-    /// The earliest moment this peer needs attention.
-    pub fn next_deadline(&self, connect_timeout: Duration, idle_timeout: Duration) -> Instant {
-        let mut d = self.rtc_deadline.min(self.last_rx + idle_timeout);
-        if !self.connected {
-            d = d.min(self.created + connect_timeout);
+    /// Builds a peer from a client's offer; returns it with the answer SDP.
+    /// `ufrag_taken` says whether a server ufrag is already routed elsewhere.
+    pub fn accept(
+        now: Instant,
+        id: PeerId,
+        claim: Claim,
+        offer: SdpOffer,
+        setup: Setup<'_>,
+        ufrag_taken: impl Fn(&str) -> bool,
+    ) -> Result<(Peer, String), ConnectError> {
+        let Setup {
+            rtc_config,
+            candidate,
+            limits,
+        } = setup;
+        let rtc_config = rtc_config.clone();
+        let built = catch_unwind(AssertUnwindSafe(move || {
+            let mut rtc = rtc_config.build(now);
+            rtc.add_local_candidate(candidate);
+            let answer = rtc.sdp_api().accept_offer(offer);
+            (rtc, answer)
+        }));
+        let (mut rtc, answer) = built
+            .map_err(|_| ConnectError::Internal("the WebRTC stack failed on this offer".into()))?;
+        let answer = answer.map_err(|e| ConnectError::MalformedOffer(e.to_string()))?;
+        let mut ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        while ufrag_taken(&ufrag) {
+            let creds = str0m::IceCreds::new();
+            ufrag = creds.ufrag.clone();
+            rtc.direct_api().set_local_ice_credentials(creds);
         }
-        d
+        let answer = answer.to_sdp_string();
+        // Slots and sources come from the negotiated audio m-lines.
+        let mut slots = Vec::new();
+        let mut sending_mlines = 0;
+        for mline in offer::audio_mlines(&answer) {
+            let Some(media) = rtc.media(mline.mid) else {
+                continue;
+            };
+            let dir = media.direction();
+            if dir.is_sending() {
+                slots.push(Slot::new(mline.mid, rand::random(), rand::random()));
+            }
+            if dir.is_receiving() {
+                sending_mlines += 1;
+            }
+        }
+        if slots.is_empty() && sending_mlines == 0 {
+            return Err(ConnectError::NoOpus);
+        }
+        let peer = Peer {
+            id,
+            claim,
+            rtc,
+            ufrag,
+            addrs: Vec::new(),
+            slots,
+            sending_mlines,
+            connected: false,
+            limits,
+            connect_at: Some(now + limits.connect),
+            last_rx: now,
+            rtc_at: now,
+            armed: None,
+        };
+        Ok((peer, answer))
+    }
+
+    // ---- getters ----
+
+    /// Core-assigned id, never reused.
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+
+    /// Whose client this is.
+    pub fn claim(&self) -> &Claim {
+        &self.claim
+    }
+
+    /// The server-side ICE ufrag this peer's STUN checks carry.
+    pub fn ufrag(&self) -> &str {
+        &self.ufrag
+    }
+
+    /// Addresses datagrams from this peer were routed from.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Number of audio m-lines the server sends on (slots).
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Number of audio m-lines the peer sends on.
+    pub fn sending_mlines(&self) -> usize {
+        self.sending_mlines
+    }
+
+    /// ICE + DTLS are up.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Short description for logs: `peer 7 (alice/phone)`.
+    pub fn label(&self) -> String {
+        format!(
+            "peer {} ({}/{})",
+            self.id.0, self.claim.userid, self.claim.clientid
+        )
+    }
+
+    // ---- handle_* ----
+
+    /// True if the `Rtc` claims this input (a STUN check for its ufrag, or
+    /// DTLS/SRTP from a known remote).
+    pub fn accepts(&self, input: &Input) -> bool {
+        self.rtc.accepts(input)
+    }
+
+    /// Records that a datagram came from `source`; returns true if the
+    /// address is new for this peer and was learned.
+    pub fn on_received_from(&mut self, now: Instant, source: SocketAddr, max_addrs: usize) -> bool {
+        self.last_rx = now;
+        if self.addrs.contains(&source) || self.addrs.len() >= max_addrs {
+            return false;
+        }
+        self.addrs.push(source);
+        true
+    }
+
+    /// Hands one input to the `Rtc` and drains it. A panic inside str0m (it
+    /// should have none, but the input came from outside) closes only this
+    /// peer. Returns false if the `Rtc` rejected the input.
+    pub fn handle_input(&mut self, input: Input, out: &mut Outbox) -> bool {
+        let rtc = &mut self.rtc;
+        let accepted = match catch_unwind(AssertUnwindSafe(|| rtc.handle_input(input))) {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                debug!("{}: input rejected: {e}", self.label());
+                false
+            }
+            Err(_) => {
+                warn!(
+                    "{}: str0m panicked on input; closing the peer",
+                    self.label()
+                );
+                out.pending.push_back(Pending::Close(
+                    self.id,
+                    CloseReason::Failed("internal error".into()),
+                ));
+                return false;
+            }
+        };
+        self.drain(out);
+        accepted
+    }
+
+    /// Adds a trickled remote candidate and drains.
+    pub fn add_remote_candidate(&mut self, candidate: Candidate, out: &mut Outbox) {
+        self.rtc.add_remote_candidate(candidate);
+        self.drain(out);
+    }
+
+    /// Marks the peer connected; false if it already was.
+    pub fn set_connected(&mut self) -> bool {
+        let was = self.connected;
+        self.connected = true;
+        self.connect_at = None;
+        !was
+    }
+
+    /// Writes one packet on slot `idx` with continuous sequence numbers and
+    /// timestamps, and releases it at once. Returns true if it was written.
+    pub fn forward(
+        &mut self,
+        idx: usize,
+        pkt: &Forward<'_>,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> bool {
+        if !self.connected {
+            return false;
+        }
+        let Some(mid) = self.slots.get(idx).map(|s| s.mid) else {
+            return false;
+        };
+        if self.slots[idx].pt.is_none() {
+            self.slots[idx].pt = self.opus_pt(mid);
+        }
+        let slot = &mut self.slots[idx];
+        let Some(pt) = slot.pt else { return false };
+        let Some(rw) = slot.rewrite(pkt.speaker, pkt.seq, pkt.timestamp, now) else {
+            return false;
+        };
+        let mut api = self.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            return false;
+        };
+        tx.write_rtp(
+            RtpWrite::new(
+                pt,
+                SeqNo::from(rw.seq),
+                rw.timestamp,
+                now,
+                pkt.payload.clone(),
+            )
+            .marker(rw.marker)
+            .ext_vals(pkt.ext.clone()),
+        );
+        // Drain right away (str0m's single-mutation rule).
+        self.drain(out);
+        // str0m's pacer releases queued RTP on a timeout; hand it "now" at
+        // once so the packet leaves in this wake, not the next one.
+        if self.rtc.handle_input(Input::Timeout(now)).is_ok() {
+            self.drain(out);
+        }
+        true
+    }
+
+    /// Says goodbye (DTLS close_notify) if the peer got that far; what it
+    /// sends goes to `out.transmits`, anything else is dropped.
+    pub fn close(&mut self, out: &mut Outbox) {
+        if !self.connected {
+            return;
+        }
+        let rtc = &mut self.rtc;
+        if catch_unwind(AssertUnwindSafe(|| rtc.close())).is_ok() {
+            let mut scratch = Outbox::default();
+            self.drain(&mut scratch);
+            out.transmits.append(&mut scratch.transmits);
+        }
+    }
+
+    // ---- timers ----
+
+    /// Which of the peer's timers has expired at `now`, most final first.
+    pub fn expired(&self, now: Instant) -> Option<PeerTimer> {
+        if self.connect_at.is_some_and(|t| now >= t) {
+            Some(PeerTimer::Connect)
+        } else if now >= self.last_rx + self.limits.idle {
+            Some(PeerTimer::Idle)
+        } else if now >= self.rtc_at {
+            Some(PeerTimer::Rtc)
+        } else {
+            None
+        }
+    }
+
+    /// The earliest of the peer's timers.
+    pub fn next_deadline(&self) -> Instant {
+        let d = self.rtc_at.min(self.last_rx + self.limits.idle);
+        self.connect_at.map_or(d, |c| d.min(c))
+    }
+
+    /// The deadline armed in the heap; the facade compares a popped entry
+    /// with it to tell live from stale.
+    pub fn armed(&self) -> Option<Instant> {
+        self.armed
+    }
+
+    /// Records what is armed in the heap (`None` when it popped).
+    pub fn set_armed(&mut self, at: Option<Instant>) {
+        self.armed = at;
+    }
+
+    // ---- internals ----
+
+    /// Drains the `Rtc` to its timeout.
+    fn drain(&mut self, out: &mut Outbox) {
+        let id = self.id;
+        loop {
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => {
+                    self.rtc_at = t;
+                    break;
+                }
+                Ok(Output::Transmit(t)) => out.transmits.push_back(t),
+                Ok(Output::Event(e)) => match e {
+                    RtcEvent::RtpPacket(p) => out.pending.push_back(Pending::Rtp(id, p)),
+                    RtcEvent::Connected => out.pending.push_back(Pending::Connected(id)),
+                    RtcEvent::IceConnectionStateChange(IceConnectionState::Disconnected)
+                    | RtcEvent::Closed => out
+                        .pending
+                        .push_back(Pending::Close(id, CloseReason::Disconnected)),
+                    _ => {}
+                },
+                Err(e) => {
+                    out.pending
+                        .push_back(Pending::Close(id, CloseReason::Failed(e.to_string())));
+                    break;
+                }
+            }
+        }
+        if !self.rtc.is_alive() {
+            out.pending
+                .push_back(Pending::Close(id, CloseReason::Disconnected));
+        }
     }
 
     /// The peer's payload type for Opus on `mid`.
-    pub fn opus_pt(&self, mid: Mid) -> Option<Pt> {
+    fn opus_pt(&self, mid: Mid) -> Option<Pt> {
         let remote = self.rtc.media(mid).map(|m| m.remote_pts()).unwrap_or(&[]);
         let opus = self
             .rtc
@@ -79,13 +445,5 @@ impl Peer {
             first.get_or_insert(p.pt());
         }
         first
-    }
-
-    /// Short description for logs: `peer 7 (alice/phone)`.
-    pub fn label(&self) -> String {
-        format!(
-            "peer {} ({}/{})",
-            self.id.0, self.claim.userid, self.claim.clientid
-        )
     }
 }

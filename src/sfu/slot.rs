@@ -10,12 +10,9 @@ use std::time::Instant;
 
 use str0m::media::{Mid, Pt};
 
-use super::PeerId;
+use super::conversation::SpeakerId;
+use crate::ogg_opus::{CLOCK_RATE, FRAME_TICKS};
 
-/// RTP clock rate of Opus.
-pub const OPUS_CLOCK_RATE: u64 = 48_000;
-/// One 20 ms Opus frame in RTP time units.
-const FRAME_TICKS: u32 = 960;
 /// Sequence jumps larger than this are treated as a sender restart.
 const MAX_SEQ_JUMP: i64 = 1_000;
 /// Packets later than this many sequence numbers are dropped.
@@ -28,8 +25,6 @@ pub struct Slot {
     pub mid: Mid,
     /// The subscriber's payload type for Opus on this m-line, learned lazily.
     pub pt: Option<Pt>,
-    /// The speaker currently heard on this slot.
-    pub source: Option<PeerId>,
     seq: SeqState,
 }
 
@@ -48,7 +43,7 @@ struct SeqState {
 
 #[derive(Debug, Clone, Copy)]
 struct Run {
-    source: PeerId,
+    source: SpeakerId,
     /// Last input extended sequence number forwarded.
     last_in_seq: u64,
     /// Outgoing sequence number of that packet.
@@ -75,7 +70,6 @@ impl Slot {
         Slot {
             mid,
             pt: None,
-            source: None,
             seq: SeqState {
                 // Stay below 2^15 so the first ROC is 0 and no wrap is near.
                 next_seq: u64::from(first_seq & 0x7fff),
@@ -91,7 +85,7 @@ impl Slot {
     /// (duplicate or far too late).
     pub fn rewrite(
         &mut self,
-        source: PeerId,
+        source: SpeakerId,
         in_seq: u64,
         in_ts: u32,
         now: Instant,
@@ -135,7 +129,7 @@ impl Slot {
 impl SeqState {
     /// Starts a run of `source` at the next sequence number, its timestamps
     /// continuing ours; the first packet carries the marker bit.
-    fn start_run(&mut self, source: PeerId, in_seq: u64, in_ts: u32, now: Instant) -> Rewritten {
+    fn start_run(&mut self, source: SpeakerId, in_seq: u64, in_ts: u32, now: Instant) -> Rewritten {
         let out_seq = self.next_seq;
         let ts = self.continued_ts(now);
         self.run = Some(Run {
@@ -161,7 +155,7 @@ impl SeqState {
             None => self.initial_ts,
             Some((ts, at)) => {
                 let elapsed = now.saturating_duration_since(at);
-                let ticks = (elapsed.as_micros() as u64 * OPUS_CLOCK_RATE / 1_000_000)
+                let ticks = (elapsed.as_micros() as u64 * u64::from(CLOCK_RATE) / 1_000_000)
                     .min(u64::from(u32::MAX / 2)) as u32;
                 ts.wrapping_add(ticks.max(FRAME_TICKS))
             }
@@ -182,7 +176,7 @@ mod tests {
     fn same_source_keeps_gaps_and_offsets() {
         let t0 = Instant::now();
         let mut s = Slot::new(mid(), 100, 5000);
-        let a = PeerId(1);
+        let a = SpeakerId(1);
         let r1 = s.rewrite(a, 10, 1000, t0).unwrap();
         assert_eq!(
             r1,
@@ -216,7 +210,7 @@ mod tests {
     fn switch_continues_sequence_and_timestamp() {
         let t0 = Instant::now();
         let mut s = Slot::new(mid(), 7, 0);
-        let (a, b) = (PeerId(1), PeerId(2));
+        let (a, b) = (SpeakerId(1), SpeakerId(2));
         for i in 0..5u64 {
             s.rewrite(
                 a,
@@ -243,10 +237,64 @@ mod tests {
     fn sender_restart_continues_stream() {
         let t0 = Instant::now();
         let mut s = Slot::new(mid(), 0, 0);
-        let a = PeerId(1);
+        let a = SpeakerId(1);
         s.rewrite(a, 60_000, 10, t0).unwrap();
         let r = s.rewrite(a, 3, 99, t0 + Duration::from_millis(20)).unwrap();
         assert_eq!(r.seq, 1);
         assert_eq!(r.timestamp, 960);
+    }
+
+    #[test]
+    fn slot_streams_stay_valid_under_random_speaker_switches_and_loss() {
+        let mut seed = 0xfeed_beef_cafe_f00du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let t0 = Instant::now();
+        let mut slot = Slot::new(mid(), 1234, 777);
+        let mut in_seq = [0u64; 4];
+        let mut in_ts = [0u32; 4];
+        let mut last: Option<(u64, u32)> = None;
+        let mut now = t0;
+        let mut source = 0usize;
+        let mut lost_since_forwarded = 0u64;
+        for _ in 0..50_000 {
+            now += Duration::from_millis(20);
+            if next().is_multiple_of(50) {
+                let next = (next() % 4) as usize;
+                if next != source {
+                    lost_since_forwarded = 0;
+                }
+                source = next;
+            }
+            // Each source's own stream advances, with occasional loss.
+            in_seq[source] += 1;
+            in_ts[source] = in_ts[source].wrapping_add(960);
+            if next().is_multiple_of(20) {
+                lost_since_forwarded += 1;
+                continue;
+            }
+            let out = slot
+                .rewrite(SpeakerId(source as u64), in_seq[source], in_ts[source], now)
+                .expect("in-order packets are forwarded");
+            if let Some((seq, ts)) = last {
+                if out.marker {
+                    // A new speaker: the stream continues with the next number.
+                    assert_eq!(out.seq, seq + 1, "no gap across a speaker switch");
+                } else {
+                    // Same speaker: the gap is exactly its lost packets.
+                    assert_eq!(out.seq, seq + 1 + lost_since_forwarded, "gaps mirror loss");
+                }
+                assert!(
+                    out.timestamp.wrapping_sub(ts) as i32 > 0,
+                    "timestamps only grow"
+                );
+            }
+            lost_since_forwarded = 0;
+            last = Some((out.seq, out.timestamp));
+        }
     }
 }

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::PeerId;
+use super::conversation::SpeakerId;
 
 /// Tuning of the selector.
 #[derive(Debug, Clone, Copy)]
@@ -43,10 +43,18 @@ impl Default for SpeakerConfig {
 
 /// Loudness of a packet: 127 + level (level in -127..=0 dBov). Packets without
 /// the extension are assumed voiced at a moderate level so they are still heard.
-pub fn loudness(audio_level: Option<i8>) -> f32 {
+pub(crate) fn loudness(audio_level: Option<i8>) -> f32 {
     match audio_level {
         Some(l) => f32::from(127i16.saturating_add(i16::from(l)).clamp(0, 127) as u8),
         None => 80.0,
+    }
+}
+
+impl SpeakerConfig {
+    /// True if a packet at this level counts as speech (for the selector
+    /// and for bites alike).
+    pub(crate) fn is_voiced(&self, audio_level: Option<i8>) -> bool {
+        loudness(audio_level) >= self.voiced_loudness
     }
 }
 
@@ -58,7 +66,7 @@ struct Score {
 
 #[derive(Debug, Clone, Copy)]
 struct Active {
-    peer: PeerId,
+    peer: SpeakerId,
     since: Instant,
 }
 
@@ -67,7 +75,7 @@ struct Active {
 pub struct SpeakerSelector {
     config: SpeakerConfig,
     capacity: usize,
-    scores: HashMap<PeerId, Score>,
+    scores: HashMap<SpeakerId, Score>,
     active: Vec<Active>,
 }
 
@@ -97,9 +105,9 @@ impl SpeakerSelector {
     }
 
     /// Records one packet of `peer`; returns true if the ranking changed.
-    pub fn on_packet(&mut self, peer: PeerId, audio_level: Option<i8>, now: Instant) -> bool {
+    pub fn on_packet(&mut self, peer: SpeakerId, audio_level: Option<i8>, now: Instant) -> bool {
         let l = loudness(audio_level);
-        let voiced = l >= self.config.voiced_loudness;
+        let voiced = self.config.is_voiced(audio_level);
         let score = self.scores.entry(peer).or_insert(Score {
             smoothed: 0.0,
             last_voiced: None,
@@ -150,7 +158,7 @@ impl SpeakerSelector {
 
     /// True if `peer` may take `incumbent`'s place: the incumbent went
     /// quiet, or `peer` is louder by the margin after the dwell time.
-    fn overtakes(&self, peer: PeerId, incumbent: Active, now: Instant) -> bool {
+    fn overtakes(&self, peer: SpeakerId, incumbent: Active, now: Instant) -> bool {
         let theirs = self.effective(incumbent.peer, now);
         let ours = self.effective(peer, now);
         let dwell_over = now.saturating_duration_since(incumbent.since) >= self.config.min_dwell;
@@ -158,7 +166,7 @@ impl SpeakerSelector {
     }
 
     /// Forgets a member; returns true if it was an active speaker.
-    pub fn remove(&mut self, peer: PeerId) -> bool {
+    pub fn remove(&mut self, peer: SpeakerId) -> bool {
         self.scores.remove(&peer);
         let before = self.active.len();
         self.active.retain(|a| a.peer != peer);
@@ -166,12 +174,13 @@ impl SpeakerSelector {
     }
 
     /// True if `peer` is currently an active speaker.
-    pub fn is_active(&self, peer: PeerId) -> bool {
+    #[cfg(test)]
+    pub fn is_active(&self, peer: SpeakerId) -> bool {
         self.active.iter().any(|a| a.peer == peer)
     }
 
     /// Fills `out` with the first `n` ranked active speakers other than `except`.
-    pub fn top_for(&self, except: PeerId, n: usize, out: &mut Vec<PeerId>) {
+    pub fn top_for(&self, except: SpeakerId, n: usize, out: &mut Vec<SpeakerId>) {
         out.clear();
         out.extend(
             self.active
@@ -182,12 +191,7 @@ impl SpeakerSelector {
         );
     }
 
-    /// The active speakers, highest ranked first.
-    pub fn active(&self) -> impl Iterator<Item = PeerId> + '_ {
-        self.active.iter().map(|a| a.peer)
-    }
-
-    fn effective(&self, peer: PeerId, now: Instant) -> f32 {
+    fn effective(&self, peer: SpeakerId, now: Instant) -> f32 {
         match self.scores.get(&peer) {
             Some(Score {
                 smoothed,
@@ -221,37 +225,37 @@ mod tests {
     fn fills_capacity_then_needs_margin_and_dwell() {
         let t0 = Instant::now();
         let mut s = SpeakerSelector::new(SpeakerConfig::default(), 1);
-        assert!(s.on_packet(PeerId(1), SOFT, t0));
+        assert!(s.on_packet(SpeakerId(1), SOFT, t0));
         // Silence never enters.
-        assert!(!s.on_packet(PeerId(3), SILENT, t0));
+        assert!(!s.on_packet(SpeakerId(3), SILENT, t0));
         // A louder newcomer must wait out the dwell time.
-        assert!(!s.on_packet(PeerId(2), LOUD, t0 + Duration::from_millis(100)));
+        assert!(!s.on_packet(SpeakerId(2), LOUD, t0 + Duration::from_millis(100)));
         let mut t = t0 + Duration::from_millis(100);
         let mut switched = false;
         // Long enough for two overtakes, each after a dwell time.
         for _ in 0..120 {
             t += Duration::from_millis(20);
-            s.on_packet(PeerId(1), SOFT, t);
-            if s.on_packet(PeerId(2), LOUD, t) {
+            s.on_packet(SpeakerId(1), SOFT, t);
+            if s.on_packet(SpeakerId(2), LOUD, t) {
                 switched = true;
                 break;
             }
         }
         assert!(switched);
         assert!(t >= t0 + SpeakerConfig::default().min_dwell);
-        assert!(s.is_active(PeerId(2)) && !s.is_active(PeerId(1)));
+        assert!(s.is_active(SpeakerId(2)) && !s.is_active(SpeakerId(1)));
     }
 
     #[test]
     fn silent_speaker_is_displaced_at_once() {
         let t0 = Instant::now();
         let mut s = SpeakerSelector::new(SpeakerConfig::default(), 1);
-        assert!(s.on_packet(PeerId(1), LOUD, t0));
+        assert!(s.on_packet(SpeakerId(1), LOUD, t0));
         let later = t0 + Duration::from_millis(1500);
-        assert!(s.on_packet(PeerId(2), SOFT, later));
+        assert!(s.on_packet(SpeakerId(2), SOFT, later));
         let mut out = vec![];
-        s.top_for(PeerId(9), 3, &mut out);
-        assert_eq!(out, vec![PeerId(2)]);
+        s.top_for(SpeakerId(9), 3, &mut out);
+        assert_eq!(out, vec![SpeakerId(2)]);
     }
 
     #[test]
@@ -262,16 +266,16 @@ mod tests {
         // Long enough for two overtakes, each after a dwell time.
         for _ in 0..120 {
             t += Duration::from_millis(20);
-            s.on_packet(PeerId(1), SOFT, t);
-            s.on_packet(PeerId(2), LOUD, t);
-            s.on_packet(PeerId(3), Some(-35), t);
+            s.on_packet(SpeakerId(1), SOFT, t);
+            s.on_packet(SpeakerId(2), LOUD, t);
+            s.on_packet(SpeakerId(3), Some(-35), t);
         }
         let mut out = vec![];
-        s.top_for(PeerId(2), 5, &mut out);
-        assert_eq!(out, vec![PeerId(3), PeerId(1)]);
-        s.top_for(PeerId(7), 1, &mut out);
-        assert_eq!(out, vec![PeerId(2)]);
-        assert!(s.remove(PeerId(2)));
-        assert!(!s.is_active(PeerId(2)));
+        s.top_for(SpeakerId(2), 5, &mut out);
+        assert_eq!(out, vec![SpeakerId(3), SpeakerId(1)]);
+        s.top_for(SpeakerId(7), 1, &mut out);
+        assert_eq!(out, vec![SpeakerId(2)]);
+        assert!(s.remove(SpeakerId(2)));
+        assert!(!s.is_active(SpeakerId(2)));
     }
 }

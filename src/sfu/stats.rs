@@ -1,39 +1,95 @@
-//! Plain counters kept by the core. The media loop copies them into the
-//! shared metrics after each batch, so the hot path pays for no atomics.
+//! Plain counters kept by the core, and the one [`Snapshot`] the driver
+//! reads for metrics and health. The media loop copies them into the shared
+//! metrics now and then, so the hot path pays for no atomics.
+//!
+//! Each counter is declared once, with where it is exported; the metrics
+//! module registers and publishes them from that table, so adding a counter
+//! here is all it takes to see it on `/metrics`.
 
-/// Counters since the core started.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CoreStats {
+/// Where a core counter appears on `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Export {
+    /// Its own counter: `beep_sfu_<name>_total`.
+    Counter {
+        /// Metric name without prefix and suffix.
+        name: &'static str,
+        /// Help text.
+        help: &'static str,
+    },
+    /// `beep_sfu_dropped_datagrams_total{reason=…}`.
+    Dropped(&'static str),
+    /// `beep_sfu_peer_events_total{reason=…}`.
+    PeerEvent(&'static str),
+}
+
+macro_rules! core_stats {
+    ($( $(#[doc = $doc:literal])* $field:ident => $export:expr; )*) => {
+        /// Counters since the core started.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct CoreStats {
+            $( $(#[doc = $doc])* pub $field: u64, )*
+        }
+
+        impl CoreStats {
+            /// Where each counter is exported, in field order.
+            pub(crate) const EXPORTS: &'static [Export] = &[$($export),*];
+
+            /// The counters' values, in the order of [`CoreStats::EXPORTS`].
+            pub(crate) fn values(&self) -> impl Iterator<Item = u64> {
+                [$(self.$field),*].into_iter()
+            }
+        }
+    };
+}
+
+use Export::{Counter, Dropped, PeerEvent};
+
+core_stats! {
     /// Datagrams handed to the core.
-    pub datagrams_in: u64,
+    datagrams_in => Counter { name: "datagrams_in", help: "Datagrams received on the media socket" };
     /// Bytes handed to the core.
-    pub bytes_in: u64,
+    bytes_in => Counter { name: "bytes_in", help: "Bytes received on the media socket" };
     /// RTP packets decrypted from peers.
-    pub rtp_in: u64,
-    /// RTP packets received from peers that are in no conversation.
-    pub rtp_outside_conversation: u64,
+    rtp_in => Counter { name: "rtp_packets_in", help: "RTP packets received from peers" };
     /// RTP packets written to subscribers.
-    pub forwarded: u64,
-    /// Datagrams dropped: not STUN/DTLS/RTP by their first byte, or unparsable.
-    pub dropped_malformed: u64,
-    /// Datagrams dropped: from an unknown address and not a STUN check for a known ufrag.
-    pub dropped_unknown_source: u64,
-    /// Datagrams a peer's `Rtc` refused.
-    pub dropped_rejected: u64,
-    /// Peers created from offers.
-    pub peers_created: u64,
-    /// Peers that completed ICE and DTLS.
-    pub peers_connected: u64,
-    /// Peers removed.
-    pub peers_closed: u64,
-    /// Connects refused at the peer limit.
-    pub connects_refused: u64,
-    /// Joins applied.
-    pub joins: u64,
+    forwarded => Counter { name: "forwarded_packets", help: "RTP packets forwarded to subscribers" };
     /// Timer wakes that advanced a peer's `Rtc`.
-    pub rtc_timeouts: u64,
-    /// Bites finished.
-    pub bites: u64,
+    rtc_timeouts => Counter { name: "rtc_timeouts", help: "Timer wakes that advanced a peer's WebRTC state" };
+    /// Joins applied.
+    joins => Counter { name: "joins", help: "Joins applied by the media loop" };
     /// Times a conversation's slot mapping was rebuilt.
-    pub speaker_changes: u64,
+    speaker_changes => Counter { name: "slot_reassignments", help: "Times a conversation's slot mapping was rebuilt (speaker or membership changes)" };
+    /// Packets a bite dropped as duplicate or out of order.
+    bite_packets_late => Counter { name: "bite_packets_late", help: "Packets left out of a bite as duplicate or out of order" };
+    /// Datagrams dropped: not STUN/DTLS/RTP by their first byte, or unparsable.
+    dropped_malformed => Dropped("malformed");
+    /// Datagrams dropped: from an unknown address and not a STUN check for a known ufrag.
+    dropped_unknown_source => Dropped("unknown_source");
+    /// Datagrams a peer's `Rtc` refused.
+    dropped_rejected => Dropped("rejected_by_peer");
+    /// RTP packets received from peers that are in no conversation.
+    rtp_outside_conversation => Dropped("outside_conversation");
+    /// Peers created from offers.
+    peers_created => PeerEvent("created");
+    /// Peers that completed ICE and DTLS.
+    peers_connected => PeerEvent("connected");
+    /// Peers removed.
+    peers_closed => PeerEvent("closed");
+    /// Connects refused at a peer limit.
+    connects_refused => PeerEvent("refused_full");
+}
+
+/// Everything the driver reports about the core, read in one call.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Counters since start.
+    pub stats: CoreStats,
+    /// Peers, connecting or connected.
+    pub peers: usize,
+    /// Connected peers.
+    pub connected: usize,
+    /// Conversations with members or joined users.
+    pub conversations: usize,
+    /// Bites being assembled.
+    pub open_bites: usize,
 }

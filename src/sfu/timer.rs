@@ -18,8 +18,6 @@ pub enum TimerKey {
     Peer(PeerId),
     /// The end of a user's membership grace period (user id).
     Grace(String),
-    /// The periodic silence check of open bites.
-    Bites,
 }
 
 /// A min-heap of deadlines with lazy invalidation.
@@ -49,15 +47,6 @@ impl TimerHeap {
         }
     }
 
-    /// Number of entries, stale ones included.
-    pub fn len(&self) -> usize {
-        self.heap.len()
-    }
-
-    /// True when nothing is armed.
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -80,6 +69,6 @@ mod tests {
             Some(TimerKey::Grace("u".into()))
         );
         assert_eq!(h.pop_due(now), None);
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.heap.len(), 1);
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use percent_encoding::utf8_percent_encode;
 
 use crate::permissions::SEGMENT;
-use crate::sfu::bite::FinishedBite;
+use crate::sfu::FinishedBite;
 
 /// An id as a safe single path component.
 pub fn safe_component(id: &str) -> String {

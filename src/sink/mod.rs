@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use log::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::sfu::bite::FinishedBite;
+use crate::sfu::FinishedBite;
 use nats::{NatsConfig, NatsPublisher};
 
 /// Bites that may wait between the media loop and the sink thread.
@@ -113,6 +113,7 @@ impl Sink {
 fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
     let mut nats = config
         .nats
+        .clone()
         .map(|c| NatsPublisher::start(c, metrics.clone()));
     if let Some(dir) = &config.dir {
         info!("writing bites to {}", dir.display());
@@ -120,23 +121,7 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
     let mut finish_by = None;
     loop {
         match rx.recv_timeout(TICK) {
-            Ok(SinkMsg::Bite(b)) => {
-                if let Some(dir) = &config.dir {
-                    match files::write_bite(dir, &b) {
-                        Ok(p) => {
-                            metrics.bites_written.inc();
-                            debug!("wrote {}", p.display());
-                        }
-                        Err(e) => {
-                            metrics.bite_dropped("file_write_error");
-                            warn!("could not write a bite under {}: {e}", dir.display());
-                        }
-                    }
-                }
-                if let Some(n) = &mut nats {
-                    n.enqueue(&b);
-                }
-            }
+            Ok(SinkMsg::Bite(b)) => deliver(&config, nats.as_mut(), &metrics, &b),
             Ok(SinkMsg::Finish(deadline)) => finish_by = Some(deadline),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => finish_by = finish_by.or(Some(Instant::now())),
@@ -147,12 +132,7 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
         if let Some(deadline) = finish_by {
             // Drain whatever is still queued first.
             while let Ok(SinkMsg::Bite(b)) = rx.try_recv() {
-                if let Some(dir) = &config.dir {
-                    let _ = files::write_bite(dir, &b);
-                }
-                if let Some(n) = &mut nats {
-                    n.enqueue(&b);
-                }
+                deliver(&config, nats.as_mut(), &metrics, &b);
             }
             let Some(n) = &mut nats else { return };
             n.pump();
@@ -174,5 +154,30 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
                 return;
             }
         }
+    }
+}
+
+/// Writes a bite's file (if configured) and queues it for NATS (if
+/// configured), counting and logging what fails.
+fn deliver(
+    config: &SinkConfig,
+    nats: Option<&mut NatsPublisher>,
+    metrics: &Metrics,
+    b: &FinishedBite,
+) {
+    if let Some(dir) = &config.dir {
+        match files::write_bite(dir, b) {
+            Ok(p) => {
+                metrics.bites_written.inc();
+                debug!("wrote {}", p.display());
+            }
+            Err(e) => {
+                metrics.bite_dropped("file_write_error");
+                warn!("could not write a bite under {}: {e}", dir.display());
+            }
+        }
+    }
+    if let Some(n) = nats {
+        n.enqueue(b);
     }
 }

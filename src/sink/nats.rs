@@ -27,7 +27,7 @@ use prost::Message;
 
 use crate::metrics::Metrics;
 use crate::proto::{Bite, Client, Store};
-use crate::sfu::bite::FinishedBite;
+use crate::sfu::FinishedBite;
 
 /// Where and how to publish.
 #[derive(Debug, Clone)]

@@ -13,17 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use str0m::change::SdpAnswer;
-use str0m::media::{Direction, MediaKind, Mid, Pt};
-use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo, Ssrc};
-use str0m::{Event, Input, Output, Rtc};
+use str0m::rtp::Ssrc;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
 use beep_sfu::config::Config;
 use beep_sfu::server::Server;
+use beep_sfu::testkit::{ClientOutput, OpusClient};
 
 /// A config on loopback with ephemeral ports.
 pub fn test_config(dev: bool, permissions_host: &str) -> Config {
@@ -77,17 +74,13 @@ pub struct Got {
 pub struct TestPeer {
     pub name: String,
     pub claim: String,
-    pub rtc: Rtc,
+    pub rtc: OpusClient,
     pub socket: UdpSocket,
     pub addr: SocketAddr,
     pub ws: Option<WebSocket<TcpStream>>,
     pub ws_close: Option<(u16, String)>,
     pub connected: bool,
     pub received: Vec<Got>,
-    pub send_mid: Option<Mid>,
-    pt: Option<Pt>,
-    seq: u64,
-    ts: u32,
     buf: Vec<u8>,
 }
 
@@ -102,7 +95,7 @@ impl TestPeer {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();
         let addr = socket.local_addr().unwrap();
-        let rtc = beep_sfu::harness::client_rtc(addr, Instant::now()).unwrap();
+        let rtc = OpusClient::new(addr, Instant::now()).unwrap();
         TestPeer {
             name: format!("{userid}/{clientid}"),
             claim: claim(userid, clientid),
@@ -113,21 +106,13 @@ impl TestPeer {
             ws_close: None,
             connected: false,
             received: Vec::new(),
-            send_mid: None,
-            pt: None,
-            seq: 0,
-            ts: 0,
             buf: vec![0; 2000],
         }
     }
 
     /// Opens /connect, sends the offer in `style`, reads the answer.
     pub fn signal(&mut self, http: SocketAddr, style: OfferStyle) -> Result<(), String> {
-        let mut api = self.rtc.sdp_api();
-        let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
-        let (offer, pending) = api.apply().ok_or("no offer")?;
-        self.send_mid = Some(mid);
-        let sdp = offer.to_sdp_string();
+        let sdp = self.rtc.offer(true, 0)?;
         let text = match style {
             OfferStyle::Raw => sdp,
             OfferStyle::Prefixed => format!("offer::{sdp}"),
@@ -155,11 +140,7 @@ impl TestPeer {
                 v["sdp"].as_str().expect("sdp").to_string()
             }
         };
-        let answer = SdpAnswer::from_sdp_string(&sdp).map_err(|e| e.to_string())?;
-        self.rtc
-            .sdp_api()
-            .accept_answer(pending, answer)
-            .map_err(|e| e.to_string())?;
+        self.rtc.accept_answer(&sdp)?;
         ws.get_mut()
             .set_read_timeout(Some(Duration::from_millis(1)))
             .unwrap();
@@ -172,17 +153,15 @@ impl TestPeer {
         loop {
             match self.socket.recv_from(&mut self.buf) {
                 Ok((n, source)) => {
-                    let now = Instant::now();
-                    if let Ok(r) = Receive::new(Protocol::Udp, source, self.addr, &self.buf[..n]) {
-                        let _ = self.rtc.handle_input(Input::Receive(now, r));
-                        self.drain();
-                    }
+                    self.rtc
+                        .handle_datagram(Instant::now(), source, &self.buf[..n]);
+                    self.drain();
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(_) => break,
             }
         }
-        let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+        self.rtc.handle_timeout(Instant::now());
         self.drain();
         if let Some(ws) = &mut self.ws {
             match ws.read() {
@@ -206,46 +185,25 @@ impl TestPeer {
     }
 
     fn drain(&mut self) {
-        loop {
-            match self.rtc.poll_output() {
-                Ok(Output::Timeout(_)) | Err(_) => break,
-                Ok(Output::Transmit(t)) => {
+        while let Some(out) = self.rtc.poll_output() {
+            match out {
+                ClientOutput::Transmit(t) => {
                     let _ = self.socket.send_to(&t.contents, t.destination);
                 }
-                Ok(Output::Event(Event::Connected)) => self.connected = true,
-                Ok(Output::Event(Event::RtpPacket(p))) => self.received.push(Got {
+                ClientOutput::Connected => self.connected = true,
+                ClientOutput::Rtp(_, p) => self.received.push(Got {
                     ssrc: p.header.ssrc,
                     seq: *p.seq_no,
                     timestamp: p.header.timestamp,
                     payload: p.payload.to_vec(),
                 }),
-                Ok(Output::Event(_)) => {}
             }
         }
     }
 
     /// Sends one 20 ms packet.
     pub fn send(&mut self, payload: &[u8], level: i8) {
-        let Some(mid) = self.send_mid else { return };
-        if self.pt.is_none() {
-            self.pt = beep_sfu::harness::opus_pt(&self.rtc);
-        }
-        let Some(pt) = self.pt else { return };
-        let ext = ExtensionValues {
-            audio_level: Some(level),
-            voice_activity: Some(true),
-            ..Default::default()
-        };
-        let (seq, ts) = (self.seq, self.ts);
-        self.seq += 1;
-        self.ts = self.ts.wrapping_add(960);
-        let mut api = self.rtc.direct_api();
-        if let Some(tx) = api.stream_tx_by_mid(mid, None) {
-            tx.write_rtp(
-                RtpWrite::new(pt, SeqNo::from(seq), ts, Instant::now(), payload.to_vec())
-                    .ext_vals(ext),
-            );
-        }
+        self.rtc.send(payload, level, Instant::now());
         self.drain();
     }
 }

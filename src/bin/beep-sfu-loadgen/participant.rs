@@ -8,12 +8,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use beep_sfu::testkit::{ClientOutput, OpusClient};
 use mio::net::UdpSocket;
-use str0m::change::SdpAnswer;
-use str0m::media::{Direction, MediaKind, Mid, Pt};
-use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
-use str0m::{Event, Input, Output, Rtc};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::Message;
 
@@ -85,12 +81,9 @@ pub struct WebRtcParticipant {
     pub id: u32,
     /// Its UDP socket.
     pub socket: UdpSocket,
-    addr: SocketAddr,
-    rtc: Rtc,
-    send_mid: Mid,
-    pt: Option<Pt>,
-    seq: u64,
-    ts: u32,
+    rtc: OpusClient,
+    /// Packets sent (numbers the payloads).
+    sent: u32,
     /// When signalling started.
     pub started: Instant,
     /// When ICE+DTLS came up.
@@ -114,13 +107,8 @@ impl WebRtcParticipant {
         std_sock.set_nonblocking(true).map_err(|e| e.to_string())?;
         let addr = std_sock.local_addr().map_err(|e| e.to_string())?;
         let socket = UdpSocket::from_std(std_sock);
-        let mut rtc = beep_sfu::harness::client_rtc(addr, Instant::now())?;
-        let mut api = rtc.sdp_api();
-        let send_mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
-        for _ in 1..slots.max(1) {
-            api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
-        }
-        let (offer, pending) = api.apply().ok_or("no offer")?;
+        let mut rtc = OpusClient::new(addr, Instant::now())?;
+        let offer = rtc.offer(true, slots.max(1) - 1)?;
         let claim = serde_json::json!({"userid": userid, "clientid": format!("c{id}")}).to_string();
         let mut req = format!("ws://{http}/connect")
             .into_client_request()
@@ -132,27 +120,19 @@ impl WebRtcParticipant {
         tcp.set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
         let (mut ws, _) = tungstenite::client(req, tcp).map_err(|e| format!("websocket: {e}"))?;
-        ws.send(Message::text(offer.to_sdp_string()))
-            .map_err(|e| e.to_string())?;
+        ws.send(Message::text(offer)).map_err(|e| e.to_string())?;
         let answer = match ws.read().map_err(|e| format!("answer: {e}"))? {
             Message::Text(t) => t.as_str().to_string(),
             other => return Err(format!("expected an answer, got {other:?}")),
         };
-        let answer = SdpAnswer::from_sdp_string(&answer).map_err(|e| e.to_string())?;
-        rtc.sdp_api()
-            .accept_answer(pending, answer)
-            .map_err(|e| e.to_string())?;
+        rtc.accept_answer(&answer)?;
         // The server closes the socket once connected; we need nothing more from it.
         drop(ws);
         Ok(WebRtcParticipant {
             id,
             socket,
-            addr,
             rtc,
-            send_mid,
-            pt: None,
-            seq: 0,
-            ts: 0,
+            sent: 0,
             started,
             connected_at: None,
             tally: Tally::default(),
@@ -190,10 +170,8 @@ impl WebRtcParticipant {
             match self.socket.recv_from(&mut self.buf) {
                 Ok((n, source)) => {
                     let now = Instant::now();
-                    if let Ok(r) = Receive::new(Protocol::Udp, source, self.addr, &self.buf[..n]) {
-                        let _ = self.rtc.handle_input(Input::Receive(now, r));
-                        self.drain(epoch, window, now);
-                    }
+                    self.rtc.handle_datagram(now, source, &self.buf[..n]);
+                    self.drain(epoch, window, now);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(_) => return,
@@ -205,49 +183,31 @@ impl WebRtcParticipant {
     pub fn on_tick(&mut self, epoch: Instant, window: Option<Window>, talk: bool) {
         let now = Instant::now();
         if talk && self.connected_at.is_some() {
-            if self.pt.is_none() {
-                self.pt = beep_sfu::harness::opus_pt(&self.rtc);
-            }
-            if let Some(pt) = self.pt {
-                let sent_ns = now.duration_since(epoch).as_nanos() as u64;
+            let sent_ns = now.duration_since(epoch).as_nanos() as u64;
+            let data = payload(self.id, self.sent, sent_ns);
+            if self.rtc.send(&data, -25, now) {
                 if window.is_some_and(|w| w.contains(sent_ns)) {
                     self.tally.sent_in_window += 1;
                 }
-                let data = payload(self.id, self.seq as u32, sent_ns);
-                let ext = ExtensionValues {
-                    audio_level: Some(-25),
-                    voice_activity: Some(true),
-                    ..Default::default()
-                };
-                let (seq, ts) = (self.seq, self.ts);
-                self.seq += 1;
-                self.ts = self.ts.wrapping_add(960);
-                if let Some(tx) = self.rtc.direct_api().stream_tx_by_mid(self.send_mid, None) {
-                    tx.write_rtp(
-                        RtpWrite::new(pt, SeqNo::from(seq), ts, now, data.to_vec()).ext_vals(ext),
-                    );
-                }
-                self.drain(epoch, window, now);
+                self.sent += 1;
             }
         }
-        let _ = self.rtc.handle_input(Input::Timeout(now));
+        self.rtc.handle_timeout(now);
         self.drain(epoch, window, now);
     }
 
     fn drain(&mut self, epoch: Instant, window: Option<Window>, now: Instant) {
-        loop {
-            match self.rtc.poll_output() {
-                Ok(Output::Timeout(_)) | Err(_) => return,
-                Ok(Output::Transmit(t)) => {
+        while let Some(out) = self.rtc.poll_output() {
+            match out {
+                ClientOutput::Transmit(t) => {
                     let _ = self.socket.send_to(&t.contents, t.destination);
                 }
-                Ok(Output::Event(Event::Connected)) => self.connected_at = Some(now),
-                Ok(Output::Event(Event::RtpPacket(p))) => {
+                ClientOutput::Connected => self.connected_at = Some(now),
+                ClientOutput::Rtp(_, p) => {
                     if let Some((_, sent)) = parse(&p.payload) {
                         record(&mut self.tally, window, epoch, now, sent);
                     }
                 }
-                Ok(Output::Event(_)) => {}
             }
         }
     }

@@ -1,4 +1,4 @@
-//! The text protocol spoken on the `/connect` WebSocket, as pure functions.
+//! The text messages spoken on the `/connect` WebSocket, as pure functions.
 //!
 //! The client's first frame is the offer in one of three styles: raw SDP
 //! (`v=0…`), `offer::` + SDP, or JSON `{"type":"offer","sdp":"…"}`. The answer
@@ -10,7 +10,7 @@ use serde_json::Value;
 
 /// How the client wrote its offer, so the answer is written the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Style {
+pub(crate) enum Style {
     /// Bare SDP text.
     Raw,
     /// `offer::` / `answer::` prefixes.
@@ -21,7 +21,7 @@ pub enum Style {
 
 /// One message from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientMessage {
+pub(crate) enum ClientMessage {
     /// The SDP offer.
     Offer {
         /// SDP text.
@@ -34,7 +34,7 @@ pub enum ClientMessage {
 }
 
 /// Parses one text frame from the client.
-pub fn parse_client_message(text: &str) -> Result<ClientMessage, String> {
+pub(crate) fn parse_client_message(text: &str) -> Result<ClientMessage, String> {
     let t = text.trim_start();
     if t.starts_with("v=0") {
         return Ok(ClientMessage::Offer {
@@ -81,7 +81,7 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, String> {
 }
 
 /// Writes the answer in the client's style.
-pub fn format_answer(style: Style, sdp: &str) -> String {
+pub(crate) fn format_answer(style: Style, sdp: &str) -> String {
     match style {
         Style::Raw => sdp.to_string(),
         Style::Prefixed => format!("answer::{sdp}"),

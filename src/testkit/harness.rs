@@ -1,4 +1,4 @@
-//! In-memory wiring of real str0m client `Rtc`s to the [`Sfu`] core, with
+//! In-memory wiring of real str0m clients ([`OpusClient`]) to the [`Sfu`] core, with
 //! simulated time and no sockets: the harness the core tests and the
 //! benchmarks drive (the shape of quinn-proto's paired test endpoints).
 //!
@@ -8,14 +8,11 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use str0m::change::SdpAnswer;
-use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, Mid, Pt};
-use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo, Ssrc};
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use str0m::media::Mid;
+use str0m::rtp::Ssrc;
 
-use crate::sfu::{Claim, PeerId, Sfu, SfuConfig, SfuEvent};
+use super::client::{ClientOutput, OpusClient};
+use crate::sfu::{Claim, ConnectError, PeerId, Reply, Request, Sfu, SfuConfig, SfuEvent};
 
 /// One RTP packet a client decrypted.
 #[derive(Debug, Clone)]
@@ -34,25 +31,20 @@ pub struct Received {
     pub payload: Vec<u8>,
 }
 
-/// A simulated client: a str0m `Rtc` and what it received.
+/// A simulated client: an [`OpusClient`] and what it received.
 pub struct Client {
     /// The client's WebRTC state.
-    pub rtc: Rtc,
+    pub rtc: OpusClient,
     /// Its (simulated) address.
     pub addr: SocketAddr,
     /// Its peer id at the server.
     pub peer: PeerId,
     /// Who it claims to be.
     pub claim: Claim,
-    /// The m-line it sends on, if any.
-    pub send_mid: Option<Mid>,
     /// Everything it received, in order.
     pub received: Vec<Received>,
     /// True once the client's `Rtc` reported Connected.
     pub connected: bool,
-    pt: Option<Pt>,
-    seq: u64,
-    timestamp: u32,
 }
 
 /// The core plus its clients, stepped together in simulated time.
@@ -102,42 +94,37 @@ impl Harness {
             IpAddr::V4(Ipv4Addr::new(10, 1, (n / 250) as u8, (n % 250 + 2) as u8)),
             40000 + (n % 20000) as u16,
         );
-        let mut rtc = client_rtc(addr, self.now).expect("valid simulated address");
-        let mut api = rtc.sdp_api();
-        let send_mid = if send {
-            Some(api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None))
-        } else {
-            None
-        };
-        for _ in 0..extra_recv {
-            api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
-        }
-        let (offer, pending) = api.apply().expect("offer with media");
+        let mut rtc = OpusClient::new(addr, self.now).expect("valid simulated address");
+        let offer = rtc.offer(send, extra_recv).expect("offer with media");
         let claim = Claim {
             userid: userid.into(),
             clientid: clientid.into(),
         };
         let (peer, answer) = self
-            .sfu
-            .connect(self.now, claim.clone(), &offer.to_sdp_string())
-            .unwrap_or_else(|e| panic!("core refused {e:?}: {}", offer.to_sdp_string()));
-        let answer = SdpAnswer::from_sdp_string(&answer).expect("answer parses");
-        rtc.sdp_api()
-            .accept_answer(pending, answer)
-            .expect("answer accepted");
+            .connect(claim.clone(), &offer)
+            .unwrap_or_else(|e| panic!("core refused {e:?}: {offer}"));
+        rtc.accept_answer(&answer).expect("answer accepted");
         self.clients.push(Client {
             rtc,
             addr,
             peer,
             claim,
-            send_mid,
             received: Vec::new(),
             connected: false,
-            pt: None,
-            seq: 0,
-            timestamp: 0,
         });
         self.clients.len() - 1
+    }
+
+    /// Asks the core for a peer, as signalling would.
+    pub fn connect(&mut self, claim: Claim, offer: &str) -> Result<(PeerId, String), ConnectError> {
+        let request = Request::Connect {
+            claim,
+            offer: offer.to_string(),
+        };
+        match self.sfu.handle_request(self.now, request) {
+            Reply::Connect(r) => r,
+            other => panic!("connect answered with {other:?}"),
+        }
     }
 
     /// Advances simulated time by `dt`, delivering every datagram in flight
@@ -146,7 +133,7 @@ impl Harness {
         self.now += dt;
         let now = self.now;
         for i in 0..self.clients.len() {
-            let _ = self.clients[i].rtc.handle_input(Input::Timeout(now));
+            self.clients[i].rtc.handle_timeout(now);
             self.drain_client(i);
         }
         self.sfu.handle_timeout(now);
@@ -160,13 +147,9 @@ impl Harness {
             while let Some(t) = self.sfu.poll_transmit() {
                 moved = true;
                 if let Some(i) = self.clients.iter().position(|c| c.addr == t.destination) {
-                    let Ok(r) = Receive::new(Protocol::Udp, t.source, t.destination, &t.contents)
-                    else {
-                        continue;
-                    };
-                    let _ = self.clients[i]
+                    self.clients[i]
                         .rtc
-                        .handle_input(Input::Receive(self.now, r));
+                        .handle_datagram(self.now, t.source, &t.contents);
                     self.drain_client(i);
                 }
             }
@@ -181,35 +164,21 @@ impl Harness {
 
     fn drain_client(&mut self, i: usize) {
         let now = self.now;
-        loop {
-            let out = match self.clients[i].rtc.poll_output() {
-                Ok(o) => o,
-                Err(_) => break,
-            };
+        while let Some(out) = self.clients[i].rtc.poll_output() {
             match out {
-                Output::Timeout(_) => break,
-                Output::Transmit(t) => {
+                ClientOutput::Transmit(t) => {
                     let source = self.clients[i].addr;
                     self.sfu.handle_datagram(now, source, &t.contents);
                 }
-                Output::Event(Event::Connected) => self.clients[i].connected = true,
-                Output::Event(Event::RtpPacket(p)) => {
-                    let mid = self.clients[i]
-                        .rtc
-                        .direct_api()
-                        .stream_rx(&p.header.ssrc)
-                        .map(|s| s.mid())
-                        .unwrap_or_else(|| Mid::from("?"));
-                    self.clients[i].received.push(Received {
-                        mid,
-                        ssrc: p.header.ssrc,
-                        seq: *p.seq_no,
-                        timestamp: p.header.timestamp,
-                        marker: p.header.marker,
-                        payload: p.payload.to_vec(),
-                    });
-                }
-                Output::Event(_) => {}
+                ClientOutput::Connected => self.clients[i].connected = true,
+                ClientOutput::Rtp(mid, p) => self.clients[i].received.push(Received {
+                    mid,
+                    ssrc: p.header.ssrc,
+                    seq: *p.seq_no,
+                    timestamp: p.header.timestamp,
+                    marker: p.header.marker,
+                    payload: p.payload.to_vec(),
+                }),
             }
         }
     }
@@ -231,10 +200,12 @@ impl Harness {
 
     /// Joins client `i`'s user to a conversation.
     pub fn join(&mut self, i: usize, conversation: &str) {
-        let userid = self.clients[i].claim.userid.clone();
-        self.sfu
-            .join(self.now, &userid, conversation)
-            .expect("join accepted");
+        let request = Request::Join {
+            userid: self.clients[i].claim.userid.clone(),
+            conversation: conversation.to_string(),
+        };
+        let reply = self.sfu.handle_request(self.now, request);
+        assert_eq!(reply, Reply::Join(Ok(())), "join accepted");
         self.pump();
     }
 
@@ -242,7 +213,7 @@ impl Harness {
     /// level (`-127..=0`, 0 loudest), delivered to the core at once. Returns
     /// false if it has no send m-line.
     pub fn send(&mut self, i: usize, payload: &[u8], level: i8) -> bool {
-        if self.clients[i].send_mid.is_none() {
+        if self.clients[i].rtc.send_mid().is_none() {
             return false;
         }
         let source = self.clients[i].addr;
@@ -256,34 +227,14 @@ impl Harness {
     /// send, without delivering them (benchmarks feed them to the core).
     pub fn produce(&mut self, i: usize, payload: &[u8], level: i8) -> Vec<Vec<u8>> {
         let now = self.now;
-        let c = &mut self.clients[i];
-        let Some(mid) = c.send_mid else {
+        let c = &mut self.clients[i].rtc;
+        if !c.send(payload, level, now) {
             return Vec::new();
-        };
-        if c.pt.is_none() {
-            c.pt = opus_pt(&c.rtc);
         }
-        let Some(pt) = c.pt else { return Vec::new() };
-        let ext = ExtensionValues {
-            audio_level: Some(level),
-            voice_activity: Some(level > -127),
-            ..Default::default()
-        };
-        let (seq, ts) = (c.seq, c.timestamp);
-        c.seq += 1;
-        c.timestamp = c.timestamp.wrapping_add(960);
-        if let Some(tx) = c.rtc.direct_api().stream_tx_by_mid(mid, None) {
-            tx.write_rtp(
-                RtpWrite::new(pt, SeqNo::from(seq), ts, now, payload.to_vec()).ext_vals(ext),
-            );
-        }
-        let _ = c.rtc.handle_input(Input::Timeout(now));
         let mut out = Vec::new();
-        while let Ok(o) = c.rtc.poll_output() {
-            match o {
-                Output::Timeout(_) => break,
-                Output::Transmit(t) => out.push(t.contents.to_vec()),
-                Output::Event(_) => {}
+        while let Some(o) = c.poll_output() {
+            if let ClientOutput::Transmit(t) = o {
+                out.push(t.contents.to_vec());
             }
         }
         out
@@ -293,28 +244,6 @@ impl Harness {
     pub fn server_addr(&self) -> SocketAddr {
         self.server_addr
     }
-}
-
-/// A WebRTC client as the tests, benchmarks and load generator use it: Opus
-/// only, RTP mode, one host candidate at `addr`.
-pub fn client_rtc(addr: SocketAddr, now: Instant) -> Result<Rtc, String> {
-    let mut rtc = RtcConfig::new()
-        .clear_codecs()
-        .enable_opus(true, false)
-        .set_rtp_mode(true)
-        .set_stats_interval(None)
-        .build(now);
-    rtc.add_local_candidate(Candidate::host(addr, "udp").map_err(|e| e.to_string())?);
-    Ok(rtc)
-}
-
-/// The payload type the client's Opus was negotiated with.
-pub fn opus_pt(rtc: &Rtc) -> Option<Pt> {
-    rtc.codec_config()
-        .params()
-        .iter()
-        .find(|p| p.spec().codec == Codec::Opus)
-        .map(|p| p.pt())
 }
 
 impl Default for Harness {

@@ -1,0 +1,162 @@
+//! Requests from signalling, applied to the core: a new peer from an offer,
+//! a trickled candidate, a join, shutdown. Limits are checked here, before
+//! any state exists.
+
+use std::panic::catch_unwind;
+use std::time::Instant;
+
+use log::info;
+use str0m::change::SdpOffer;
+use str0m::rtp::Extension;
+use str0m::{Candidate, Input, RtcConfig};
+
+use super::peer::Setup;
+use super::{
+    arm, offer, CloseReason, ConnectError, JoinError, Limits, Peer, PeerId, Sfu, TimerKey,
+};
+use crate::sfu::Claim;
+
+/// The `Rtc` settings every peer shares, with one DTLS certificate for all
+/// (generating one per peer would stall the loop for milliseconds).
+pub(super) fn rtc_config() -> RtcConfig {
+    let provider = str0m::crypto::from_feature_flags();
+    let mut rtc_config = RtcConfig::new()
+        .set_ice_lite(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .set_rtp_mode(true)
+        .set_stats_interval(None)
+        // Opus is not retransmitted: a short send buffer saves memory per slot.
+        .set_send_buffer_audio(8)
+        // Only the extensions an audio SFU uses: the RFC 6464 level (speaker
+        // selection, bites) and the mid. Transport-wide congestion control
+        // would cost a sequence register per sent packet (about 90 KiB per
+        // peer) for a bandwidth estimate nobody reads.
+        .clear_extension_map()
+        .set_extension(1, Extension::AudioLevel)
+        .set_extension(4, Extension::RtpMid);
+    if let Some(cert) = provider.dtls_provider.generate_certificate() {
+        rtc_config = rtc_config.set_dtls_cert(cert);
+    }
+    rtc_config
+}
+
+impl Sfu {
+    /// Creates a peer from a client's SDP offer and returns it with the answer.
+    pub(super) fn connect(
+        &mut self,
+        now: Instant,
+        claim: Claim,
+        offer: &str,
+    ) -> Result<(PeerId, String), ConnectError> {
+        if self.shutting_down {
+            return Err(ConnectError::ShuttingDown);
+        }
+        if self.peers.len() >= self.config.max_peers {
+            self.stats.connects_refused += 1;
+            return Err(ConnectError::ServerFull);
+        }
+        if self.members.client_count(&claim.userid) >= self.config.max_peers_per_user {
+            self.stats.connects_refused += 1;
+            return Err(ConnectError::UserLimit);
+        }
+        offer::check(offer)?;
+        let offer = SdpOffer::from_sdp_string(offer)
+            .map_err(|e| ConnectError::MalformedOffer(e.to_string()))?;
+        let candidate = Candidate::host(self.config.candidate_addr, "udp")
+            .map_err(|e| ConnectError::Internal(format!("server candidate: {e}")))?;
+        let setup = Setup {
+            rtc_config: &self.rtc_config,
+            candidate,
+            limits: Limits {
+                connect: self.config.connect_timeout,
+                idle: self.config.idle_timeout,
+            },
+        };
+        let id = self.peers.next_id();
+        let peers = &self.peers;
+        let (peer, answer) = Peer::accept(now, id, claim, offer, setup, |u| peers.ufrag_taken(u))?;
+        self.members.add_peer(&peer.claim().userid, id);
+        info!(
+            "{} created: {} receiving slot(s), {} sending m-line(s)",
+            peer.label(),
+            peer.slot_count(),
+            peer.sending_mlines()
+        );
+        self.peers.insert(peer);
+        // str0m may report a far-future timeout right after accept_offer until
+        // it has seen the current time once.
+        if let Some(p) = self.peers.get_mut(id) {
+            p.handle_input(Input::Timeout(now), &mut self.out);
+            arm(p, &mut self.timers);
+        }
+        self.process_pending(now);
+        if self.peers.get(id).is_none() {
+            return Err(ConnectError::Internal(
+                "the peer failed right after the offer".into(),
+            ));
+        }
+        self.stats.peers_created += 1;
+        Ok((id, answer))
+    }
+
+    /// Adds a trickled remote ICE candidate (`candidate:…` or `a=candidate:…`).
+    /// The server is ICE-lite and learns addresses from STUN checks anyway,
+    /// so a candidate that does not parse is reported but harmless.
+    pub(super) fn add_candidate(&mut self, peer: PeerId, candidate: &str) -> Result<(), String> {
+        let text = candidate.trim();
+        let text = text.strip_prefix("a=").unwrap_or(text);
+        if text.is_empty() {
+            // An empty candidate is the end-of-candidates marker.
+            return Ok(());
+        }
+        let parsed = catch_unwind(|| Candidate::from_sdp_string(text))
+            .map_err(|_| "candidate could not be parsed".to_string())?
+            .map_err(|e| format!("bad candidate: {e}"))?;
+        let Some(p) = self.peers.get_mut(peer) else {
+            return Err("peer is gone".into());
+        };
+        p.add_remote_candidate(parsed, &mut self.out);
+        arm(p, &mut self.timers);
+        Ok(())
+    }
+
+    /// Moves every client of `userid` (and those that connect later) into the
+    /// conversation `name`, out of any other.
+    pub(super) fn join(&mut self, now: Instant, userid: &str, name: &str) -> Result<(), JoinError> {
+        if self.shutting_down {
+            return Err(JoinError::ShuttingDown);
+        }
+        let key = self.convs.intern(name);
+        let Some(moved) = self.members.join(userid, key, now) else {
+            return Ok(());
+        };
+        if let Some(from) = moved.from {
+            for &p in &moved.peers {
+                self.leave(from, p, now);
+            }
+            self.convs.user_left(from);
+        }
+        self.convs.user_entered(key);
+        for &p in &moved.peers {
+            if let Some(peer) = self.peers.get(p).filter(|p| p.is_connected()) {
+                self.convs.add_member(key, p, peer.slot_count(), now);
+            }
+        }
+        if let Some(until) = moved.grace_until {
+            self.timers.push(until, TimerKey::Grace(userid.to_string()));
+        }
+        self.stats.joins += 1;
+        info!("user {userid} joined conversation {name}");
+        Ok(())
+    }
+
+    /// Closes every peer (sending DTLS close and RTCP BYE) and refuses new
+    /// work. The driver keeps sending [`Sfu::poll_transmit`] output after it.
+    pub(super) fn shutdown(&mut self, now: Instant) {
+        self.shutting_down = true;
+        for id in self.peers.ids() {
+            self.remove_peer(id, CloseReason::Shutdown, now);
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Every peer, the demux that routes datagrams to them, and the connected
+//! count, kept right together: removing a peer here forgets its routes and
+//! adjusts the count in one place (quinn's `Endpoint`: it only routes).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::net::{Protocol, Receive};
+use str0m::Input;
+
+use super::demux::{self, Demux};
+use super::outbox::Outbox;
+use super::peer::Peer;
+use super::PeerId;
+
+/// Why a datagram reached no `Rtc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dropped {
+    /// Not STUN, DTLS or RTP by its first byte, or unparsable.
+    Malformed,
+    /// From an unknown address, and not a STUN check for a known ufrag.
+    UnknownSource,
+    /// The peer's `Rtc` refused it.
+    Rejected,
+}
+
+/// The peers and their routes.
+#[derive(Default)]
+pub(crate) struct PeerTable {
+    peers: HashMap<PeerId, Peer>,
+    demux: Demux,
+    connected: usize,
+    next_id: u64,
+}
+
+impl PeerTable {
+    /// A fresh id, never handed out before.
+    pub fn next_id(&mut self) -> PeerId {
+        self.next_id += 1;
+        PeerId(self.next_id)
+    }
+
+    /// Number of peers, connecting or connected.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Number of connected peers.
+    pub fn connected(&self) -> usize {
+        self.connected
+    }
+
+    /// True if a server ufrag is already routed to a peer.
+    pub fn ufrag_taken(&self, ufrag: &str) -> bool {
+        self.demux.ufrag_taken(ufrag)
+    }
+
+    /// A peer by id.
+    pub fn get(&self, id: PeerId) -> Option<&Peer> {
+        self.peers.get(&id)
+    }
+
+    /// A peer by id, to change.
+    pub fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer> {
+        self.peers.get_mut(&id)
+    }
+
+    /// Every peer's id (for shutdown).
+    pub fn ids(&self) -> Vec<PeerId> {
+        self.peers.keys().copied().collect()
+    }
+
+    /// Adds a peer and routes STUN for its ufrag to it.
+    pub fn insert(&mut self, peer: Peer) {
+        self.demux.add_ufrag(peer.ufrag().to_string(), peer.id());
+        self.peers.insert(peer.id(), peer);
+    }
+
+    /// Marks a peer connected; true the first time.
+    pub fn mark_connected(&mut self, id: PeerId) -> bool {
+        let first = self.peers.get_mut(&id).is_some_and(|p| p.set_connected());
+        if first {
+            self.connected += 1;
+        }
+        first
+    }
+
+    /// Removes a peer with its routes.
+    pub fn remove(&mut self, id: PeerId) -> Option<Peer> {
+        let peer = self.peers.remove(&id)?;
+        self.demux.forget(id, peer.ufrag(), peer.addrs());
+        if peer.is_connected() {
+            self.connected -= 1;
+        }
+        Some(peer)
+    }
+
+    /// Routes one datagram to its peer and feeds it there. `local` is the
+    /// address it was delivered to. Returns the peer that was fed and
+    /// whether its `Rtc` took the input.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        source: SocketAddr,
+        buf: &[u8],
+        out: &mut Outbox,
+    ) -> Result<(PeerId, bool), Dropped> {
+        let id = match demux::kind(buf) {
+            Some(demux::Kind::Stun) => {
+                demux::stun_local_ufrag(buf).and_then(|u| self.demux.by_ufrag(u))
+            }
+            Some(demux::Kind::Other) => self.demux.by_addr(&source),
+            None => return Err(Dropped::Malformed),
+        };
+        let id = id.ok_or(Dropped::UnknownSource)?;
+        let input = Receive::new(Protocol::Udp, source, local, buf)
+            .map(|r| Input::Receive(now, r))
+            .map_err(|_| Dropped::Malformed)?;
+        let peer = self.peers.get_mut(&id).ok_or(Dropped::UnknownSource)?;
+        if !peer.accepts(&input) {
+            return Err(Dropped::Rejected);
+        }
+        if peer.on_received_from(now, source, demux::MAX_ADDRS_PER_PEER)
+            || (peer.addrs().contains(&source) && self.demux.by_addr(&source) != Some(id))
+        {
+            self.demux.learn_addr(source, id);
+        }
+        Ok((id, peer.handle_input(input, out)))
+    }
+}

@@ -1,0 +1,168 @@
+//! A WebRTC client as the tests, benchmarks and load generator use it: a
+//! str0m `Rtc` in RTP mode with Opus only, one host candidate, an offer of
+//! one send-receive audio m-line plus receive-only ones, and a `send` that
+//! writes one 20 ms packet with its own sequence numbers and timestamps.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, Mid, Pt};
+use str0m::net::{Protocol, Receive, Transmit};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+
+use crate::ogg_opus::FRAME_TICKS;
+
+/// What the client produced.
+#[derive(Debug)]
+pub enum ClientOutput {
+    /// A datagram to deliver.
+    Transmit(Transmit),
+    /// ICE and DTLS are up.
+    Connected,
+    /// A decrypted packet, with the m-line it arrived on.
+    Rtp(Mid, Box<RtpPacket>),
+}
+
+/// One Opus client.
+pub struct OpusClient {
+    rtc: Rtc,
+    addr: SocketAddr,
+    send_mid: Option<Mid>,
+    pending: Option<SdpPendingOffer>,
+    pt: Option<Pt>,
+    seq: u64,
+    timestamp: u32,
+}
+
+impl OpusClient {
+    /// A client whose one host candidate is `addr`.
+    pub fn new(addr: SocketAddr, now: Instant) -> Result<Self, String> {
+        let mut rtc = RtcConfig::new()
+            .clear_codecs()
+            .enable_opus(true, false)
+            .set_rtp_mode(true)
+            .set_stats_interval(None)
+            .build(now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").map_err(|e| e.to_string())?);
+        Ok(OpusClient {
+            rtc,
+            addr,
+            send_mid: None,
+            pending: None,
+            pt: None,
+            seq: 0,
+            timestamp: 0,
+        })
+    }
+
+    /// The client's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The m-line it sends on, once offered.
+    pub fn send_mid(&self) -> Option<Mid> {
+        self.send_mid
+    }
+
+    /// The underlying `Rtc`, for what the kit does not wrap (closing it).
+    pub fn rtc_mut(&mut self) -> &mut Rtc {
+        &mut self.rtc
+    }
+
+    /// An offer of one send-receive audio m-line (if `send`) plus `recv_only`
+    /// receive-only ones, as SDP text.
+    pub fn offer(&mut self, send: bool, recv_only: usize) -> Result<String, String> {
+        let mut api = self.rtc.sdp_api();
+        if send {
+            self.send_mid =
+                Some(api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None));
+        }
+        for _ in 0..recv_only {
+            api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        }
+        let (offer, pending) = api.apply().ok_or("no media to offer")?;
+        self.pending = Some(pending);
+        Ok(offer.to_sdp_string())
+    }
+
+    /// Applies the server's answer to the last offer.
+    pub fn accept_answer(&mut self, sdp: &str) -> Result<(), String> {
+        let pending = self.pending.take().ok_or("no offer is pending")?;
+        let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| e.to_string())?;
+        self.rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes one 20 ms Opus packet with an RFC 6464 level (`-127..=0`).
+    /// Returns false if the client has no send m-line or no Opus yet.
+    pub fn send(&mut self, payload: &[u8], level: i8, now: Instant) -> bool {
+        let Some(mid) = self.send_mid else {
+            return false;
+        };
+        if self.pt.is_none() {
+            self.pt = self
+                .rtc
+                .codec_config()
+                .params()
+                .iter()
+                .find(|p| p.spec().codec == Codec::Opus)
+                .map(|p| p.pt());
+        }
+        let Some(pt) = self.pt else { return false };
+        let ext = ExtensionValues {
+            audio_level: Some(level),
+            voice_activity: Some(level > -127),
+            ..Default::default()
+        };
+        let (seq, ts) = (self.seq, self.timestamp);
+        self.seq += 1;
+        self.timestamp = self.timestamp.wrapping_add(FRAME_TICKS);
+        let mut api = self.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            return false;
+        };
+        tx.write_rtp(RtpWrite::new(pt, SeqNo::from(seq), ts, now, payload.to_vec()).ext_vals(ext));
+        // Release it through the pacer at once.
+        let _ = self.rtc.handle_input(Input::Timeout(now));
+        true
+    }
+
+    /// Feeds a datagram from `source`.
+    pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, buf: &[u8]) {
+        if let Ok(r) = Receive::new(Protocol::Udp, source, self.addr, buf) {
+            let _ = self.rtc.handle_input(Input::Receive(now, r));
+        }
+    }
+
+    /// Advances time.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let _ = self.rtc.handle_input(Input::Timeout(now));
+    }
+
+    /// The next output; `None` when the client is idle until its timeout.
+    pub fn poll_output(&mut self) -> Option<ClientOutput> {
+        loop {
+            match self.rtc.poll_output().ok()? {
+                Output::Timeout(_) => return None,
+                Output::Transmit(t) => return Some(ClientOutput::Transmit(t)),
+                Output::Event(Event::Connected) => return Some(ClientOutput::Connected),
+                Output::Event(Event::RtpPacket(p)) => {
+                    let mid = self
+                        .rtc
+                        .direct_api()
+                        .stream_rx(&p.header.ssrc)
+                        .map(|s| s.mid())
+                        .unwrap_or_else(|| Mid::from("?"));
+                    return Some(ClientOutput::Rtp(mid, Box::new(p)));
+                }
+                Output::Event(_) => {}
+            }
+        }
+    }
+}

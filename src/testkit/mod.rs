@@ -1,0 +1,13 @@
+//! The test kit, compiled only with the `test-kit` feature (str0m's
+//! `_internal_test_exports` is the model): one Opus WebRTC client for every
+//! test, bench and the load generator ([`OpusClient`]), the in-memory
+//! [`Harness`] that wires such clients to the core, and the bench hooks
+//! into the core's internals ([`internals`]). The server binary never
+//! contains it.
+
+mod client;
+mod harness;
+
+pub use crate::sfu::internals;
+pub use client::{ClientOutput, OpusClient};
+pub use harness::{Client, Harness, Received};
