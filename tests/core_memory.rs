@@ -452,3 +452,51 @@ fn one_user_cannot_take_more_than_their_share_of_peers() {
     );
     assert!(h.connect(claim("modest"), &offer).is_ok());
 }
+
+#[test]
+fn a_flooding_peer_is_held_to_its_budget_and_other_calls_go_on() {
+    let mut h = Harness::new();
+    let flooder = h.add_client("flooder", "f", true, 0);
+    let victim = h.add_client("victim", "v", true, 0);
+    let a = h.add_client("a", "a", true, 0);
+    let b = h.add_client("b", "b", true, 0);
+    h.connect_all();
+    h.join(flooder, "flood");
+    h.join(victim, "flood");
+    h.join(a, "calm");
+    h.join(b, "calm");
+    // 4,000 packets in one simulated second, while a and b talk normally.
+    for n in 0..4_000u32 {
+        h.send(flooder, &payload(flooder, n), LOUD);
+        if n % 80 == 0 {
+            h.send(a, &payload(a, n / 80), LOUD);
+        }
+        h.step(Duration::from_micros(250));
+    }
+    let heard = h.clients[victim].received.len();
+    assert!(
+        (100..=200).contains(&heard),
+        "the listener gets the budget (burst 50 + 100/s), not the flood: {heard}"
+    );
+    assert_eq!(
+        h.clients[b].received.len(),
+        50,
+        "the other call loses nothing"
+    );
+    let stats = h.sfu.snapshot().stats;
+    assert!(stats.dropped_over_packet_rate >= 3_700, "{stats:?}");
+    // Oversized payloads are dropped whatever the budget.
+    h.step(Duration::from_secs(2));
+    h.clients[victim].received.clear();
+    h.send(flooder, &vec![0xF8; 1_600], LOUD);
+    h.step(Duration::from_millis(20));
+    assert!(h.clients[victim].received.is_empty());
+    assert_eq!(h.sfu.snapshot().stats.dropped_payload_too_big, 1);
+}
+
+#[test]
+fn slots_are_capped_at_sixteen() {
+    let mut h = Harness::new();
+    let greedy = h.add_client("greedy", "g", false, 40);
+    assert_eq!(h.sfu.slot_count(h.clients[greedy].peer), Some(16));
+}

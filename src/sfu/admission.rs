@@ -72,6 +72,7 @@ impl Sfu {
                 connect: self.config.connect_timeout,
                 idle: self.config.idle_timeout,
             },
+            budget: self.config.budget,
         };
         let id = self.peers.next_id();
         let peers = &self.peers;

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::bite::BiteConfig;
+use super::budget::BudgetConfig;
 use super::speaker::SpeakerConfig;
 
 /// Settings of the core.
@@ -26,6 +27,8 @@ pub struct SfuConfig {
     pub speaker: SpeakerConfig,
     /// Bite segmentation.
     pub bites: BiteConfig,
+    /// Each peer's media budget.
+    pub budget: BudgetConfig,
 }
 
 impl SfuConfig {
@@ -40,6 +43,7 @@ impl SfuConfig {
             membership_grace: Duration::from_secs(60),
             speaker: SpeakerConfig::default(),
             bites: BiteConfig::default(),
+            budget: BudgetConfig::default(),
         }
     }
 }

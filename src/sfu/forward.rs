@@ -7,8 +7,10 @@ use std::time::Instant;
 use str0m::rtp::{ExtensionValues, RtpPacket};
 
 use super::bite::Owner;
+use super::budget::Overrun;
 use super::conversation::SpeakerId;
-use super::peer::Forward;
+use super::peer::{Forward, Refused};
+use super::slot::Incoming;
 use super::{arm, bite_event, PeerId, Sfu};
 
 impl Sfu {
@@ -20,6 +22,21 @@ impl Sfu {
             self.stats.rtp_outside_conversation += 1;
             return;
         };
+        let admitted = match self.peers.get_mut(src) {
+            Some(peer) => peer.admit(&pkt, now),
+            None => return,
+        };
+        if let Err(refused) = admitted {
+            let s = &mut self.stats;
+            match refused {
+                Refused::NotSource => s.dropped_not_source += 1,
+                Refused::NotOpus => s.dropped_not_opus += 1,
+                Refused::Over(Overrun::Packets) => s.dropped_over_packet_rate += 1,
+                Refused::Over(Overrun::Bytes) => s.dropped_over_byte_rate += 1,
+                Refused::Over(Overrun::TooBig) => s.dropped_payload_too_big += 1,
+            }
+            return;
+        }
         let level = pkt.header.ext_vals.audio_level;
         let speaker = SpeakerId::from(src);
         let Some(heard) = self.convs.on_packet(key, speaker, level, now) else {
@@ -46,9 +63,13 @@ impl Sfu {
             ..Default::default()
         };
         let fwd = Forward {
-            speaker,
-            seq: *pkt.seq_no,
-            timestamp: pkt.header.timestamp,
+            incoming: Incoming {
+                speaker,
+                ssrc: *pkt.header.ssrc,
+                seq: *pkt.seq_no,
+                timestamp: pkt.header.timestamp,
+                marker: pkt.header.marker,
+            },
             ext: &ext,
             payload: &pkt.payload,
         };

@@ -17,6 +17,7 @@
 //! one part decided and hands it to the next.
 
 mod bite;
+mod budget;
 mod conversation;
 mod demux;
 mod forward;
@@ -41,6 +42,7 @@ use str0m::{Input, RtcConfig};
 pub use api::{ConnectError, JoinError, PeerId, Reply, Request, SfuEvent};
 pub use bite::unix_clock_now;
 pub use bite::{BiteConfig, FinishedBite};
+pub use budget::BudgetConfig;
 pub use config::SfuConfig;
 pub use offer::MAX_OFFER_BYTES;
 pub use peer::{Claim, CloseReason};
@@ -225,6 +227,12 @@ impl Sfu {
     #[cfg(any(test, feature = "test-kit"))]
     pub fn conversation_of(&self, userid: &str) -> Option<&str> {
         self.convs.name(self.members.conversation(userid)?)
+    }
+
+    /// How many slots a peer was given (for tests).
+    #[cfg(any(test, feature = "test-kit"))]
+    pub fn slot_count(&self, peer: PeerId) -> Option<usize> {
+        self.peers.get(peer).map(Peer::slot_count)
     }
 
     /// True if this peer exists and is connected (for tests).

@@ -17,14 +17,14 @@ use log::{debug, warn};
 use str0m::change::SdpOffer;
 use str0m::format::Codec;
 use str0m::media::{Mid, Pt};
-use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
 use super::api::ConnectError;
-use super::conversation::SpeakerId;
+use super::budget::{Budget, BudgetConfig, Overrun};
 use super::offer;
 use super::outbox::{Outbox, Pending};
-use super::slot::Slot;
+use super::slot::{Incoming, Slot};
 use super::PeerId;
 
 /// Who a peer belongs to, from the `X-User-Claim` header set by the auth proxy.
@@ -74,6 +74,21 @@ pub(crate) enum PeerTimer {
     Rtc,
 }
 
+/// Most slots (receiving audio m-lines) one peer gets; further m-lines stay
+/// silent. A 64 KiB offer could otherwise ask for about 800.
+pub(crate) const MAX_SLOTS: usize = 16;
+
+/// Why a peer's packet was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// It came on a second sending m-line (one source per peer).
+    NotSource,
+    /// Its payload type is not the negotiated Opus.
+    NotOpus,
+    /// It was over the peer's media budget.
+    Over(Overrun),
+}
+
 /// The two deadlines a peer is given besides its `Rtc`'s own.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -85,12 +100,8 @@ pub(crate) struct Limits {
 
 /// The header fields and payload of one packet to forward.
 pub(crate) struct Forward<'a> {
-    /// Who is speaking.
-    pub speaker: SpeakerId,
-    /// The speaker's extended sequence number.
-    pub seq: u64,
-    /// The speaker's RTP timestamp.
-    pub timestamp: u32,
+    /// Who is speaking, and the sender's header fields.
+    pub incoming: Incoming,
     /// Audio level and voice activity, forwarded as they came.
     pub ext: &'a ExtensionValues,
     /// The Opus payload, shared by every subscriber's write.
@@ -105,6 +116,8 @@ pub(crate) struct Setup<'a> {
     pub candidate: Candidate,
     /// Connect and idle timeouts.
     pub limits: Limits,
+    /// The media budget of each peer.
+    pub budget: BudgetConfig,
 }
 
 /// A connected or connecting client.
@@ -116,6 +129,9 @@ pub(crate) struct Peer {
     addrs: Vec<SocketAddr>,
     slots: Vec<Slot>,
     sending_mlines: usize,
+    /// The one m-line taken as this peer's source when it has several.
+    source_mid: Option<Mid>,
+    budget: Budget,
     connected: bool,
     limits: Limits,
     /// When the connect timeout fires; `None` once connected.
@@ -141,6 +157,7 @@ impl Peer {
             rtc_config,
             candidate,
             limits,
+            budget,
         } = setup;
         let rtc_config = rtc_config.clone();
         let built = catch_unwind(AssertUnwindSafe(move || {
@@ -162,16 +179,18 @@ impl Peer {
         // Slots and sources come from the negotiated audio m-lines.
         let mut slots = Vec::new();
         let mut sending_mlines = 0;
+        let mut source_mid = None;
         for mline in offer::audio_mlines(&answer) {
             let Some(media) = rtc.media(mline.mid) else {
                 continue;
             };
             let dir = media.direction();
-            if dir.is_sending() {
+            if dir.is_sending() && slots.len() < MAX_SLOTS {
                 slots.push(Slot::new(mline.mid, rand::random(), rand::random()));
             }
             if dir.is_receiving() {
                 sending_mlines += 1;
+                source_mid.get_or_insert(mline.mid);
             }
         }
         if slots.is_empty() && sending_mlines == 0 {
@@ -185,6 +204,8 @@ impl Peer {
             addrs: Vec::new(),
             slots,
             sending_mlines,
+            source_mid,
+            budget: Budget::new(budget, now),
             connected: false,
             limits,
             connect_at: Some(now + limits.connect),
@@ -292,6 +313,34 @@ impl Peer {
         self.drain(out);
     }
 
+    /// Decides whether a decrypted packet from this peer is taken: from its
+    /// one source m-line, Opus, and within its media budget.
+    pub fn admit(&mut self, pkt: &RtpPacket, now: Instant) -> Result<(), Refused> {
+        if self.sending_mlines > 1 {
+            let mid = self
+                .rtc
+                .direct_api()
+                .stream_rx(&pkt.header.ssrc)
+                .map(|s| s.mid());
+            if mid != self.source_mid {
+                return Err(Refused::NotSource);
+            }
+        }
+        let pt = pkt.header.payload_type;
+        let opus = self
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .any(|p| p.pt() == pt && p.spec().codec == Codec::Opus);
+        if !opus {
+            return Err(Refused::NotOpus);
+        }
+        self.budget
+            .admit(pkt.payload.len(), now)
+            .map_err(Refused::Over)
+    }
+
     /// Marks the peer connected; false if it already was.
     pub fn set_connected(&mut self) -> bool {
         let was = self.connected;
@@ -320,7 +369,7 @@ impl Peer {
         }
         let slot = &mut self.slots[idx];
         let Some(pt) = slot.pt else { return false };
-        let Some(rw) = slot.rewrite(pkt.speaker, pkt.seq, pkt.timestamp, now) else {
+        let Some(rw) = slot.rewrite(pkt.incoming, now) else {
             return false;
         };
         let mut api = self.rtc.direct_api();

@@ -15,10 +15,11 @@ use crate::ogg_opus::{CLOCK_RATE, FRAME_TICKS};
 
 /// Sequence jumps larger than this are treated as a sender restart.
 const MAX_SEQ_JUMP: i64 = 1_000;
-/// Packets later than this many sequence numbers are dropped.
-const MAX_LATE: i64 = 100;
+/// How many outgoing sequence numbers back a late packet may fill a gap
+/// (the width of the sent-window bitmap).
+const WINDOW: u64 = 64;
 
-/// One outgoing stream of a subscriber and the source currently mapped to it.
+/// One outgoing stream of a subscriber.
 #[derive(Debug)]
 pub struct Slot {
     /// The m-line this slot sends on.
@@ -28,26 +29,48 @@ pub struct Slot {
     seq: SeqState,
 }
 
+/// One incoming packet as the rewriter sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incoming {
+    /// Who is speaking.
+    pub speaker: SpeakerId,
+    /// The sender's SSRC: a change means the sender restarted its stream.
+    pub ssrc: u32,
+    /// The sender's extended sequence number.
+    pub seq: u64,
+    /// The sender's RTP timestamp.
+    pub timestamp: u32,
+    /// The sender's marker bit (start of a talk spurt).
+    pub marker: bool,
+}
+
 /// Where the rewritten stream is, and what the last forwarded input was.
 #[derive(Debug)]
 struct SeqState {
-    /// Next outgoing extended sequence number if nothing is lost.
+    /// Next fresh outgoing extended sequence number.
     next_seq: u64,
+    /// Bit `i` set: outgoing number `next_seq - 1 - i` was sent. A number is
+    /// never sent twice: reusing an SRTP index under the same key with other
+    /// plaintext breaks AES-GCM, and receivers drop it as a replay.
+    sent: u64,
     /// Last outgoing timestamp and when it was sent.
     last_out: Option<(u32, Instant)>,
     /// Timestamp of the very first packet of the stream.
     initial_ts: u32,
-    /// The source, input sequence and timestamp offset of the current run.
+    /// The current run: one sender stream mapped onto ours.
     run: Option<Run>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Run {
     source: SpeakerId,
-    /// Last input extended sequence number forwarded.
+    ssrc: u32,
+    /// Last input extended sequence number forwarded in order.
     last_in_seq: u64,
     /// Outgoing sequence number of that packet.
     last_out_seq: u64,
+    /// First outgoing sequence number of the run: nothing older is sent.
+    first_out_seq: u64,
     /// Added (wrapping) to input timestamps.
     ts_offset: u32,
 }
@@ -59,7 +82,7 @@ pub struct Rewritten {
     pub seq: u64,
     /// Outgoing RTP timestamp.
     pub timestamp: u32,
-    /// Set on the first packet after a speaker switch (start of a talk spurt).
+    /// Set on the first packet of a run and where the sender set it.
     pub marker: bool,
 }
 
@@ -73,6 +96,7 @@ impl Slot {
             seq: SeqState {
                 // Stay below 2^15 so the first ROC is 0 and no wrap is near.
                 next_seq: u64::from(first_seq & 0x7fff),
+                sent: 0,
                 last_out: None,
                 initial_ts: first_ts,
                 run: None,
@@ -80,71 +104,92 @@ impl Slot {
         }
     }
 
-    /// Computes the outgoing header for a packet from `source` with the given
-    /// input extended sequence number and timestamp. `None` means drop it
-    /// (duplicate or far too late).
-    pub fn rewrite(
-        &mut self,
-        source: SpeakerId,
-        in_seq: u64,
-        in_ts: u32,
-        now: Instant,
-    ) -> Option<Rewritten> {
+    /// Computes the outgoing header for a packet. `None` means drop it: a
+    /// duplicate, too late, or older than the run it belongs to.
+    pub fn rewrite(&mut self, pkt: Incoming, now: Instant) -> Option<Rewritten> {
         let st = &mut self.seq;
-        match st.run {
-            Some(run) if run.source == source => {
-                let delta = in_seq as i64 - run.last_in_seq as i64;
-                let (out_seq, advance) = if delta > 0 && delta <= MAX_SEQ_JUMP {
-                    (run.last_out_seq + delta as u64, true)
-                } else if !(-MAX_SEQ_JUMP..=MAX_SEQ_JUMP).contains(&delta) {
-                    // The sender restarted its sequence space: continue ours.
-                    return Some(st.start_run(source, in_seq, in_ts, now));
-                } else if delta < 0 && -delta <= MAX_LATE && run.last_out_seq as i64 + delta >= 0 {
-                    ((run.last_out_seq as i64 + delta) as u64, false)
-                } else {
-                    return None;
-                };
-                let ts = in_ts.wrapping_add(run.ts_offset);
-                if advance {
-                    st.run = Some(Run {
-                        last_in_seq: in_seq,
-                        last_out_seq: out_seq,
-                        ..run
-                    });
-                    st.next_seq = out_seq + 1;
-                    st.last_out = Some((ts, now));
-                }
-                Some(Rewritten {
-                    seq: out_seq,
-                    timestamp: ts,
-                    marker: false,
-                })
-            }
-            // A new speaker on this slot.
-            _ => Some(st.start_run(source, in_seq, in_ts, now)),
+        let run = match st.run {
+            Some(run) if run.source == pkt.speaker && run.ssrc == pkt.ssrc => run,
+            // A new speaker on this slot, or the sender restarted its stream.
+            _ => return Some(st.start_run(pkt, now)),
+        };
+        let delta = pkt.seq as i64 - run.last_in_seq as i64;
+        if !(-MAX_SEQ_JUMP..=MAX_SEQ_JUMP).contains(&delta) {
+            // The sender jumped in its sequence space: continue ours.
+            return Some(st.start_run(pkt, now));
         }
+        let ts = pkt.timestamp.wrapping_add(run.ts_offset);
+        if delta > 0 {
+            let out = run.last_out_seq + delta as u64;
+            st.mark_sent(out);
+            st.run = Some(Run {
+                last_in_seq: pkt.seq,
+                last_out_seq: out,
+                ..run
+            });
+            st.last_out = Some((ts, now));
+            return Some(Rewritten {
+                seq: out,
+                timestamp: ts,
+                marker: pkt.marker,
+            });
+        }
+        // Late (or a duplicate): it may only fill a gap of this run that was
+        // never sent.
+        let out = run.last_out_seq.checked_sub(delta.unsigned_abs())?;
+        if out < run.first_out_seq || !st.mark_sent(out) {
+            return None;
+        }
+        Some(Rewritten {
+            seq: out,
+            timestamp: ts,
+            marker: pkt.marker,
+        })
     }
 }
 
 impl SeqState {
-    /// Starts a run of `source` at the next sequence number, its timestamps
-    /// continuing ours; the first packet carries the marker bit.
-    fn start_run(&mut self, source: SpeakerId, in_seq: u64, in_ts: u32, now: Instant) -> Rewritten {
-        let out_seq = self.next_seq;
+    /// Starts a run of a sender stream at the next fresh sequence number,
+    /// its timestamps continuing ours; the first packet carries the marker.
+    fn start_run(&mut self, pkt: Incoming, now: Instant) -> Rewritten {
+        let out = self.next_seq;
         let ts = self.continued_ts(now);
+        self.mark_sent(out);
         self.run = Some(Run {
-            source,
-            last_in_seq: in_seq,
-            last_out_seq: out_seq,
-            ts_offset: ts.wrapping_sub(in_ts),
+            source: pkt.speaker,
+            ssrc: pkt.ssrc,
+            last_in_seq: pkt.seq,
+            last_out_seq: out,
+            first_out_seq: out,
+            ts_offset: ts.wrapping_sub(pkt.timestamp),
         });
-        self.next_seq = out_seq + 1;
         self.last_out = Some((ts, now));
         Rewritten {
-            seq: out_seq,
+            seq: out,
             timestamp: ts,
             marker: true,
         }
+    }
+
+    /// Records `seq` as sent; false if it already was or is too old to tell.
+    fn mark_sent(&mut self, seq: u64) -> bool {
+        if seq >= self.next_seq {
+            let shift = seq + 1 - self.next_seq;
+            self.sent = if shift >= WINDOW {
+                0
+            } else {
+                self.sent << shift
+            };
+            self.sent |= 1;
+            self.next_seq = seq + 1;
+            return true;
+        }
+        let back = self.next_seq - 1 - seq;
+        if back >= WINDOW || self.sent & (1 << back) != 0 {
+            return false;
+        }
+        self.sent |= 1 << back;
+        true
     }
 
     /// The timestamp for the first packet of a new run: the last outgoing
@@ -172,12 +217,23 @@ mod tests {
         Mid::from("0")
     }
 
+    /// A packet of speaker `s` (whose SSRC is its id), no marker.
+    fn inc(s: SpeakerId, seq: u64, timestamp: u32) -> Incoming {
+        Incoming {
+            speaker: s,
+            ssrc: s.0 as u32,
+            seq,
+            timestamp,
+            marker: false,
+        }
+    }
+
     #[test]
     fn same_source_keeps_gaps_and_offsets() {
         let t0 = Instant::now();
         let mut s = Slot::new(mid(), 100, 5000);
         let a = SpeakerId(1);
-        let r1 = s.rewrite(a, 10, 1000, t0).unwrap();
+        let r1 = s.rewrite(inc(a, 10, 1000), t0).unwrap();
         assert_eq!(
             r1,
             Rewritten {
@@ -186,7 +242,7 @@ mod tests {
                 marker: true
             }
         );
-        let r2 = s.rewrite(a, 11, 1960, t0).unwrap();
+        let r2 = s.rewrite(inc(a, 11, 1960), t0).unwrap();
         assert_eq!(
             r2,
             Rewritten {
@@ -196,14 +252,14 @@ mod tests {
             }
         );
         // A loss of one packet stays visible as a gap.
-        let r3 = s.rewrite(a, 13, 3880, t0).unwrap();
+        let r3 = s.rewrite(inc(a, 13, 3880), t0).unwrap();
         assert_eq!(r3.seq, 103);
         // The late packet fills the gap without moving the stream on.
-        let r4 = s.rewrite(a, 12, 2920, t0).unwrap();
+        let r4 = s.rewrite(inc(a, 12, 2920), t0).unwrap();
         assert_eq!(r4.seq, 102);
-        assert_eq!(s.rewrite(a, 14, 4840, t0).unwrap().seq, 104);
+        assert_eq!(s.rewrite(inc(a, 14, 4840), t0).unwrap().seq, 104);
         // A duplicate is dropped.
-        assert_eq!(s.rewrite(a, 14, 4840, t0), None);
+        assert_eq!(s.rewrite(inc(a, 14, 4840), t0), None);
     }
 
     #[test]
@@ -213,20 +269,18 @@ mod tests {
         let (a, b) = (SpeakerId(1), SpeakerId(2));
         for i in 0..5u64 {
             s.rewrite(
-                a,
-                500 + i,
-                77_000 + i as u32 * 960,
+                inc(a, 500 + i, 77_000 + i as u32 * 960),
                 t0 + Duration::from_millis(20 * i),
             )
             .unwrap();
         }
         let t_switch = t0 + Duration::from_millis(200);
-        let r = s.rewrite(b, 40_000, 123, t_switch).unwrap();
+        let r = s.rewrite(inc(b, 40_000, 123), t_switch).unwrap();
         assert_eq!(r.seq, 12);
         assert!(r.marker);
         // 200 ms - 80 ms since the last packet = 120 ms = 5760 ticks.
         assert_eq!(r.timestamp, 4 * 960 + 5760);
-        let r2 = s.rewrite(b, 40_001, 123 + 960, t_switch).unwrap();
+        let r2 = s.rewrite(inc(b, 40_001, 123 + 960), t_switch).unwrap();
         assert_eq!(
             (r2.seq, r2.timestamp, r2.marker),
             (13, 4 * 960 + 5760 + 960, false)
@@ -238,8 +292,10 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Slot::new(mid(), 0, 0);
         let a = SpeakerId(1);
-        s.rewrite(a, 60_000, 10, t0).unwrap();
-        let r = s.rewrite(a, 3, 99, t0 + Duration::from_millis(20)).unwrap();
+        s.rewrite(inc(a, 60_000, 10), t0).unwrap();
+        let r = s
+            .rewrite(inc(a, 3, 99), t0 + Duration::from_millis(20))
+            .unwrap();
         assert_eq!(r.seq, 1);
         assert_eq!(r.timestamp, 960);
     }
@@ -278,7 +334,10 @@ mod tests {
                 continue;
             }
             let out = slot
-                .rewrite(SpeakerId(source as u64), in_seq[source], in_ts[source], now)
+                .rewrite(
+                    inc(SpeakerId(source as u64), in_seq[source], in_ts[source]),
+                    now,
+                )
                 .expect("in-order packets are forwarded");
             if let Some((seq, ts)) = last {
                 if out.marker {
@@ -296,5 +355,108 @@ mod tests {
             lost_since_forwarded = 0;
             last = Some((out.seq, out.timestamp));
         }
+    }
+
+    #[test]
+    fn a_late_packet_right_after_a_switch_never_reuses_a_sequence_number() {
+        let t0 = Instant::now();
+        let mut s = Slot::new(mid(), 10, 0);
+        let (a, b) = (SpeakerId(1), SpeakerId(2));
+        for i in 0..5 {
+            s.rewrite(inc(a, 100 + i, i as u32 * 960), t0).unwrap();
+        }
+        // B takes the slot at its packet 50 (out 15); its packet 49 arrives late.
+        let first_b = s.rewrite(inc(b, 50, 0), t0).unwrap();
+        assert_eq!(first_b.seq, 15);
+        assert_eq!(s.rewrite(inc(b, 49, 0), t0), None, "older than the run");
+        assert_eq!(s.rewrite(inc(b, 51, 960), t0).unwrap().seq, 16);
+    }
+
+    #[test]
+    fn the_senders_marker_passes_through() {
+        let t0 = Instant::now();
+        let mut s = Slot::new(mid(), 0, 0);
+        let a = SpeakerId(1);
+        s.rewrite(inc(a, 1, 0), t0).unwrap();
+        assert!(!s.rewrite(inc(a, 2, 960), t0).unwrap().marker);
+        let spurt = Incoming {
+            marker: true,
+            ..inc(a, 3, 1920)
+        };
+        assert!(s.rewrite(spurt, t0).unwrap().marker);
+    }
+
+    #[test]
+    fn an_ssrc_change_or_a_big_backwards_step_restarts_the_run() {
+        let t0 = Instant::now();
+        let mut s = Slot::new(mid(), 0, 0);
+        let a = SpeakerId(1);
+        s.rewrite(inc(a, 500, 0), t0).unwrap();
+        s.rewrite(inc(a, 501, 960), t0).unwrap();
+        // Same speaker, new SSRC, sequence numbers from an unrelated space.
+        let restarted = Incoming {
+            ssrc: 99,
+            ..inc(a, 7, 5)
+        };
+        let r = s
+            .rewrite(restarted, t0 + Duration::from_millis(20))
+            .unwrap();
+        assert_eq!((r.seq, r.marker), (2, true));
+        // A large backwards step in the same SSRC restarts too.
+        let back = Incoming {
+            ssrc: 99,
+            ..inc(a, 7 - 5 + 100_000, 5)
+        };
+        let r = s.rewrite(back, t0 + Duration::from_millis(40)).unwrap();
+        assert_eq!((r.seq, r.marker), (3, true));
+    }
+
+    #[test]
+    fn a_million_random_inputs_never_reuse_an_outgoing_sequence_number() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let t0 = Instant::now();
+        let mut s = Slot::new(mid(), 12_345, 0);
+        let mut seqs = [0u64; 3];
+        let mut ssrcs = [1u32, 2, 3];
+        let mut seen = std::collections::HashSet::new();
+        let mut now = t0;
+        let mut forwarded = 0;
+        for _ in 0..1_000_000 {
+            let r = next();
+            let who = (r % 3) as usize;
+            // Mostly in order; sometimes late, duplicated, jumping or restarting.
+            seqs[who] = match (r >> 8) % 100 {
+                0..=79 => seqs[who] + 1,
+                80..=89 => seqs[who].saturating_sub((r >> 16) % 80),
+                90..=94 => seqs[who],
+                95..=97 => seqs[who] + (r >> 16) % 5_000,
+                _ => {
+                    ssrcs[who] = ssrcs[who].wrapping_add(3);
+                    (r >> 16) % 70_000
+                }
+            };
+            now += Duration::from_micros((r >> 40) % 20_000);
+            let pkt = Incoming {
+                speaker: SpeakerId(who as u64),
+                ssrc: ssrcs[who],
+                seq: seqs[who],
+                timestamp: (seqs[who] as u32).wrapping_mul(960),
+                marker: r & 1 == 1,
+            };
+            if let Some(out) = s.rewrite(pkt, now) {
+                forwarded += 1;
+                assert!(seen.insert(out.seq), "outgoing {} sent twice", out.seq);
+            }
+        }
+        assert!(
+            forwarded > 500_000,
+            "most packets are forwarded ({forwarded})"
+        );
     }
 }

@@ -69,6 +69,16 @@ core_stats! {
     dropped_rejected => Dropped("rejected_by_peer");
     /// RTP packets received from peers that are in no conversation.
     rtp_outside_conversation => Dropped("outside_conversation");
+    /// RTP packets on a peer's second (or later) sending m-line.
+    dropped_not_source => Dropped("not_source_mline");
+    /// RTP packets whose payload type is not Opus.
+    dropped_not_opus => Dropped("not_opus");
+    /// RTP packets over the peer's packet rate.
+    dropped_over_packet_rate => Dropped("over_packet_rate");
+    /// RTP packets over the peer's byte rate.
+    dropped_over_byte_rate => Dropped("over_byte_rate");
+    /// RTP packets with a payload over the size cap.
+    dropped_payload_too_big => Dropped("payload_too_big");
     /// Peers created from offers.
     peers_created => PeerEvent("created");
     /// Peers that completed ICE and DTLS.

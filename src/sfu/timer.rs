@@ -46,7 +46,6 @@ impl TimerHeap {
             None
         }
     }
-
 }
 
 #[cfg(test)]
