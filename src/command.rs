@@ -5,6 +5,7 @@
 //! loop never waits on a side thread: it uses `try_send` and counts what it
 //! could not deliver.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -14,8 +15,11 @@ use mio::Waker;
 use crate::metrics::Metrics;
 use crate::sfu::{CloseReason, Reply, Request};
 
-/// Depth of the command queue into the media loop.
+/// Depth of the command queue into the media loop (connects, joins).
 pub(crate) const COMMAND_QUEUE: usize = 4096;
+/// Depth of the separate queue for trickled candidates, so a candidate
+/// flood can never crowd out anyone's connect or join.
+pub(crate) const CANDIDATE_QUEUE: usize = 1024;
 
 /// What a peer's signalling session hears about its peer from the loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,19 +67,59 @@ pub(crate) enum SendError {
 #[derive(Clone)]
 pub(crate) struct LoopHandle {
     tx: Sender<Command>,
+    candidates: Sender<Command>,
     waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 }
 
+/// The loop's ends of the queues, and its stop flag.
+pub(crate) struct LoopInbox {
+    /// Connects, joins.
+    pub commands: Receiver<Command>,
+    /// Trickled candidates.
+    pub candidates: Receiver<Command>,
+    /// Set to stop the loop: a flag and a wake, never a queued command that
+    /// a full queue could refuse.
+    pub stop: Arc<AtomicBool>,
+}
+
 impl LoopHandle {
-    /// A handle over a queue and the loop's waker.
-    pub fn new(tx: Sender<Command>, waker: Arc<Waker>, metrics: Arc<Metrics>) -> Self {
-        LoopHandle { tx, waker, metrics }
+    /// The queues between side threads and the loop, around its waker.
+    pub fn new(waker: Arc<Waker>, metrics: Arc<Metrics>) -> (Self, LoopInbox) {
+        let (tx, commands) = crossbeam_channel::bounded(COMMAND_QUEUE);
+        let (ctx, candidates) = crossbeam_channel::bounded(CANDIDATE_QUEUE);
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = LoopHandle {
+            tx,
+            candidates: ctx,
+            waker,
+            stop: stop.clone(),
+            metrics,
+        };
+        let inbox = LoopInbox {
+            commands,
+            candidates,
+            stop,
+        };
+        (handle, inbox)
+    }
+
+    /// Asks the loop to close every peer, flush every bite and stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            warn!("could not wake the media loop to stop it: {e}");
+        }
     }
 
     /// Queues a command and wakes the loop; never blocks.
     pub fn send(&self, cmd: Command) -> Result<(), SendError> {
-        match self.tx.try_send(cmd) {
+        let queue = match cmd.request {
+            Request::Candidate { .. } => &self.candidates,
+            _ => &self.tx,
+        };
+        match queue.try_send(cmd) {
             Ok(()) => {
                 if let Err(e) = self.waker.wake() {
                     warn!("could not wake the media loop: {e}");
@@ -90,9 +134,4 @@ impl LoopHandle {
             Err(TrySendError::Disconnected(_)) => Err(SendError::Stopped),
         }
     }
-}
-
-/// The queue's two ends.
-pub(crate) fn queue() -> (Sender<Command>, Receiver<Command>) {
-    crossbeam_channel::bounded(COMMAND_QUEUE)
 }

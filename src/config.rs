@@ -109,6 +109,34 @@ pub struct Args {
     /// Milliseconds the permissions service has to answer before a join fails with 503.
     #[arg(long, env = "PERMISSIONS_TIMEOUT_MS", default_value_t = 2000)]
     pub permissions_timeout_ms: u64,
+
+    /// A second HTTP listener serving only /healthz and /metrics, with its
+    /// own capacity, so probes are answered however busy signalling is;
+    /// "none" serves them on --listen only. [default: none]
+    #[arg(long, env = "ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+
+    /// Most concurrent signalling connections from one source IP; 0 means no
+    /// per-IP limit (behind a proxy every connection comes from its IP).
+    #[arg(long, env = "MAX_SIGNALLING_PER_IP", default_value_t = 0)]
+    pub max_signalling_per_ip: usize,
+
+    /// Comma-separated Origin values allowed to open /connect (e.g.
+    /// https://app.beep.example); requests without an Origin header (not a
+    /// browser) are always allowed. [default: any origin]
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Directory bites are written to when NATS cannot take them before
+    /// exit; they are published on the next start. "none" disables it.
+    /// [default: none, or ./bites/spool with --dev]
+    #[arg(long, env = "SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Seconds the media loop may go without a turn before the process
+    /// exits (non-zero) so its supervisor restarts it.
+    #[arg(long, env = "LOOP_STALL_SECS", default_value_t = 10)]
+    pub loop_stall_secs: u64,
 }
 
 /// The resolved, validated configuration the service runs with.
@@ -154,6 +182,16 @@ pub struct Config {
     pub permissions_timeout: Duration,
     /// Where bites are written as files, if anywhere.
     pub bites_dir: Option<PathBuf>,
+    /// Listener for /healthz and /metrics only, if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// Signalling connections per source IP (0: no limit).
+    pub max_signalling_per_ip: usize,
+    /// Origins allowed to open /connect (empty: any).
+    pub allowed_origins: Vec<String>,
+    /// Where undelivered bites are spooled at exit, if anywhere.
+    pub spool_dir: Option<PathBuf>,
+    /// How long the media loop may go without a turn.
+    pub loop_stall: Duration,
 }
 
 impl Config {
@@ -244,15 +282,40 @@ impl Config {
         if a.max_signalling == 0 {
             return Err("--max-signalling: must be at least 1".into());
         }
-        for (flag, v) in [
-            ("--connect-timeout-secs", a.connect_timeout_secs),
-            ("--idle-timeout-secs", a.idle_timeout_secs),
-            ("--permissions-timeout-ms", a.permissions_timeout_ms),
+        // Durations are bounded both ways: zero makes no sense, and a huge
+        // value would overflow `Instant + Duration` on the media loop.
+        for (flag, v, max) in [
+            ("--connect-timeout-secs", a.connect_timeout_secs, 600),
+            ("--idle-timeout-secs", a.idle_timeout_secs, 3_600),
+            ("--membership-grace-secs", a.membership_grace_secs, 86_400),
+            ("--permissions-timeout-ms", a.permissions_timeout_ms, 60_000),
+            ("--bite-silence-ms", a.bite_silence_ms, 10_000),
+            ("--bite-max-ms", a.bite_max_ms, 600_000),
+            ("--loop-stall-secs", a.loop_stall_secs, 3_600),
         ] {
-            if v == 0 {
-                return Err(format!("{flag}: must be greater than 0"));
+            if v == 0 || v > max {
+                return Err(format!("{flag}: must be between 1 and {max}"));
             }
         }
+        let admin_listen = match a.admin_listen.as_deref().map(str::trim) {
+            None | Some("" | "none") => None,
+            Some(s) => Some(parse_addr(s).map_err(|e| format!("--admin-listen: {e}"))?),
+        };
+        let allowed_origins: Vec<String> = a
+            .allowed_origins
+            .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_string())
+            .filter(|o| !o.is_empty())
+            .collect();
+        let bites_dir = a
+            .bites_dir
+            .or_else(|| a.dev.then(|| PathBuf::from("bites")));
+        let spool_dir = match a.spool_dir {
+            Some(d) if d.as_os_str() == "none" => None,
+            Some(d) => Some(d),
+            None if a.dev => bites_dir.as_ref().map(|b| b.join("spool")),
+            None => None,
+        };
         Ok(Config {
             listen,
             udp,
@@ -273,9 +336,12 @@ impl Config {
             idle_timeout: Duration::from_secs(a.idle_timeout_secs),
             membership_grace: Duration::from_secs(a.membership_grace_secs),
             permissions_timeout: Duration::from_millis(a.permissions_timeout_ms),
-            bites_dir: a
-                .bites_dir
-                .or_else(|| a.dev.then(|| PathBuf::from("bites"))),
+            bites_dir,
+            admin_listen,
+            max_signalling_per_ip: a.max_signalling_per_ip,
+            allowed_origins,
+            spool_dir,
+            loop_stall: Duration::from_secs(a.loop_stall_secs),
         })
     }
 

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use crate::command::{Command, LoopHandle};
+use crate::command::LoopHandle;
 use crate::config::Config;
-use crate::http::{Context, HttpServer};
+use crate::http::{Context, HttpServer, Limits};
 use crate::metrics::Metrics;
-use crate::net::{self, MediaLoopConfig};
+use crate::net::{self, LoopHealth, MediaLoopConfig};
 use crate::permissions::PermissionClient;
-use crate::sfu::{BiteConfig, Request, SfuConfig};
+use crate::sfu::{BiteConfig, FinishedBite, SfuConfig};
 use crate::sink::nats::NatsConfig;
 use crate::sink::{BiteQueue, Sink, SinkConfig};
 
@@ -45,7 +45,8 @@ fn size_socket_buffers(socket: &UdpSocket) {
 pub struct Server {
     http: HttpServer,
     handle: LoopHandle,
-    media_thread: Option<JoinHandle<()>>,
+    media_thread: Option<JoinHandle<Vec<FinishedBite>>>,
+    health: Arc<LoopHealth>,
     udp_addr: SocketAddr,
     metrics: Arc<Metrics>,
     sink: Option<Sink>,
@@ -60,6 +61,13 @@ impl Server {
         size_socket_buffers(&socket);
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| io::Error::new(e.kind(), format!("--listen {}: {e}", config.listen)))?;
+        let admin = config
+            .admin_listen
+            .map(|a| {
+                TcpListener::bind(a)
+                    .map_err(|e| io::Error::new(e.kind(), format!("--admin-listen {a}: {e}")))
+            })
+            .transpose()?;
         let metrics = Arc::new(Metrics::new());
         let sink_config = SinkConfig {
             nats: config.nats.as_ref().map(|url| NatsConfig {
@@ -67,6 +75,7 @@ impl Server {
                 bite_subject: config.bite_subject.clone(),
                 store_subject: config.store_subject.clone(),
                 backlog_bytes: config.nats_backlog_bytes,
+                spool_dir: config.spool_dir.clone(),
             }),
             dir: config.bites_dir.clone(),
         };
@@ -89,13 +98,17 @@ impl Server {
         sfu.bites = BiteConfig {
             silence: config.bite_silence,
             max_len: config.bite_max,
+            ..BiteConfig::default()
         };
+        let health = Arc::new(LoopHealth::new());
         let (handle, media_thread) = net::spawn(MediaLoopConfig {
             sfu,
             socket,
             metrics: metrics.clone(),
             bites,
+            health: health.clone(),
         })?;
+        net::watch(health.clone(), config.loop_stall)?;
         let permissions = if config.dev {
             None
         } else {
@@ -110,14 +123,20 @@ impl Server {
             handle.clone(),
             permissions,
             metrics.clone(),
-            config.max_signalling,
+            Limits {
+                max_connections: config.max_signalling,
+                max_per_ip: config.max_signalling_per_ip,
+                allowed_origins: config.allowed_origins.clone(),
+            },
+            health.clone(),
         ));
-        let http = HttpServer::start(listener, ctx)?;
+        let http = HttpServer::start(listener, admin, ctx)?;
         info!("media on udp {udp_addr}, ICE candidate {candidate_addr}");
         Ok(Server {
             http,
             handle,
             media_thread: Some(media_thread),
+            health,
             udp_addr,
             metrics,
             sink,
@@ -127,6 +146,11 @@ impl Server {
     /// Where HTTP listens.
     pub fn http_addr(&self) -> SocketAddr {
         self.http.local_addr()
+    }
+
+    /// Where the admin listener (/healthz, /metrics) is, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.http.admin_addr()
     }
 
     /// Where the media socket is bound.
@@ -144,25 +168,31 @@ impl Server {
     pub fn shutdown(mut self) -> bool {
         self.http.stop();
         let start = Instant::now();
-        if self.handle.send(Command::fire(Request::Shutdown)).is_err() {
-            warn!("media loop did not take the shutdown command");
-        }
+        // A flag and a wake: nothing a full queue could refuse.
+        self.handle.stop();
         let mut clean = true;
+        let mut last = Vec::new();
         if let Some(t) = self.media_thread.take() {
             while !t.is_finished() && start.elapsed() < SHUTDOWN_GRACE {
                 std::thread::sleep(Duration::from_millis(10));
             }
             if t.is_finished() {
-                let _ = t.join();
+                last = t.join().unwrap_or_default();
             } else {
+                self.health.set_stopping();
                 warn!("media loop did not stop within {SHUTDOWN_GRACE:?}");
                 clean = false;
             }
         }
-        // The loop flushed every open bite into the sink's queue on its way
-        // out; give NATS the rest of the grace period to take them.
+        // The loop handed back every bite it finished while stopping; give
+        // NATS the rest of the grace period to take them (the rest is spooled).
         if let Some(sink) = self.sink.take() {
-            sink.finish(start + SHUTDOWN_GRACE);
+            sink.finish(last, start + SHUTDOWN_GRACE);
+        } else if !last.is_empty() {
+            warn!(
+                "{} bite(s) finished at shutdown have nowhere to go (no NATS, no --bites-dir)",
+                last.len()
+            );
         }
         info!("stopped in {:?}", start.elapsed());
         clean

@@ -500,3 +500,26 @@ fn slots_are_capped_at_sixteen() {
     let greedy = h.add_client("greedy", "g", false, 40);
     assert_eq!(h.sfu.slot_count(h.clients[greedy].peer), Some(16));
 }
+
+#[test]
+fn a_peer_that_keeps_changing_address_stays_routed_at_its_newest() {
+    let (mut h, ids) = joined("room", &["alice", "bob"]);
+    let (a, b) = (ids[0], ids[1]);
+    // Alice's NAT rebinds twelve times (more than the 8 addresses a peer is
+    // known by); each time her ICE checks come from the new address.
+    for n in 0..12u8 {
+        h.clients[a].addr = format!("10.77.0.{}:{}", n + 1, 30_000 + u16::from(n))
+            .parse()
+            .unwrap();
+        for _ in 0..60 {
+            h.step(Duration::from_millis(100));
+        }
+    }
+    h.clients[b].received.clear();
+    talk(&mut h, &[a], 10);
+    assert_eq!(
+        h.clients[b].received.len(),
+        10,
+        "media from the newest address is routed"
+    );
+}

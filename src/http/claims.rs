@@ -20,11 +20,17 @@ struct RawClaim {
 
 /// The caller's claim, or why it is unusable (answered with 400).
 pub fn from_request(req: &Request, dev: bool) -> Result<Claim, String> {
-    let claim = match req
+    let mut claims = req
         .headers
         .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("x-user-claim"))
-    {
+        .filter(|(n, _)| n.eq_ignore_ascii_case("x-user-claim"));
+    let first = claims.next();
+    if claims.next().is_some() {
+        // The proxy must replace the header, not append to it: two of them
+        // mean a client's own header got through.
+        return Err("more than one X-User-Claim header".into());
+    }
+    let claim = match first {
         Some((_, raw)) => parse_header(raw)?,
         None if dev => match (req.query_param("userid"), req.query_param("clientid")) {
             (Some(userid), Some(clientid)) => Claim { userid, clientid },

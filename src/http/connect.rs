@@ -3,8 +3,8 @@
 //! frame, loop reply and tick goes through [`Session`], which decides what
 //! happens (the close codes are listed in `crate::signalling::close`).
 
-use std::io::ErrorKind;
-use std::net::TcpStream;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -27,8 +27,36 @@ use crate::signalling::{Action, CloseCode, ReadFault, Session};
 const TICK: Duration = Duration::from_millis(50);
 /// How long to wait for the media loop to answer an offer.
 const LOOP_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long to wait for the client's close reply.
+/// How long to drain the client's input after our close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// The socket under the WebSocket, with a deadline on reads: tungstenite's
+/// `read` loops over frames until a message is complete, so without it a
+/// client sending empty continuation frames would keep the session from
+/// ever looking at its clock.
+struct Deadline {
+    stream: TcpStream,
+    until: Instant,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if Instant::now() >= self.until {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
 
 /// Serves the request. Returns a response only when refusing before the
 /// upgrade; after the upgrade the session speaks WebSocket itself.
@@ -74,10 +102,13 @@ pub fn serve(stream: &mut TcpStream, req: Request, ctx: &Context) -> Option<Resp
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_OFFER_BYTES + 1024))
         .max_frame_size(Some(MAX_OFFER_BYTES + 1024));
+    let sock = Deadline {
+        stream: sock,
+        until: Instant::now(),
+    };
     let ws = WebSocket::from_partially_read(sock, req.leftover, Role::Server, Some(config));
     let mut conn = Connection {
         ws,
-        reader_broken: false,
         ctx,
         claim,
         session: Session::new(Instant::now(), ctx.connect_timeout),
@@ -102,10 +133,7 @@ fn write_upgrade(stream: &mut TcpStream, r: &Response) -> std::io::Result<()> {
 
 /// The I/O side of one session: the socket, the channels, the clock.
 struct Connection<'a> {
-    ws: WebSocket<TcpStream>,
-    /// The frame reader hit an error it cannot resume from (oversized or
-    /// invalid frame): do not read again, only send the close frame.
-    reader_broken: bool,
+    ws: WebSocket<Deadline>,
     ctx: &'a Context,
     claim: Claim,
     session: Session,
@@ -113,7 +141,7 @@ struct Connection<'a> {
 }
 
 /// What one read produced.
-enum Read {
+enum Frame {
     Text(String),
     Nothing,
     Closed,
@@ -165,16 +193,16 @@ impl Connection<'_> {
             return tick;
         }
         match self.read() {
-            Read::Text(t) => self.session.on_text(&t),
-            Read::Nothing => Action::None,
-            Read::Closed => {
+            Frame::Text(t) => self.session.on_text(&t),
+            Frame::Nothing => Action::None,
+            Frame::Closed => {
                 if let Some(peer) = self.session.peer() {
                     // The peer connects anyway or times out in the core.
                     debug!("peer {peer}: client closed the WebSocket before connecting");
                 }
                 self.session.on_client_closed()
             }
-            Read::Fault(f) => self.session.on_fault(f),
+            Frame::Fault(f) => self.session.on_fault(f),
         }
     }
 
@@ -216,35 +244,30 @@ impl Connection<'_> {
         }
     }
 
-    /// Reads one frame, waiting at most one tick.
-    fn read(&mut self) -> Read {
+    /// Reads one frame, waiting at most about one tick.
+    fn read(&mut self) -> Frame {
+        self.ws.get_mut().until = Instant::now() + TICK;
         match self.ws.read() {
-            Ok(Message::Text(t)) => Read::Text(t.as_str().to_string()),
-            Ok(Message::Binary(_)) => Read::Fault(ReadFault::Binary),
-            Ok(Message::Close(_)) => Read::Closed,
-            Ok(_) => Read::Nothing, // ping/pong (answered by tungstenite), raw frames
+            Ok(Message::Text(t)) => Frame::Text(t.as_str().to_string()),
+            Ok(Message::Binary(_)) => Frame::Fault(ReadFault::Binary),
+            Ok(Message::Close(_)) => Frame::Closed,
+            Ok(_) => Frame::Nothing, // ping/pong (answered by tungstenite), raw frames
             Err(WsError::Io(e))
                 if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
             {
-                Read::Nothing
+                Frame::Nothing
             }
-            Err(WsError::Capacity(e)) => {
-                self.reader_broken = true;
-                Read::Fault(ReadFault::TooBig(e.to_string()))
-            }
-            Err(WsError::Utf8(_)) => {
-                self.reader_broken = true;
-                Read::Fault(ReadFault::BadUtf8)
-            }
-            Err(WsError::Protocol(e)) => {
-                self.reader_broken = true;
-                Read::Fault(ReadFault::Protocol(e.to_string()))
-            }
-            Err(_) => Read::Closed,
+            Err(WsError::Capacity(e)) => Frame::Fault(ReadFault::TooBig(e.to_string())),
+            Err(WsError::Utf8(_)) => Frame::Fault(ReadFault::BadUtf8),
+            Err(WsError::Protocol(e)) => Frame::Fault(ReadFault::Protocol(e.to_string())),
+            Err(_) => Frame::Closed,
         }
     }
 
-    /// Sends the close frame and waits briefly for the client's reply.
+    /// Sends the close frame, then stops writing and drains what the client
+    /// still sends for a bounded time, so the close frame is delivered
+    /// instead of being lost to a reset (closing a socket with unread input
+    /// resets the connection).
     fn close(&mut self, code: CloseCode, reason: &str) {
         let mut reason = reason.to_string();
         // A close reason must fit in a control frame (123 bytes).
@@ -255,19 +278,17 @@ impl Connection<'_> {
             code: WsCloseCode::from(code.code()),
             reason: reason.into(),
         };
-        if self.ws.close(Some(frame)).is_err() || self.reader_broken {
-            let _ = self.ws.flush();
-            return;
-        }
+        let _ = self.ws.close(Some(frame));
+        let _ = self.ws.flush();
+        let stream = &mut self.ws.get_mut().stream;
+        let _ = stream.shutdown(Shutdown::Write);
         let until = Instant::now() + CLOSE_LINGER;
+        let mut sink = [0u8; 4096];
         while Instant::now() < until {
-            match self.ws.read() {
+            match stream.read(&mut sink) {
+                Ok(0) => break,
                 Ok(_) => {}
-                Err(WsError::Io(e))
-                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                {
-                    let _ = self.ws.flush();
-                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(_) => break,
             }
         }

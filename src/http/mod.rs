@@ -6,35 +6,54 @@
 //! threads block on their own sockets, on permission checks and on replies
 //! from the media loop, never the other way round.
 
-pub mod claims;
-pub mod connect;
-pub mod join;
-pub mod request;
-pub mod response;
+mod claims;
+mod connect;
+mod join;
+mod request;
+mod response;
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
 use crate::command::LoopHandle;
 use crate::metrics::Metrics;
+use crate::net::LoopHealth;
 use crate::permissions::PermissionClient;
 use request::Request;
 use response::Response;
 
 /// The demo page served at `/` in `--dev` (embedded: no build step, no CDN).
-pub const DEMO_PAGE: &str = include_str!("demo.html");
+const DEMO_PAGE: &str = include_str!("demo.html");
 
-/// How long a client may take to send its request head.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its whole request head.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a probe may take to send its request head on the admin listener.
+const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Concurrent connections on the admin listener.
+const ADMIN_CONNECTIONS: usize = 8;
+/// How long after the media loop's last turn `/healthz` says it stalled.
+const LOOP_STALE: Duration = Duration::from_secs(2);
+
+/// Bounds on signalling, from the configuration.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Limits {
+    /// Most concurrent connections on the public listener.
+    pub max_connections: usize,
+    /// Most concurrent connections from one source IP (0: no limit).
+    pub max_per_ip: usize,
+    /// Origins allowed to open `/connect` (empty: any).
+    pub allowed_origins: Vec<String>,
+}
 
 /// What every connection thread shares.
-pub struct Context {
+pub(crate) struct Context {
     /// Development mode (query claims, no permission checks).
     pub dev: bool,
     /// How long a peer has to connect before its WebSocket is closed.
@@ -45,11 +64,15 @@ pub struct Context {
     pub permissions: Option<PermissionClient>,
     /// Shared metrics.
     pub metrics: Arc<Metrics>,
-    /// Most concurrent connections.
-    pub max_connections: usize,
+    /// Connection bounds.
+    pub limits: Limits,
+    /// When the media loop last turned.
+    pub health: Arc<LoopHealth>,
     /// Set when the service is stopping.
     pub shutting_down: AtomicBool,
     active: AtomicUsize,
+    admin_active: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl Context {
@@ -60,7 +83,8 @@ impl Context {
         handle: LoopHandle,
         permissions: Option<PermissionClient>,
         metrics: Arc<Metrics>,
-        max_connections: usize,
+        limits: Limits,
+        health: Arc<LoopHealth>,
     ) -> Self {
         Context {
             dev,
@@ -68,33 +92,109 @@ impl Context {
             handle,
             permissions,
             metrics,
-            max_connections,
+            limits,
+            health,
             shutting_down: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            admin_active: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a slot for a connection from `ip` on `which`; false if a limit
+    /// is reached (the slot is then not taken).
+    fn admit(&self, which: Listener, ip: IpAddr) -> bool {
+        let (count, max) = match which {
+            Listener::Public => (&self.active, self.limits.max_connections),
+            Listener::Admin => (&self.admin_active, ADMIN_CONNECTIONS),
+        };
+        if count.fetch_add(1, Ordering::SeqCst) >= max {
+            count.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        if which == Listener::Public && self.limits.max_per_ip > 0 {
+            let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(ip).or_insert(0);
+            if *n >= self.limits.max_per_ip {
+                drop(map);
+                count.fetch_sub(1, Ordering::SeqCst);
+                return false;
+            }
+            *n += 1;
+        }
+        true
+    }
+
+    /// Gives back what [`Context::admit`] took.
+    fn release(&self, which: Listener, ip: IpAddr) {
+        match which {
+            Listener::Public => {
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                if self.limits.max_per_ip > 0 {
+                    let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(n) = map.get_mut(&ip) {
+                        *n -= 1;
+                        if *n == 0 {
+                            map.remove(&ip);
+                        }
+                    }
+                }
+            }
+            Listener::Admin => {
+                self.admin_active.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 }
 
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    /// Signalling, `/healthz` and `/metrics`.
+    Public,
+    /// `/healthz` and `/metrics` only, with capacity of its own.
+    Admin,
+}
+
 /// The running HTTP server.
-pub struct HttpServer {
+pub(crate) struct HttpServer {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     ctx: Arc<Context>,
-    acceptor: Option<JoinHandle<()>>,
+    acceptors: Vec<JoinHandle<()>>,
 }
 
 impl HttpServer {
-    /// Starts accepting on an already-bound listener.
-    pub fn start(listener: TcpListener, ctx: Arc<Context>) -> io::Result<HttpServer> {
+    /// Starts accepting on already-bound listeners.
+    pub fn start(
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        ctx: Arc<Context>,
+    ) -> io::Result<HttpServer> {
         let local_addr = listener.local_addr()?;
-        let actx = ctx.clone();
-        let acceptor = thread::Builder::new()
-            .name("http-accept".into())
-            .spawn(move || accept_loop(listener, actx))?;
+        let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
+        let mut acceptors = Vec::new();
+        for (l, which, name) in [(Some(listener), Listener::Public, "http-accept")]
+            .into_iter()
+            .chain([(admin, Listener::Admin, "admin-accept")])
+        {
+            let Some(l) = l else { continue };
+            let actx = ctx.clone();
+            acceptors.push(
+                thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || accept_loop(l, actx, which))?,
+            );
+        }
         info!("HTTP listening on {local_addr}");
+        if let Some(a) = admin_addr {
+            info!("admin (/healthz, /metrics) listening on {a}");
+        }
         Ok(HttpServer {
             local_addr,
+            admin_addr,
             ctx,
-            acceptor: Some(acceptor),
+            acceptors,
         })
     }
 
@@ -103,20 +203,29 @@ impl HttpServer {
         self.local_addr
     }
 
+    /// The admin listener's address, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// Stops accepting new connections (open ones finish on their own).
     pub fn stop(&mut self) {
         self.ctx.shutting_down.store(true, Ordering::SeqCst);
         // Unblock accept() with a connection to ourselves.
-        let mut wake = self.local_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(if wake.is_ipv4() {
-                [127, 0, 0, 1].into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            });
+        for mut wake in [Some(self.local_addr), self.admin_addr]
+            .into_iter()
+            .flatten()
+        {
+            if wake.ip().is_unspecified() {
+                wake.set_ip(if wake.is_ipv4() {
+                    [127, 0, 0, 1].into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         }
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        if let Some(t) = self.acceptor.take() {
+        for t in self.acceptors.drain(..) {
             let _ = t.join();
         }
     }
@@ -124,13 +233,13 @@ impl HttpServer {
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
-        if self.acceptor.is_some() {
+        if !self.acceptors.is_empty() {
             self.stop();
         }
     }
 }
 
-fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
+fn accept_loop(listener: TcpListener, ctx: Arc<Context>, which: Listener) {
     for stream in listener.incoming() {
         if ctx.shutting_down.load(Ordering::SeqCst) {
             break;
@@ -144,11 +253,13 @@ fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
                 continue;
             }
         };
-        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
         let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
         let _ = stream.set_nodelay(true);
-        if ctx.active.fetch_add(1, Ordering::SeqCst) >= ctx.max_connections {
-            ctx.active.fetch_sub(1, Ordering::SeqCst);
+        let ip = stream
+            .peer_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        if !ctx.admit(which, ip) {
             ctx.metrics.outcome("rejected_connection_limit");
             let _ = Response::text(503, "too many signalling connections; retry shortly")
                 .header("Retry-After", "1")
@@ -160,21 +271,25 @@ fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
         let spawned = thread::Builder::new()
             .name("http-conn".into())
             .spawn(move || {
-                serve_connection(stream, &cctx);
-                cctx.active.fetch_sub(1, Ordering::SeqCst);
+                serve_connection(stream, &cctx, which);
+                cctx.release(which, ip);
                 cctx.metrics.signalling_connections.dec();
             });
         if let Err(e) = spawned {
             warn!("could not start a connection thread: {e}");
-            ctx.active.fetch_sub(1, Ordering::SeqCst);
+            ctx.release(which, ip);
             ctx.metrics.signalling_connections.dec();
         }
     }
     debug!("HTTP acceptor stopped");
 }
 
-fn serve_connection(mut stream: TcpStream, ctx: &Context) {
-    let req = match request::read_request(&mut stream) {
+fn serve_connection(mut stream: TcpStream, ctx: &Context, which: Listener) {
+    let head_time = match which {
+        Listener::Public => REQUEST_TIMEOUT,
+        Listener::Admin => ADMIN_REQUEST_TIMEOUT,
+    };
+    let req = match request::read_request(&mut stream, Instant::now() + head_time) {
         Ok(r) => r,
         Err(e) => {
             debug!("bad request: {}", e.message);
@@ -185,7 +300,7 @@ fn serve_connection(mut stream: TcpStream, ctx: &Context) {
             return;
         }
     };
-    if let Some(resp) = route(&mut stream, req, ctx) {
+    if let Some(resp) = route(&mut stream, req, ctx, which) {
         if resp.status >= 400 {
             ctx.metrics.outcome(status_label(resp.status));
         }
@@ -206,10 +321,19 @@ fn status_label(status: u16) -> &'static str {
 
 /// Dispatches a request; `None` when the handler wrote its own response
 /// (the WebSocket upgrade).
-fn route(stream: &mut TcpStream, req: Request, ctx: &Context) -> Option<Response> {
+fn route(stream: &mut TcpStream, req: Request, ctx: &Context, which: Listener) -> Option<Response> {
     let path = req.path.clone();
     let method = req.method.as_str();
+    if which == Listener::Admin && !matches!(path.as_str(), "/healthz" | "/metrics") {
+        return Some(Response::text(
+            404,
+            "the admin listener serves /healthz and /metrics only",
+        ));
+    }
     match (method, path.as_str()) {
+        ("GET", "/connect") if !origin_allowed(&req, &ctx.limits.allowed_origins) => {
+            Some(Response::text(403, "this Origin may not open /connect"))
+        }
         ("GET", "/connect") => connect::serve(stream, req, ctx),
         (_, "/connect") => {
             Some(Response::text(405, "use GET /connect (WebSocket)").header("Allow", "GET"))
@@ -238,16 +362,33 @@ fn route(stream: &mut TcpStream, req: Request, ctx: &Context) -> Option<Response
     }
 }
 
+/// True if the request carries no `Origin` (not a browser) or one on the list.
+fn origin_allowed(req: &Request, allowed: &[String]) -> bool {
+    match req.header("origin") {
+        None => true,
+        Some(_) if allowed.is_empty() => true,
+        Some(o) => allowed.iter().any(|a| a == o.trim().trim_end_matches('/')),
+    }
+}
+
 fn healthz(ctx: &Context) -> Response {
     let stopping = ctx.shutting_down.load(Ordering::SeqCst);
+    let loop_age = ctx.health.age();
+    let stalled = loop_age > LOOP_STALE;
+    let status = match (stopping, stalled) {
+        (true, _) => "shutting_down",
+        (false, true) => "media_loop_stalled",
+        (false, false) => "ok",
+    };
     let body = serde_json::json!({
-        "status": if stopping { "shutting_down" } else { "ok" },
+        "status": status,
+        "loop_age_ms": loop_age.as_millis() as u64,
         "peers": ctx.metrics.peers.get(),
         "peers_connected": ctx.metrics.peers_connected.get(),
         "conversations": ctx.metrics.conversations.get(),
     });
     Response::with_type(
-        if stopping { 503 } else { 200 },
+        if stopping || stalled { 503 } else { 200 },
         "application/json",
         body.to_string(),
     )

@@ -3,6 +3,7 @@
 
 use std::io::{ErrorKind, Read};
 use std::net::TcpStream;
+use std::time::Instant;
 
 use percent_encoding::percent_decode_str;
 
@@ -76,12 +77,21 @@ impl Request {
     }
 }
 
-/// Reads and parses one request head. The socket's read timeout bounds how
-/// long an idle or slow client can hold the thread.
-pub fn read_request(stream: &mut TcpStream) -> Result<Request, HttpError> {
+/// Reads and parses one request head, which must be complete by
+/// `deadline`: a client trickling bytes cannot hold the thread longer
+/// (every read is given only what is left of the time).
+pub fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Request, HttpError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return Err(if buf.is_empty() {
+                HttpError::closed("idle connection timed out")
+            } else {
+                HttpError::new(408, "request head not received in time")
+            });
+        }
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Err(HttpError::closed("connection closed before a request")),
             Ok(n) => n,

@@ -10,18 +10,21 @@
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Sender, TryRecvError};
 use log::{debug, error, info};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::command::{self, Command, LoopHandle, PeerNotice};
+use super::health::{LoopHealth, EXIT_LOOP_FAILED};
+use crate::command::{Command, LoopHandle, LoopInbox, PeerNotice};
 use crate::metrics::Metrics;
-use crate::sfu::{CoreStats, PeerId, Reply, Request, Sfu, SfuConfig, SfuEvent};
+use crate::sfu::{CoreStats, FinishedBite, PeerId, Reply, Request, Sfu, SfuConfig, SfuEvent};
 use crate::sink::BiteQueue;
 
 const SOCKET: Token = Token(0);
@@ -37,8 +40,12 @@ const CLOCK_REANCHOR: Duration = Duration::from_secs(1);
 /// Receive buffer: larger than any WebRTC datagram (MTU-sized).
 const RECV_BUF: usize = 4096;
 
+/// Longest sleep: the loop turns at least this often, so its pulse shows
+/// it is alive even with nothing to do.
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+
 /// What the loop needs besides the core's own settings.
-pub struct MediaLoopConfig {
+pub(crate) struct MediaLoopConfig {
     /// The core's settings.
     pub sfu: SfuConfig,
     /// The already-bound media socket.
@@ -47,13 +54,15 @@ pub struct MediaLoopConfig {
     pub metrics: Arc<Metrics>,
     /// Where finished bites go.
     pub bites: BiteQueue,
+    /// The loop's pulse.
+    pub health: Arc<LoopHealth>,
 }
 
 struct MediaLoop {
     poll: Poll,
     socket: UdpSocket,
     sfu: Sfu,
-    commands: Receiver<Command>,
+    inbox: LoopInbox,
     notices: HashMap<PeerId, Sender<PeerNotice>>,
     metrics: Arc<Metrics>,
     bites: BiteQueue,
@@ -61,24 +70,30 @@ struct MediaLoop {
     published: CoreStats,
     buf: Vec<u8>,
     stopping: bool,
+    health: Arc<LoopHealth>,
+    /// Bites finished while stopping: handed to the caller on exit instead
+    /// of a queue that might be full, so none is lost.
+    last_bites: Vec<FinishedBite>,
 }
 
 /// Starts the media loop thread; returns the handle side threads use and the
-/// thread to join after a shutdown.
-pub fn spawn(config: MediaLoopConfig) -> io::Result<(LoopHandle, JoinHandle<()>)> {
+/// thread to join after a shutdown, which yields the bites finished while
+/// stopping. A panic on the loop ends the process (see [`EXIT_LOOP_FAILED`]).
+pub(crate) fn spawn(
+    config: MediaLoopConfig,
+) -> io::Result<(LoopHandle, JoinHandle<Vec<FinishedBite>>)> {
     config.socket.set_nonblocking(true)?;
     let mut socket = UdpSocket::from_std(config.socket);
     let poll = Poll::new()?;
     poll.registry()
         .register(&mut socket, SOCKET, Interest::READABLE)?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-    let (tx, rx) = command::queue();
-    let handle = LoopHandle::new(tx, waker, config.metrics.clone());
+    let (handle, inbox) = LoopHandle::new(waker, config.metrics.clone());
     let media = MediaLoop {
         poll,
         socket,
         sfu: Sfu::new(config.sfu),
-        commands: rx,
+        inbox,
         notices: HashMap::new(),
         metrics: config.metrics,
         bites: config.bites,
@@ -86,15 +101,43 @@ pub fn spawn(config: MediaLoopConfig) -> io::Result<(LoopHandle, JoinHandle<()>)
         published: CoreStats::default(),
         buf: vec![0; RECV_BUF],
         stopping: false,
+        health: config.health,
+        last_bites: Vec::new(),
     };
     let thread = thread::Builder::new()
         .name("media-loop".into())
-        .spawn(move || media.run())?;
+        .spawn(move || supervised(media))?;
     Ok((handle, thread))
 }
 
+/// Runs the loop; a panic is logged and ends the process, so the
+/// orchestrator restarts a server whose media is gone instead of leaving it
+/// up and saying it is healthy.
+fn supervised(media: MediaLoop) -> Vec<FinishedBite> {
+    let health = media.health.clone();
+    match catch_unwind(AssertUnwindSafe(move || media.run())) {
+        Ok(bites) => bites,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            error!(
+                "the media loop panicked ({why}); exiting so the supervisor restarts the service"
+            );
+            health.set_stopping();
+            std::process::exit(EXIT_LOOP_FAILED);
+        }
+    }
+}
+
 impl MediaLoop {
-    fn run(mut self) {
+    fn run(mut self) -> Vec<FinishedBite> {
+        #[cfg(feature = "test-kit")]
+        if std::env::var_os("BEEP_SFU_TEST_PANIC_LOOP").is_some() {
+            panic!("BEEP_SFU_TEST_PANIC_LOOP is set (fault injection for tests)");
+        }
         let mut events = Events::with_capacity(64);
         let mut more_to_read = false;
         let mut more_commands = false;
@@ -104,9 +147,10 @@ impl MediaLoop {
             let timeout = if more_to_read || more_commands {
                 Some(Duration::ZERO)
             } else {
-                self.sfu
-                    .poll_timeout()
-                    .map(|t| t.saturating_duration_since(Instant::now()))
+                let next = self.sfu.poll_timeout();
+                Some(next.map_or(MAX_SLEEP, |t| {
+                    t.saturating_duration_since(Instant::now()).min(MAX_SLEEP)
+                }))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
@@ -116,6 +160,10 @@ impl MediaLoop {
                 break;
             }
             wakes += 1;
+            self.health.beat();
+            if !self.stopping && self.inbox.stop.load(Ordering::SeqCst) {
+                self.stop(Instant::now());
+            }
             let readable = more_to_read || events.iter().any(|e| e.token() == SOCKET);
             more_to_read = readable && self.read_socket();
             more_commands = self.handle_commands();
@@ -133,7 +181,12 @@ impl MediaLoop {
         }
         self.next_publish = Instant::now();
         self.flush();
-        info!("media loop stopped");
+        self.health.set_stopping();
+        info!(
+            "media loop stopped; {} bite(s) finished while stopping",
+            self.last_bites.len()
+        );
+        std::mem::take(&mut self.last_bites)
     }
 
     /// Reads up to a batch of datagrams; true if the socket may hold more.
@@ -158,53 +211,77 @@ impl MediaLoop {
         true
     }
 
-    /// Handles up to a batch of commands; true if more are waiting.
+    /// Handles up to a batch of commands and of candidates (each queue its
+    /// own batch, so neither starves the other); true if more are waiting.
     fn handle_commands(&mut self) -> bool {
-        for _ in 0..COMMAND_BATCH {
-            let cmd = match self.commands.try_recv() {
-                Ok(c) => c,
-                Err(TryRecvError::Empty) => return false,
-                Err(TryRecvError::Disconnected) => {
-                    if !self.stopping {
-                        info!("command queue closed; shutting down the media loop");
-                        self.stopping = true;
-                        self.sfu.handle_request(Instant::now(), Request::Shutdown);
+        let mut more = false;
+        for from_candidates in [false, true] {
+            for _ in 0..COMMAND_BATCH {
+                let queue = if from_candidates {
+                    &self.inbox.candidates
+                } else {
+                    &self.inbox.commands
+                };
+                match queue.try_recv() {
+                    Ok(cmd) => self.handle_command(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if !self.stopping {
+                            info!("command queue closed; shutting down the media loop");
+                            self.stop(Instant::now());
+                        }
+                        break;
                     }
-                    return false;
                 }
-            };
-            let now = Instant::now();
-            let Command {
-                request,
-                reply,
-                notices,
-            } = cmd;
-            if request == Request::Shutdown {
-                if self.stopping {
-                    continue;
-                }
-                info!(
-                    "media loop shutting down: closing {} peer(s)",
-                    self.sfu.snapshot().peers
-                );
-                self.stopping = true;
             }
-            let answer = self.sfu.handle_request(now, request);
-            match (&answer, notices) {
-                (Reply::Connect(Ok((peer, _))), Some(n)) => {
-                    self.notices.insert(*peer, n);
-                }
-                (Reply::Candidate(Err(e)), _) => debug!("candidate refused: {e}"),
-                _ => {}
-            }
-            if let Some(reply) = reply {
-                // The session may have given up waiting; a peer it asked for
-                // then times out on its own.
-                let _ = reply.try_send(answer);
-            }
-            self.send_transmits();
+            more |= !(if from_candidates {
+                &self.inbox.candidates
+            } else {
+                &self.inbox.commands
+            })
+            .is_empty();
         }
-        !self.commands.is_empty()
+        more
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        let Command {
+            request,
+            reply,
+            notices,
+        } = cmd;
+        if request == Request::Shutdown {
+            self.stop(Instant::now());
+            return;
+        }
+        let answer = self.sfu.handle_request(Instant::now(), request);
+        match (&answer, notices) {
+            (Reply::Connect(Ok((peer, _))), Some(n)) => {
+                self.notices.insert(*peer, n);
+            }
+            (Reply::Candidate(Err(e)), _) => debug!("candidate refused: {e}"),
+            _ => {}
+        }
+        if let Some(reply) = reply {
+            // The session may have given up waiting; a peer it asked for
+            // then times out on its own.
+            let _ = reply.try_send(answer);
+        }
+        self.send_transmits();
+    }
+
+    /// Closes every peer (their bites are finished and kept for the caller)
+    /// and stops taking requests.
+    fn stop(&mut self, now: Instant) {
+        if self.stopping {
+            return;
+        }
+        info!(
+            "media loop shutting down: closing {} peer(s)",
+            self.sfu.snapshot().peers
+        );
+        self.stopping = true;
+        self.sfu.handle_request(now, Request::Shutdown);
     }
 
     /// Sends, dispatches and publishes everything the core produced.
@@ -217,6 +294,10 @@ impl MediaLoop {
                 SfuEvent::PeerConnected(peer) => self.notify(peer, PeerNotice::Connected, false),
                 SfuEvent::PeerClosed { peer, reason } => {
                     self.notify(peer, PeerNotice::Closed(reason), true)
+                }
+                SfuEvent::Bite(b) if self.stopping => {
+                    self.metrics.bites.inc();
+                    self.last_bites.push(b);
                 }
                 SfuEvent::Bite(b) => self.bites.offer(b),
             }

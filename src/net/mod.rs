@@ -1,5 +1,8 @@
-//! The media loop: the only code that touches the media socket.
+//! The driver: the media loop that owns the socket and the core, and its
+//! health pulse.
 
-pub mod media_loop;
+mod health;
+mod media_loop;
 
-pub use media_loop::{spawn, MediaLoopConfig};
+pub(crate) use health::{watch, LoopHealth};
+pub(crate) use media_loop::{spawn, MediaLoopConfig};

@@ -3,12 +3,15 @@
 //! A bite starts at a speaker's first voiced packet and ends after a silence
 //! (no voiced packet for `silence`: low RFC 6464 level, DTX, or no packets at
 //! all), when it reaches `max_len` (the next voiced packet starts a new one),
-//! or when the speaker leaves, disconnects or the server shuts down. Payloads
-//! are kept by reference (`Arc`), so assembling costs no copy per packet; the
-//! Ogg Opus file is written once, when the bite is finished.
+//! or when the speaker leaves, disconnects or the server shuts down.
+//!
+//! A bite is bounded whatever the sender does: by RTP time, by packets, by
+//! bytes and by wall time, and a forward timestamp jump ends it instead of
+//! stretching it. Payloads are copied into one growing buffer per bite (no
+//! allocation per packet); the Ogg Opus file is written off the media loop,
+//! by the sink, from [`FinishedBite::audio`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::PeerId;
@@ -17,10 +20,14 @@ use crate::ogg_opus::{self, TimedPacket, FRAME_TICKS, TICKS_PER_MS};
 /// Segmentation settings.
 #[derive(Debug, Clone, Copy)]
 pub struct BiteConfig {
-    /// Silence that ends a bite.
+    /// Silence that ends a bite (and the largest timestamp step within one).
     pub silence: Duration,
     /// Longest bite; a longer talk spurt continues in a new bite.
     pub max_len: Duration,
+    /// Most packets in one bite.
+    pub max_packets: usize,
+    /// Most payload bytes in one bite.
+    pub max_bytes: usize,
 }
 
 impl Default for BiteConfig {
@@ -28,7 +35,73 @@ impl Default for BiteConfig {
         BiteConfig {
             silence: Duration::from_millis(600),
             max_len: Duration::from_secs(10),
+            // 10 s of 20 ms frames is 500; the media budget allows 100/s.
+            max_packets: 1_500,
+            // 10 s of 320 kbit/s; keeps each NATS message (the Store
+            // message carries the whole Bite) under the default 1 MB
+            // max_payload. A faster sender's spurt is split, not lost.
+            max_bytes: 400 * 1024,
         }
+    }
+}
+
+/// The audio of a bite: payloads back to back, and where each one starts in
+/// RTP time and ends in the buffer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BiteAudio {
+    data: Vec<u8>,
+    /// (48 kHz ticks since the first packet, end of the payload in `data`);
+    /// offsets strictly increase.
+    frames: Vec<(u64, usize)>,
+}
+
+impl BiteAudio {
+    fn push(&mut self, offset: u64, payload: &[u8]) {
+        self.data.extend_from_slice(payload);
+        self.frames.push((offset, self.data.len()));
+    }
+
+    fn last_offset(&self) -> Option<u64> {
+        self.frames.last().map(|(o, _)| *o)
+    }
+
+    fn truncate(&mut self, packets: usize) {
+        self.frames.truncate(packets);
+        let end = self.frames.last().map_or(0, |(_, e)| *e);
+        self.data.truncate(end);
+    }
+
+    /// The packets with their offsets.
+    pub fn packets(&self) -> impl Iterator<Item = TimedPacket<'_>> {
+        let mut start = 0;
+        self.frames.iter().map(move |&(offset, end)| {
+            let data = &self.data[start..end];
+            start = end;
+            TimedPacket { offset, data }
+        })
+    }
+
+    /// Number of packets.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// True if there is no packet.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Duration by RTP time: the last packet's offset plus its own length.
+    fn duration_ticks(&self) -> u64 {
+        self.packets().last().map_or(0, |p| {
+            p.offset + u64::from(ogg_opus::packet_samples(p.data).unwrap_or(FRAME_TICKS))
+        })
+    }
+
+    /// The Ogg Opus file (RFC 7845), written when it is needed, off the loop.
+    pub fn to_ogg(&self) -> Vec<u8> {
+        let packets: Vec<TimedPacket<'_>> = self.packets().collect();
+        ogg_opus::encode(&packets, rand::random())
     }
 }
 
@@ -47,8 +120,8 @@ pub struct FinishedBite {
     pub packets: usize,
     /// Audio duration by RTP timestamps, milliseconds.
     pub duration_ms: u64,
-    /// The Ogg Opus file.
-    pub ogg: Vec<u8>,
+    /// The packets; [`BiteAudio::to_ogg`] makes the file.
+    pub audio: BiteAudio,
 }
 
 /// Who a bite belongs to, read only when a bite opens.
@@ -66,12 +139,45 @@ struct OpenBite {
     userid: String,
     clientid: String,
     start_unix_ms: u64,
+    opened: Instant,
     first_ts: u32,
-    /// (offset from first_ts, payload); offsets strictly increase.
-    packets: Vec<(u64, Arc<[u8]>)>,
+    audio: BiteAudio,
     /// Packets up to this index (exclusive) end with a voiced one.
     voiced_len: usize,
     last_voiced: Instant,
+}
+
+/// Where a packet goes relative to the open bite.
+enum Fit {
+    /// Into it.
+    In,
+    /// Nowhere: a duplicate or out of order.
+    Late,
+    /// Into a new bite: this one is full, or the sender jumped in time.
+    Next,
+}
+
+impl OpenBite {
+    fn fit(&self, rtp_ts: u32, payload: usize, now: Instant, c: &BiteConfig) -> Fit {
+        let offset = u64::from(rtp_ts.wrapping_sub(self.first_ts));
+        let last = self.audio.last_offset().unwrap_or(0);
+        if offset >= 1 << 31 || (!self.audio.is_empty() && offset <= last) {
+            return Fit::Late;
+        }
+        let max_ticks = c.max_len.as_millis() as u64 * TICKS_PER_MS;
+        let jump_ticks = c.silence.as_millis() as u64 * TICKS_PER_MS;
+        let wall_cap = c.max_len + c.silence;
+        if offset - last > jump_ticks
+            || offset >= max_ticks
+            || self.audio.len() >= c.max_packets
+            || self.audio.data.len() + payload > c.max_bytes
+            || now.saturating_duration_since(self.opened) >= wall_cap
+        {
+            Fit::Next
+        } else {
+            Fit::In
+        }
+    }
 }
 
 /// Open bites of every speaker, keyed by peer.
@@ -113,16 +219,27 @@ impl BiteAssembler {
     }
 
     /// Records one packet (`voiced` as the speaker selector judged it);
-    /// returns a bite if this packet finished one (max length).
+    /// returns the bites it finished (a cap reached, a jump in time).
     pub fn on_packet(
         &mut self,
         peer: PeerId,
         owner: Owner<'_>,
         rtp_ts: u32,
-        payload: &Arc<[u8]>,
+        payload: &[u8],
         voiced: bool,
         now: Instant,
-    ) -> Option<FinishedBite> {
+    ) -> Vec<FinishedBite> {
+        let mut done = Vec::new();
+        if let Some(b) = self.open.get(&peer) {
+            match b.fit(rtp_ts, payload.len(), now, &self.config) {
+                Fit::In => {}
+                Fit::Late => {
+                    self.dropped_late += 1;
+                    return done;
+                }
+                Fit::Next => done.extend(self.flush(peer)),
+            }
+        }
         let bite = match self.open.get_mut(&peer) {
             Some(b) => b,
             None if voiced => {
@@ -135,35 +252,27 @@ impl BiteAssembler {
                     userid: owner.userid.to_string(),
                     clientid: owner.clientid.to_string(),
                     start_unix_ms: unix_us / 1000,
+                    opened: now,
                     first_ts: rtp_ts,
-                    packets: Vec::with_capacity(64),
+                    audio: BiteAudio::default(),
                     voiced_len: 0,
                     last_voiced: now,
                 })
             }
-            None => return None,
+            None => return done,
         };
-        let offset = rtp_ts.wrapping_sub(bite.first_ts);
-        let in_order = offset < (1 << 31)
-            && bite
-                .packets
-                .last()
-                .is_none_or(|(last, _)| u64::from(offset) > *last);
-        if !in_order {
-            self.dropped_late += 1;
-            return None;
-        }
-        bite.packets.push((u64::from(offset), payload.clone()));
+        let offset = u64::from(rtp_ts.wrapping_sub(bite.first_ts));
+        bite.audio.push(offset, payload);
         if voiced {
-            bite.voiced_len = bite.packets.len();
+            bite.voiced_len = bite.audio.len();
             bite.last_voiced = now;
         }
         let samples = u64::from(ogg_opus::packet_samples(payload).unwrap_or(FRAME_TICKS));
         let max_ticks = self.config.max_len.as_millis() as u64 * TICKS_PER_MS;
-        if u64::from(offset) + samples >= max_ticks {
-            return self.flush(peer);
+        if offset + samples >= max_ticks {
+            done.extend(self.flush(peer));
         }
-        None
+        done
     }
 
     /// When [`BiteAssembler::handle_timeout`] must next run: the moment the
@@ -199,31 +308,18 @@ impl BiteAssembler {
     pub fn flush(&mut self, peer: PeerId) -> Option<FinishedBite> {
         let mut b = self.open.remove(&peer)?;
         // A bite is the talk spurt: trailing unvoiced packets are not part of it.
-        b.packets.truncate(b.voiced_len);
-        if b.packets.is_empty() {
+        b.audio.truncate(b.voiced_len);
+        if b.audio.is_empty() {
             return None;
         }
-        let timed: Vec<TimedPacket<'_>> = b
-            .packets
-            .iter()
-            .map(|(offset, data)| TimedPacket {
-                offset: *offset,
-                data,
-            })
-            .collect();
-        let ogg = ogg_opus::encode(&timed, rand::random());
-        let last = b
-            .packets
-            .last()
-            .map(|(o, d)| o + u64::from(ogg_opus::packet_samples(d).unwrap_or(FRAME_TICKS)));
         Some(FinishedBite {
             conversation: b.conversation,
             userid: b.userid,
             clientid: b.clientid,
             start_unix_ms: b.start_unix_ms,
-            packets: b.packets.len(),
-            duration_ms: last.unwrap_or(0) / TICKS_PER_MS,
-            ogg,
+            packets: b.audio.len(),
+            duration_ms: b.audio.duration_ticks() / TICKS_PER_MS,
+            audio: b.audio,
         })
     }
 }
@@ -253,8 +349,8 @@ mod tests {
         }
     }
 
-    fn pkt(i: u8) -> Arc<[u8]> {
-        Arc::from(vec![0xF8, i, 1, 2].into_boxed_slice())
+    fn pkt(i: u8) -> Vec<u8> {
+        vec![0xF8, i, 1, 2]
     }
 
     fn ms(t0: Instant, n: u64) -> Instant {
@@ -267,7 +363,7 @@ mod tests {
         let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 1_000_000_000));
         let p = PeerId(1);
         // Quiet packets before speech do not open a bite.
-        assert!(a.on_packet(p, owner(), 0, &pkt(0), QUIET, t0).is_none());
+        assert!(a.on_packet(p, owner(), 0, &pkt(0), QUIET, t0).is_empty());
         assert_eq!(a.open_count(), 0);
         for i in 1..=10u32 {
             assert!(a
@@ -279,7 +375,7 @@ mod tests {
                     LOUD,
                     ms(t0, 20 * u64::from(i))
                 )
-                .is_none());
+                .is_empty());
         }
         for i in 11..=15u32 {
             a.on_packet(
@@ -360,5 +456,111 @@ mod tests {
     fn flush_of_unknown_peer_is_nothing() {
         let mut a = BiteAssembler::new(BiteConfig::default(), (Instant::now(), 0));
         assert!(a.flush(PeerId(5)).is_none());
+    }
+}
+
+#[cfg(test)]
+mod caps {
+    use super::*;
+
+    fn owner() -> Owner<'static> {
+        Owner {
+            conversation: "c",
+            userid: "u",
+            clientid: "d",
+        }
+    }
+
+    #[test]
+    fn one_tick_per_packet_cannot_grow_a_bite_past_its_packet_cap() {
+        let t0 = Instant::now();
+        let cfg = BiteConfig::default();
+        let mut a = BiteAssembler::new(cfg, (t0, 0));
+        let mut done = vec![];
+        // Timestamps advance by 1 per packet: the RTP-time cap never fires.
+        for i in 0..5_000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) * 100);
+            done.extend(a.on_packet(PeerId(1), owner(), i, &[0xF8, 1], true, now));
+        }
+        assert!(!done.is_empty());
+        assert!(done.iter().all(|b| b.packets <= cfg.max_packets));
+        assert_eq!(
+            done.iter().map(|b| b.packets).sum::<usize>() + 5_000 % cfg.max_packets,
+            5_000
+        );
+    }
+
+    #[test]
+    fn bytes_cap_a_bite() {
+        let t0 = Instant::now();
+        let cfg = BiteConfig {
+            max_bytes: 10_000,
+            ..BiteConfig::default()
+        };
+        let mut a = BiteAssembler::new(cfg, (t0, 0));
+        let mut done = vec![];
+        for i in 0..100u32 {
+            let now = t0 + Duration::from_millis(u64::from(i) * 20);
+            done.extend(a.on_packet(PeerId(1), owner(), i * 960, &[0xF8; 1_000], true, now));
+        }
+        assert!(done.len() >= 9, "{}", done.len());
+        assert!(done.iter().all(|b| b.audio.data.len() <= 10_000));
+    }
+
+    #[test]
+    fn a_forward_timestamp_jump_ends_the_bite_instead_of_stretching_it() {
+        let t0 = Instant::now();
+        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 0));
+        let p = PeerId(1);
+        for i in 0..10u32 {
+            assert!(a
+                .on_packet(p, owner(), i * 960, &[0xF8, 0], true, t0)
+                .is_empty());
+        }
+        // An hour later in RTP time, the next packet.
+        let done = a.on_packet(p, owner(), 9 * 960 + 48_000 * 3_600, &[0xF8, 0], true, t0);
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].packets, done[0].duration_ms), (10, 200));
+        let rest = a.flush(p).unwrap();
+        assert_eq!((rest.packets, rest.duration_ms), (1, 20));
+    }
+
+    #[test]
+    fn wall_time_caps_a_bite_whose_timestamps_crawl() {
+        let t0 = Instant::now();
+        let cfg = BiteConfig::default();
+        let mut a = BiteAssembler::new(cfg, (t0, 0));
+        let mut done = vec![];
+        // One packet a second for a minute, timestamps 1 tick apart.
+        for i in 0..60u32 {
+            let now = t0 + Duration::from_secs(u64::from(i));
+            done.extend(a.on_packet(PeerId(1), owner(), i, &[0xF8, 0], true, now));
+        }
+        assert!(done.len() >= 5, "{}", done.len());
+        assert!(done.iter().all(|b| b.packets <= 11));
+    }
+
+    #[test]
+    fn the_audio_round_trips_through_ogg() {
+        let t0 = Instant::now();
+        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 0));
+        for i in 0..3u32 {
+            a.on_packet(PeerId(1), owner(), i * 960, &[0xF8, i as u8], true, t0);
+        }
+        let b = a.flush(PeerId(1)).unwrap();
+        let got: Vec<(u64, Vec<u8>)> = b
+            .audio
+            .packets()
+            .map(|p| (p.offset, p.data.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, vec![0xF8, 0]),
+                (960, vec![0xF8, 1]),
+                (1920, vec![0xF8, 2])
+            ]
+        );
+        assert_eq!(&b.audio.to_ogg()[..4], b"OggS");
     }
 }

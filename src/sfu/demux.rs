@@ -80,9 +80,14 @@ impl Demux {
             self.by_ufrag.remove(ufrag);
         }
         for a in addrs {
-            if self.by_addr.get(a) == Some(&peer) {
-                self.by_addr.remove(a);
-            }
+            self.forget_addr(peer, *a);
+        }
+    }
+
+    /// Forgets one address if it still points at `peer`.
+    pub fn forget_addr(&mut self, peer: PeerId, addr: SocketAddr) {
+        if self.by_addr.get(&addr) == Some(&peer) {
+            self.by_addr.remove(&addr);
         }
     }
 }

@@ -50,12 +50,10 @@ impl Sfu {
             };
             let voiced = self.config.speaker.is_voiced(level);
             let ts = pkt.header.timestamp;
-            if let Some(b) = self
+            let done = self
                 .bites
-                .on_packet(src, owner, ts, &pkt.payload, voiced, now)
-            {
-                self.events.push_back(bite_event(b));
-            }
+                .on_packet(src, owner, ts, &pkt.payload, voiced, now);
+            self.events.extend(done.into_iter().map(bite_event));
         }
         let ext = ExtensionValues {
             audio_level: level,

@@ -269,15 +269,22 @@ impl Peer {
         self.rtc.accepts(input)
     }
 
-    /// Records that a datagram came from `source`; returns true if the
-    /// address is new for this peer and was learned.
-    pub fn on_received_from(&mut self, now: Instant, source: SocketAddr, max_addrs: usize) -> bool {
+    /// Records that a datagram came from `source`. Returns whether the
+    /// address is new for this peer, and the oldest address it forgot to
+    /// make room (the newest is always routed: it is the one ICE uses now).
+    pub fn on_received_from(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        max_addrs: usize,
+    ) -> (bool, Option<SocketAddr>) {
         self.last_rx = now;
-        if self.addrs.contains(&source) || self.addrs.len() >= max_addrs {
-            return false;
+        if self.addrs.contains(&source) {
+            return (false, None);
         }
+        let evicted = (self.addrs.len() >= max_addrs.max(1)).then(|| self.addrs.remove(0));
         self.addrs.push(source);
-        true
+        (true, evicted)
     }
 
     /// Hands one input to the `Rtc` and drains it. A panic inside str0m (it

@@ -122,9 +122,12 @@ impl PeerTable {
         if !peer.accepts(&input) {
             return Err(Dropped::Rejected);
         }
-        if peer.on_received_from(now, source, demux::MAX_ADDRS_PER_PEER)
-            || (peer.addrs().contains(&source) && self.demux.by_addr(&source) != Some(id))
-        {
+        let (learned, evicted) = peer.on_received_from(now, source, demux::MAX_ADDRS_PER_PEER);
+        if let Some(old) = evicted {
+            self.demux.forget_addr(id, old);
+        }
+        // `source` is now one of the peer's addresses (the oldest made room).
+        if learned || self.demux.by_addr(&source) != Some(id) {
             self.demux.learn_addr(source, id);
         }
         Ok((id, peer.handle_input(input, out)))

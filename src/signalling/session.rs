@@ -14,6 +14,9 @@ use crate::sfu::{ConnectError, PeerId};
 /// verdict before closing on its own (the core removes the peer at the
 /// deadline too; this is the backstop).
 const BACKSTOP: Duration = Duration::from_secs(1);
+/// Most trickled candidates one session may send. The server is ICE-lite
+/// and learns addresses from STUN checks; a browser sends a handful.
+pub(crate) const MAX_CANDIDATES: usize = 32;
 
 /// What the driver must do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +70,7 @@ enum State {
 pub(crate) struct Session {
     state: State,
     deadline: Instant,
+    candidates: usize,
 }
 
 impl Session {
@@ -76,6 +80,7 @@ impl Session {
         Session {
             state: State::NoOffer,
             deadline: now + connect_timeout,
+            candidates: 0,
         }
     }
 
@@ -102,7 +107,18 @@ impl Session {
                 CloseCode::PolicyViolation,
                 "the offer must come before candidates".into(),
             ),
-            (State::Answered(peer), ClientMessage::Candidate(c)) => Action::Candidate(peer, c),
+            (State::Answered(_), ClientMessage::Candidate(_))
+                if self.candidates >= MAX_CANDIDATES =>
+            {
+                Action::Close(
+                    CloseCode::PolicyViolation,
+                    format!("more than {MAX_CANDIDATES} candidates"),
+                )
+            }
+            (State::Answered(peer), ClientMessage::Candidate(c)) => {
+                self.candidates += 1;
+                Action::Candidate(peer, c)
+            }
             (_, ClientMessage::Offer { .. }) => Action::Close(
                 CloseCode::PolicyViolation,
                 "renegotiation is not supported".into(),
@@ -231,6 +247,20 @@ mod tests {
             Action::Candidate(PeerId(3), "candidate:1 1 udp 1 1.2.3.4 5 typ host".into())
         );
         assert_eq!(closed_with(s.on_notice(PeerNotice::Connected)), 1000);
+    }
+
+    #[test]
+    fn candidates_beyond_the_cap_close_the_session() {
+        let mut s = Session::new(Instant::now(), T);
+        s.on_text("v=0");
+        s.on_connect_reply(ConnectReply::Answer(Ok((PeerId(1), "v=0".into()))));
+        for _ in 0..MAX_CANDIDATES {
+            assert!(matches!(
+                s.on_text("ice::candidate:x"),
+                Action::Candidate(..)
+            ));
+        }
+        assert_eq!(closed_with(s.on_text("ice::candidate:x")), 1008);
     }
 
     #[test]

@@ -28,13 +28,13 @@ pub fn bite_path(dir: &Path, b: &FinishedBite) -> PathBuf {
 }
 
 /// Writes the bite (to a temporary name first, so readers never see half a file).
-pub fn write_bite(dir: &Path, b: &FinishedBite) -> io::Result<PathBuf> {
+pub fn write_bite(dir: &Path, b: &FinishedBite, ogg: &[u8]) -> io::Result<PathBuf> {
     let path = bite_path(dir, b);
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
     }
     let tmp = path.with_extension("ogg.part");
-    fs::write(&tmp, &b.ogg)?;
+    fs::write(&tmp, ogg)?;
     fs::rename(&tmp, &path)?;
     Ok(path)
 }
@@ -51,7 +51,7 @@ mod tests {
             start_unix_ms: 17,
             packets: 1,
             duration_ms: 20,
-            ogg: b"OggS".to_vec(),
+            audio: Default::default(),
         }
     }
 
@@ -70,7 +70,7 @@ mod tests {
     #[test]
     fn writes_atomically() {
         let dir = std::env::temp_dir().join(format!("beep-sfu-files-{}", std::process::id()));
-        let p = write_bite(&dir, &bite("room 1", "alice")).unwrap();
+        let p = write_bite(&dir, &bite("room 1", "alice"), b"OggS").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"OggS");
         assert!(!p.with_extension("ogg.part").exists());
         fs::remove_dir_all(&dir).unwrap();

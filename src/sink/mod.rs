@@ -12,7 +12,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::sfu::FinishedBite;
@@ -34,8 +34,9 @@ pub struct SinkConfig {
 
 enum SinkMsg {
     Bite(FinishedBite),
-    /// Publish what is left until the deadline, then stop.
-    Finish(Instant),
+    /// These last bites, then publish what is left until the deadline
+    /// (spooling what NATS did not take), then stop.
+    Finish(Vec<FinishedBite>, Instant),
 }
 
 /// The media loop's end of the queue.
@@ -92,11 +93,20 @@ impl Sink {
         ))
     }
 
-    /// Publishes what is queued (waiting at most until `deadline`) and stops.
-    pub fn finish(mut self, deadline: Instant) {
-        let _ = self
+    /// Takes the bites finished while stopping, publishes what is queued
+    /// (waiting at most until `deadline`), spools the rest, and stops.
+    pub fn finish(mut self, last: Vec<FinishedBite>, deadline: Instant) {
+        let n = last.len();
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        if self
             .tx
-            .send_timeout(SinkMsg::Finish(deadline), Duration::from_secs(1));
+            .send_timeout(SinkMsg::Finish(last, deadline), wait)
+            .is_err()
+        {
+            error!("the bite sink did not take the last {n} bite(s); they are lost");
+        }
         if let Some(t) = self.thread.take() {
             while !t.is_finished() && Instant::now() < deadline + Duration::from_millis(500) {
                 thread::sleep(Duration::from_millis(10));
@@ -122,7 +132,12 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
     loop {
         match rx.recv_timeout(TICK) {
             Ok(SinkMsg::Bite(b)) => deliver(&config, nats.as_mut(), &metrics, &b),
-            Ok(SinkMsg::Finish(deadline)) => finish_by = Some(deadline),
+            Ok(SinkMsg::Finish(last, deadline)) => {
+                for b in &last {
+                    deliver(&config, nats.as_mut(), &metrics, b);
+                }
+                finish_by = Some(deadline);
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => finish_by = finish_by.or(Some(Instant::now())),
         }
@@ -141,13 +156,19 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
                     .saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(100));
                 let flushed = n.flush(left);
-                if n.backlog_len() > 0 || !flushed {
+                let left_over = n.backlog_len();
+                if left_over > 0 || !flushed {
                     warn!(
-                        "stopping with {} bite(s) not delivered to NATS (connected: {})",
-                        n.backlog_len(),
+                        "stopping with {left_over} bite(s) not delivered to NATS (connected: {})",
                         n.is_connected()
                     );
-                    for _ in 0..n.backlog_len() {
+                }
+                if left_over > 0 {
+                    let spooled = n.spool();
+                    if spooled > 0 {
+                        info!("spooled {spooled} bite(s); they are published at the next start");
+                    }
+                    for _ in spooled..left_over {
                         metrics.bite_dropped("shutdown_undelivered");
                     }
                 }
@@ -165,8 +186,10 @@ fn deliver(
     metrics: &Metrics,
     b: &FinishedBite,
 ) {
+    // Written here, on the sink thread, never on the media loop.
+    let ogg = b.audio.to_ogg();
     if let Some(dir) = &config.dir {
-        match files::write_bite(dir, b) {
+        match files::write_bite(dir, b, &ogg) {
             Ok(p) => {
                 metrics.bites_written.inc();
                 debug!("wrote {}", p.display());
@@ -178,6 +201,6 @@ fn deliver(
         }
     }
     if let Some(n) = nats {
-        n.enqueue(b);
+        n.enqueue(b, &ogg);
     }
 }

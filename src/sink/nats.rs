@@ -16,6 +16,7 @@
 #![allow(deprecated)]
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -40,6 +41,9 @@ pub struct NatsConfig {
     pub store_subject: String,
     /// Most bytes kept while NATS is unreachable.
     pub backlog_bytes: usize,
+    /// Where bites NATS did not take before exit are written, and read back
+    /// (and published) at the next start.
+    pub spool_dir: Option<PathBuf>,
 }
 
 /// The two encoded messages of one bite.
@@ -48,6 +52,8 @@ struct Encoded {
     store: Vec<u8>,
     /// The `bite` message already went out (only `store` is left).
     bite_sent: bool,
+    /// The spool file it was read from, removed once it is published.
+    spooled: Option<PathBuf>,
 }
 
 impl Encoded {
@@ -56,12 +62,12 @@ impl Encoded {
     }
 }
 
-/// Encodes a finished bite as the wire `Bite`.
-pub fn to_proto(b: &FinishedBite) -> Bite {
+/// Encodes a finished bite, with its Ogg file, as the wire `Bite`.
+pub fn to_proto(b: &FinishedBite, ogg: &[u8]) -> Bite {
     Bite {
         key: b.conversation.clone(),
         start: b.start_unix_ms,
-        data: b.ogg.clone(),
+        data: ogg.to_vec(),
         client: Some(Client {
             key: b.userid.clone(),
             client: b.clientid.clone(),
@@ -121,7 +127,7 @@ impl NatsPublisher {
             "publishing bites to NATS {} (subjects {}, {})",
             config.url, config.bite_subject, config.store_subject
         );
-        NatsPublisher {
+        let mut publisher = NatsPublisher {
             config,
             conn: None,
             connecting: rx,
@@ -129,7 +135,9 @@ impl NatsPublisher {
             backlog: VecDeque::new(),
             backlog_bytes: 0,
             metrics,
-        }
+        };
+        publisher.load_spool();
+        publisher
     }
 
     /// True while the client has a live connection.
@@ -143,8 +151,8 @@ impl NatsPublisher {
     }
 
     /// Queues a bite, dropping the oldest ones if the backlog is over its bound.
-    pub fn enqueue(&mut self, b: &FinishedBite) {
-        let bite = to_proto(b);
+    pub fn enqueue(&mut self, b: &FinishedBite, ogg: &[u8]) {
+        let bite = to_proto(b, ogg);
         let store = Store {
             r#type: "bite".into(),
             bite: Some(bite.clone()),
@@ -153,7 +161,12 @@ impl NatsPublisher {
             bite: bite.encode_to_vec(),
             store: store.encode_to_vec(),
             bite_sent: false,
+            spooled: None,
         };
+        self.push(e);
+    }
+
+    fn push(&mut self, e: Encoded) {
         self.backlog_bytes += e.size();
         self.backlog.push_back(e);
         while self.backlog_bytes > self.config.backlog_bytes && self.backlog.len() > 1 {
@@ -200,7 +213,14 @@ impl NatsPublisher {
                 break;
             }
             let size = front.size();
-            self.backlog.pop_front();
+            if let Some(done) = self.backlog.pop_front().and_then(|e| e.spooled) {
+                if let Err(e) = std::fs::remove_file(&done) {
+                    warn!(
+                        "published spooled bite {} but cannot remove it: {e}",
+                        done.display()
+                    );
+                }
+            }
             self.backlog_bytes -= size;
             self.metrics.bites_published.inc();
             self.metrics.bite_bytes_published.inc_by(size as u64);
@@ -213,6 +233,91 @@ impl NatsPublisher {
         match &self.conn {
             Some(c) if self.connected.load(Ordering::SeqCst) => c.flush_timeout(timeout).is_ok(),
             _ => false,
+        }
+    }
+
+    /// Writes what is still in the backlog to the spool directory (one file
+    /// per bite, the `Bite` message; `.store` if only the `Store` message is
+    /// left to send). Returns how many bites were spooled; the rest are lost
+    /// and counted.
+    pub fn spool(&mut self) -> usize {
+        let Some(dir) = self.config.spool_dir.clone() else {
+            return 0;
+        };
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            warn!("cannot create the spool directory {}: {e}", dir.display());
+            return 0;
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let mut written = 0;
+        while let Some(e) = self.backlog.pop_front() {
+            self.backlog_bytes -= e.size();
+            if e.spooled.is_some() {
+                written += 1; // still on disk from the last run
+                continue;
+            }
+            let ext = if e.bite_sent { "store" } else { "bite" };
+            let path = dir.join(format!("{stamp}-{written:06}.{ext}"));
+            let tmp = path.with_extension("part");
+            match std::fs::write(&tmp, &e.bite).and_then(|_| std::fs::rename(&tmp, &path)) {
+                Ok(()) => written += 1,
+                Err(err) => {
+                    self.metrics.bite_dropped("spool_write_error");
+                    warn!("cannot spool a bite to {}: {err}", path.display());
+                }
+            }
+        }
+        self.publish_gauges();
+        written
+    }
+
+    /// Puts the bites spooled by an earlier run at the front of the backlog.
+    fn load_spool(&mut self) {
+        let Some(dir) = self.config.spool_dir.clone() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|x| x.to_str()),
+                    Some("bite" | "store")
+                )
+            })
+            .collect();
+        files.sort();
+        for path in files {
+            let bite_sent = path.extension().is_some_and(|x| x == "store");
+            let decoded = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| Bite::decode(b.as_slice()).map_err(|e| e.to_string()));
+            match decoded {
+                Ok(bite) => {
+                    let store = Store {
+                        r#type: "bite".into(),
+                        bite: Some(bite.clone()),
+                    };
+                    self.push(Encoded {
+                        bite: bite.encode_to_vec(),
+                        store: store.encode_to_vec(),
+                        bite_sent,
+                        spooled: Some(path),
+                    });
+                }
+                Err(e) => warn!("skipping unreadable spool file {}: {e}", path.display()),
+            }
+        }
+        if !self.backlog.is_empty() {
+            info!(
+                "{} spooled bite(s) from an earlier run will be published",
+                self.backlog.len()
+            );
         }
     }
 

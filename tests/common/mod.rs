@@ -45,6 +45,11 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
         membership_grace: Duration::from_secs(60),
         permissions_timeout: Duration::from_secs(2),
         bites_dir: None,
+        admin_listen: None,
+        max_signalling_per_ip: 0,
+        allowed_origins: Vec::new(),
+        spool_dir: None,
+        loop_stall: Duration::from_secs(10),
     }
 }
 
