@@ -25,6 +25,15 @@ fn invalid_values_fail_at_start_with_one_line_naming_the_flag() {
         (vec!["--silence-dbov", "5", "--dev"], "--silence-dbov"),
         (vec!["--max-peers", "lots", "--dev"], "--max-peers"),
         (vec!["--no-such-flag", "--dev"], "--no-such-flag"),
+        (
+            vec!["--idle-timeout-secs", "18446744073709551615", "--dev"],
+            "--idle-timeout-secs",
+        ),
+        (
+            vec!["--connect-timeout-secs", "0", "--dev"],
+            "--connect-timeout-secs",
+        ),
+        (vec!["--bite-max-ms", "99999999", "--dev"], "--bite-max-ms"),
     ] {
         let out = Command::new(BIN)
             .args(&args)
@@ -92,4 +101,28 @@ fn sigterm_stops_the_server_cleanly() {
     };
     assert!(exit.success(), "exit status {exit:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_panic_on_the_media_loop_ends_the_process_with_a_clear_line_and_a_non_zero_exit() {
+    // The fault is injected through an environment variable that only a
+    // build with the test kit (this test's build) looks at.
+    let out = Command::new(BIN)
+        .args([
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--bites-dir",
+        ])
+        .arg(std::env::temp_dir().join(format!("beep-sfu-panic-{}", std::process::id())))
+        .env("BEEP_SFU_TEST_PANIC_LOOP", "1")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(70), "exit status {:?}", out.status);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("media loop panicked"), "{err}");
+    assert!(err.contains("exiting so the supervisor restarts"), "{err}");
 }

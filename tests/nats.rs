@@ -301,3 +301,72 @@ fn nats_down_at_start_gets_the_bites_once_it_comes_up() {
     ) == Some(0.0)));
     assert!(server.shutdown());
 }
+
+#[test]
+fn shutdown_with_nats_down_spools_and_the_next_start_publishes_each_bite_once() {
+    let mut nats = NatsServer::start();
+    create_stream(&nats.url());
+    nats.kill();
+    let spool = std::env::temp_dir().join(format!("beep-sfu-spool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&spool);
+    let url = nats.url();
+    let start = |spool: &std::path::Path| {
+        init_log();
+        let mut cfg = test_config(true, "");
+        cfg.nats = Some(url.clone());
+        cfg.spool_dir = Some(spool.to_path_buf());
+        beep_sfu::server::Server::start(&cfg).unwrap()
+    };
+
+    // Two bites while NATS is down: one finished by silence, one cut off by
+    // the shutdown itself.
+    let server = start(&spool);
+    let http = server.http_addr();
+    let mut a = TestPeer::new("alice", "a");
+    let mut b = TestPeer::new("bob", "b");
+    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Raw]);
+    assert_eq!(join(http, &a.claim, "room").0, 200);
+    assert_eq!(join(http, &b.claim, "room").0, 200);
+    talk(&mut [&mut a, &mut b], 0, 1, 0..20);
+    pump_for(&mut [&mut a, &mut b], Duration::from_millis(900));
+    talk(&mut [&mut a, &mut b], 1, 2, 0..15);
+    assert!(server.shutdown());
+    let spooled = std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(spooled, 2, "both bites are in the spool");
+
+    // NATS is back; the next start publishes them, once, and empties the spool.
+    nats.restart();
+    let server = start(&spool);
+    let delivered = wait_for(Duration::from_secs(20), || {
+        nats::connect(nats.url().as_str())
+            .ok()
+            .and_then(|nc| nats::jetstream::new(nc).stream_info("BITES").ok())
+            .is_some_and(|i| i.state.messages == 4)
+    });
+    assert!(delivered, "two bites, each on `bite` and `store`");
+    assert!(wait_for(Duration::from_secs(5), || std::fs::read_dir(
+        &spool
+    )
+    .map(|d| d.count())
+    .unwrap_or(0)
+        == 0));
+    std::thread::sleep(Duration::from_millis(500));
+    let info = nats::jetstream::new(nats::connect(nats.url().as_str()).unwrap())
+        .stream_info("BITES")
+        .unwrap();
+    assert_eq!(info.state.messages, 4, "nothing published twice");
+    // The bites are the ones spoken: alice's 20 packets and bob's 15.
+    let js = nats::jetstream::new(nats::connect(nats.url().as_str()).unwrap());
+    let mut packets = Vec::new();
+    for seq in 1..=4 {
+        let m = js.get_message("BITES", seq).expect("stored message");
+        if m.subject == "bite" {
+            let bite = Bite::decode(m.data.as_slice()).unwrap();
+            packets.push(ogg_packets(&bite.data).0.len());
+        }
+    }
+    packets.sort();
+    assert_eq!(packets, vec![15, 20]);
+    assert!(server.shutdown());
+    let _ = std::fs::remove_dir_all(&spool);
+}
