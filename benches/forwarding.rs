@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use beep_sfu::sfu::{BiteConfig, PeerId};
+use beep_sfu::sfu::{BiteConfig, PeerId, SpeakerConfig};
 use beep_sfu::testkit::internals::{
     self as demux, BiteAssembler, Demux, Owner, TimerHeap, TimerKey,
 };
+use beep_sfu::testkit::internals::{Conversations, SpeakerId};
 use beep_sfu::testkit::Harness;
 
 /// Opus-sized payload: 80 bytes, valid 20 ms TOC.
@@ -264,10 +265,39 @@ fn bite_bench(c: &mut Criterion) {
             black_box(a.on_packet(PeerId(1), owner, n.wrapping_mul(960), &p, true, now));
             // One-second bites: the Ogg encode is amortised over 50 packets.
             if n.is_multiple_of(50) {
-                black_box(a.flush(PeerId(1)));
+                black_box(a.flush(PeerId(1)).map(|b| b.audio.to_ogg()));
             }
         })
     });
+    g.finish();
+}
+
+/// A conversation of `n` members with 3 slots each: all join, then all
+/// leave, with the two loudest speaking throughout (a membership change
+/// must not rebuild everyone's slots).
+fn conversation_bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("conversation");
+    g.sample_size(10);
+    for n in [100u64, 1_000] {
+        g.throughput(Throughput::Elements(2 * n));
+        g.bench_function(BenchmarkId::new("join_then_leave_all", n), |b| {
+            b.iter(|| {
+                let t0 = Instant::now();
+                let mut convs = Conversations::new(SpeakerConfig::default());
+                let key = convs.intern("big");
+                for p in 0..n {
+                    convs.add_member(key, PeerId(p), 3, t0);
+                    if p < 2 {
+                        convs.on_packet(key, SpeakerId(p), Some(-20), t0);
+                    }
+                }
+                for p in (0..n).rev() {
+                    convs.remove_member(key, PeerId(p), t0);
+                }
+                black_box(convs.len())
+            })
+        });
+    }
     g.finish();
 }
 
@@ -277,6 +307,7 @@ criterion_group!(
     crypto_floor,
     demux_bench,
     timer_bench,
-    bite_bench
+    bite_bench,
+    conversation_bench
 );
 criterion_main!(benches);

@@ -275,3 +275,51 @@ fn two_claim_headers_origins_and_per_ip_limits_are_enforced() {
 
     assert!(server.shutdown());
 }
+
+#[test]
+fn endless_continuation_frames_cannot_hold_a_session_past_its_deadline() {
+    let server = start_with(|c| c.connect_timeout = Duration::from_secs(2));
+    let http = server.http_addr();
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+    let upgrade = format!(
+        "GET /connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         X-User-Claim: {}\r\n\r\n",
+        claim("slow", "s")
+    );
+    s.write_all(upgrade.as_bytes()).unwrap();
+    let start = Instant::now();
+    // A text frame without FIN, then empty continuation frames every 20 ms
+    // (masked, as a client must), faster than the server's socket read
+    // timeout: the message never completes and no read ever times out.
+    let mut frame = vec![0x01u8, 0x80 | 1, 1, 2, 3, 4, b'v' ^ 1];
+    let continuation = [0x00u8, 0x80, 9, 9, 9, 9];
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while start.elapsed() < Duration::from_secs(8) {
+        if !frame.is_empty() {
+            let _ = s.write_all(&frame);
+            frame.clear();
+        } else if s.write_all(&continuation).is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let held = start.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    // The close frame: 0x88, length, then the code 4408 (0x1138).
+    let close = got.windows(2).position(|w| w == [0x11, 0x38]);
+    assert!(close.is_some(), "closed with 4408: {got:?}");
+    assert!(
+        held < Duration::from_secs(6),
+        "closed at the 2 s deadline, held {held:?}"
+    );
+    assert!(server.shutdown());
+}

@@ -5,7 +5,7 @@
 //! arrived: who hears it, on which slot", with no `Rtc` in sight. A speaker
 //! is a [`SpeakerId`], which need not be a local peer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use super::speaker::{SpeakerConfig, SpeakerSelector};
@@ -16,13 +16,13 @@ const MAX_ACTIVE_SPEAKERS: usize = 16;
 
 /// Interned conversation id, so the hot path hashes a number, not a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct ConvKey(pub u64);
+pub struct ConvKey(pub u64);
 
 /// Who is speaking in a conversation. A local peer speaks as
 /// `SpeakerId::from(peer)`; the id space is the peers' own, so a speaker
 /// that is not a local peer only needs an id nobody else uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct SpeakerId(pub u64);
+pub struct SpeakerId(pub u64);
 
 impl From<PeerId> for SpeakerId {
     fn from(p: PeerId) -> Self {
@@ -44,6 +44,9 @@ struct Conversation {
     members: Vec<Member>,
     /// Users whose membership points here (connected or in their grace period).
     users: usize,
+    /// How many members have each slot count (for the selector's capacity
+    /// without a scan).
+    slot_counts: BTreeMap<usize, usize>,
     selector: SpeakerSelector,
     /// For each active speaker, the (subscriber, slot index) pairs that carry
     /// it: rebuilt when the ranking or the membership changes, read on every
@@ -51,8 +54,18 @@ struct Conversation {
     listeners: HashMap<SpeakerId, Vec<(PeerId, usize)>>,
 }
 
+impl Conversation {
+    /// Sizes the selector for the largest member (plus one, so a member who
+    /// speaks still hears someone); true if that changed the ranking.
+    fn resize(&mut self, now: Instant) -> bool {
+        let most_slots = self.slot_counts.keys().next_back().copied().unwrap_or(1);
+        self.selector
+            .set_capacity((most_slots + 1).min(MAX_ACTIVE_SPEAKERS), now)
+    }
+}
+
 /// Who hears a packet.
-pub(crate) struct Heard<'a> {
+pub struct Heard<'a> {
     /// The conversation's id, as clients joined it.
     pub name: &'a str,
     /// (subscriber, slot index) pairs that carry the speaker.
@@ -61,7 +74,7 @@ pub(crate) struct Heard<'a> {
 
 /// Every conversation, by interned key and by name.
 #[derive(Debug)]
-pub(crate) struct Conversations {
+pub struct Conversations {
     by_key: HashMap<ConvKey, Conversation>,
     keys: HashMap<String, ConvKey>,
     member_of: HashMap<PeerId, ConvKey>,
@@ -110,6 +123,7 @@ impl Conversations {
                 name: name.to_string(),
                 members: Vec::new(),
                 users: 0,
+                slot_counts: BTreeMap::new(),
                 selector: SpeakerSelector::new(self.speaker, 2),
                 listeners: HashMap::new(),
             },
@@ -145,32 +159,64 @@ impl Conversations {
     }
 
     /// A connected peer with `slots` slots becomes a listener (and a
-    /// potential speaker) in `key`.
+    /// potential speaker) in `key`. Only its own slots are mapped, unless the
+    /// selector's capacity change moved the ranking (then everyone's are).
     pub fn add_member(&mut self, key: ConvKey, peer: PeerId, slots: usize, now: Instant) {
+        if self.member_of.get(&peer) == Some(&key) {
+            return;
+        }
         let Some(conv) = self.by_key.get_mut(&key) else {
             return;
         };
-        if !conv.members.iter().any(|m| m.peer == peer) {
-            conv.members.push(Member {
-                peer,
-                slots: vec![None; slots],
-            });
-        }
         self.member_of.insert(peer, key);
-        self.resize_and_reassign(key, now);
+        *conv.slot_counts.entry(slots).or_insert(0) += 1;
+        let mut member = Member {
+            peer,
+            slots: vec![None; slots],
+        };
+        if conv.resize(now) {
+            conv.members.push(member);
+            self.reassign(key);
+        } else {
+            conv.selector
+                .top_for(SpeakerId::from(peer), slots, &mut self.scratch);
+            for (i, s) in self.scratch.drain(..).enumerate() {
+                member.slots[i] = Some(s);
+                conv.listeners.entry(s).or_default().push((peer, i));
+            }
+            conv.members.push(member);
+        }
     }
 
-    /// A peer stops listening and speaking in `key`.
+    /// A peer stops listening and speaking in `key`. Only its own entries
+    /// are removed, unless it was an active speaker or the capacity change
+    /// moved the ranking.
     pub fn remove_member(&mut self, key: ConvKey, peer: PeerId, now: Instant) {
-        if self.member_of.get(&peer) == Some(&key) {
-            self.member_of.remove(&peer);
+        if self.member_of.get(&peer) != Some(&key) {
+            return;
         }
+        self.member_of.remove(&peer);
         let Some(conv) = self.by_key.get_mut(&key) else {
             return;
         };
-        conv.members.retain(|m| m.peer != peer);
-        conv.selector.remove(SpeakerId::from(peer));
-        self.resize_and_reassign(key, now);
+        if let Some(i) = conv.members.iter().position(|m| m.peer == peer) {
+            let m = conv.members.swap_remove(i);
+            for s in m.slots.iter().flatten() {
+                if let Some(l) = conv.listeners.get_mut(s) {
+                    l.retain(|(p, _)| *p != peer);
+                }
+            }
+            if let Some(n) = conv.slot_counts.get_mut(&m.slots.len()) {
+                *n -= 1;
+                if *n == 0 {
+                    conv.slot_counts.remove(&m.slots.len());
+                }
+            }
+        }
+        let was_speaking = conv.selector.remove(SpeakerId::from(peer));
+        if conv.resize(now) || was_speaking {
+            self.reassign(key);
+        }
         self.drop_if_abandoned(key);
     }
 
@@ -192,23 +238,6 @@ impl Conversations {
             name: &conv.name,
             listeners: conv.listeners.get(&speaker).map_or(&[], Vec::as_slice),
         })
-    }
-
-    /// Sizes the selector for the largest member (plus one, so a member who
-    /// speaks still hears someone) and remaps slots.
-    fn resize_and_reassign(&mut self, key: ConvKey, now: Instant) {
-        let Some(conv) = self.by_key.get_mut(&key) else {
-            return;
-        };
-        let most_slots = conv
-            .members
-            .iter()
-            .map(|m| m.slots.len())
-            .max()
-            .unwrap_or(1);
-        conv.selector
-            .set_capacity((most_slots + 1).min(MAX_ACTIVE_SPEAKERS), now);
-        self.reassign(key);
     }
 
     /// Maps the active speakers onto every member's slots, keeping a
@@ -320,5 +349,72 @@ mod tests {
         c.user_left(k);
         assert_eq!(c.len(), 0);
         assert_eq!(c.of(PeerId(1)), None);
+    }
+
+    /// Every member hears exactly the top speakers other than itself, and
+    /// the listener table is exactly the inverse of the members' slots.
+    fn assert_consistent(c: &Conversations, k: ConvKey) {
+        let conv = &c.by_key[&k];
+        let mut want = Vec::new();
+        let mut inverse: HashMap<SpeakerId, Vec<(PeerId, usize)>> = HashMap::new();
+        for m in &conv.members {
+            conv.selector
+                .top_for(SpeakerId::from(m.peer), m.slots.len(), &mut want);
+            let mut have: Vec<SpeakerId> = m.slots.iter().flatten().copied().collect();
+            have.sort();
+            want.sort();
+            assert_eq!(have, want, "member {:?}", m.peer);
+            for (i, s) in m.slots.iter().enumerate() {
+                if let Some(s) = s {
+                    inverse.entry(*s).or_default().push((m.peer, i));
+                }
+            }
+        }
+        let mut table: HashMap<SpeakerId, Vec<(PeerId, usize)>> = conv
+            .listeners
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for v in table.values_mut().chain(inverse.values_mut()) {
+            v.sort();
+        }
+        assert_eq!(table, inverse);
+    }
+
+    #[test]
+    fn incremental_membership_changes_match_a_full_rebuild() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut now = Instant::now();
+        let mut c = Conversations::new(SpeakerConfig::default());
+        let k = c.intern("room");
+        c.user_entered(k);
+        let mut members: Vec<u64> = Vec::new();
+        for _ in 0..5_000 {
+            now += Duration::from_millis(20);
+            let r = next();
+            let p = r % 40;
+            match (r >> 8) % 10 {
+                0..=2 if !members.contains(&p) => {
+                    c.add_member(k, PeerId(p), 1 + ((r >> 16) % 4) as usize, now);
+                    members.push(p);
+                }
+                3..=4 if members.contains(&p) => {
+                    c.remove_member(k, PeerId(p), now);
+                    members.retain(|m| *m != p);
+                }
+                _ => {
+                    let level = Some(-(((r >> 20) % 100) as i8));
+                    c.on_packet(k, SpeakerId(p), level, now);
+                }
+            }
+            assert_consistent(&c, k);
+        }
     }
 }

@@ -66,6 +66,7 @@ mod config;
 #[cfg(feature = "test-kit")]
 pub mod internals {
     pub use super::bite::{BiteAssembler, Owner};
+    pub use super::conversation::{ConvKey, Conversations, SpeakerId};
     pub use super::demux::{kind, stun_local_ufrag, Demux, Kind};
     pub use super::timer::{TimerHeap, TimerKey};
 }
