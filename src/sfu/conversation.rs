@@ -100,7 +100,7 @@ impl Conversations {
     }
 
     /// Number of conversations with members or users.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.by_key.len()
     }
 
@@ -345,9 +345,9 @@ mod tests {
         c.user_entered(k);
         c.add_member(k, PeerId(1), 1, t0);
         c.remove_member(k, PeerId(1), t0);
-        assert_eq!(c.len(), 1, "the user's membership still points here");
+        assert_eq!(c.count(), 1, "the user's membership still points here");
         c.user_left(k);
-        assert_eq!(c.len(), 0);
+        assert_eq!(c.count(), 0);
         assert_eq!(c.of(PeerId(1)), None);
     }
 

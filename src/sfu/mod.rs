@@ -214,7 +214,7 @@ impl Sfu {
             stats,
             peers: self.peers.len(),
             connected: self.peers.connected(),
-            conversations: self.convs.len(),
+            conversations: self.convs.count(),
             open_bites: self.bites.open_count(),
         }
     }
