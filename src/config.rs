@@ -133,6 +133,12 @@ pub struct Args {
     #[arg(long, env = "SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
 
+    /// Publish bites through JetStream and wait for each acknowledgement
+    /// (at-least-once delivery); needs a stream on both subjects. A bite
+    /// stays in the backlog until the server acknowledged it.
+    #[arg(long, env = "NATS_JETSTREAM", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub nats_jetstream: bool,
+
     /// Seconds the media loop may go without a turn before the process
     /// exits (non-zero) so its supervisor restarts it.
     #[arg(long, env = "LOOP_STALL_SECS", default_value_t = 10)]
@@ -192,6 +198,8 @@ pub struct Config {
     pub spool_dir: Option<PathBuf>,
     /// How long the media loop may go without a turn.
     pub loop_stall: Duration,
+    /// Publish through JetStream with acknowledgements.
+    pub nats_jetstream: bool,
 }
 
 impl Config {
@@ -342,6 +350,7 @@ impl Config {
             allowed_origins,
             spool_dir,
             loop_stall: Duration::from_secs(a.loop_stall_secs),
+            nats_jetstream: a.nats_jetstream,
         })
     }
 

@@ -76,6 +76,7 @@ impl Server {
                 store_subject: config.store_subject.clone(),
                 backlog_bytes: config.nats_backlog_bytes,
                 spool_dir: config.spool_dir.clone(),
+                jetstream: config.nats_jetstream,
             }),
             dir: config.bites_dir.clone(),
         };

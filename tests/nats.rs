@@ -370,3 +370,49 @@ fn shutdown_with_nats_down_spools_and_the_next_start_publishes_each_bite_once() 
     assert!(server.shutdown());
     let _ = std::fs::remove_dir_all(&spool);
 }
+
+#[test]
+fn with_jetstream_a_bite_stays_in_the_backlog_until_the_server_acknowledges_it() {
+    let nats = NatsServer::start();
+    init_log();
+    let mut cfg = test_config(true, "");
+    cfg.nats = Some(nats.url());
+    cfg.nats_jetstream = true;
+    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    let http = server.http_addr();
+    let mut a = TestPeer::new("alice", "a");
+    let mut b = TestPeer::new("bob", "b");
+    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Raw]);
+    assert_eq!(join(http, &a.claim, "room").0, 200);
+    assert_eq!(join(http, &b.claim, "room").0, 200);
+    talk(&mut [&mut a, &mut b], 0, 1, 0..25);
+    pump_for(&mut [&mut a, &mut b], Duration::from_millis(900));
+    // No stream captures the subjects yet: plain publishing would lose the
+    // bite; JetStream gets no acknowledgement, so it is kept.
+    assert!(wait_for(Duration::from_secs(5), || metric(
+        http,
+        "beep_sfu_bite_backlog "
+    ) == Some(1.0)));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        metric(http, "beep_sfu_bite_backlog "),
+        Some(1.0),
+        "still kept"
+    );
+    create_stream(&nats.url());
+    let delivered = wait_for(Duration::from_secs(20), || {
+        nats::connect(nats.url().as_str())
+            .ok()
+            .and_then(|nc| nats::jetstream::new(nc).stream_info("BITES").ok())
+            .is_some_and(|i| i.state.messages == 2)
+    });
+    assert!(
+        delivered,
+        "published once the stream exists: bite and store"
+    );
+    assert!(wait_for(Duration::from_secs(5), || metric(
+        http,
+        "beep_sfu_bite_backlog "
+    ) == Some(0.0)));
+    assert!(server.shutdown());
+}

@@ -20,15 +20,68 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use log::{info, warn};
 use prost::Message;
 
 use crate::metrics::Metrics;
 use crate::proto::{Bite, Client, Store};
 use crate::sfu::FinishedBite;
+
+/// Longest the sink waits for one publish before it gets on with its work
+/// (the publish stays in flight and is checked again on the next pump).
+const PUBLISH_WAIT: Duration = Duration::from_millis(500);
+/// After this long in flight, a publish is reported as stalled (once).
+const STALL_WARNING: Duration = Duration::from_secs(5);
+
+/// The thread that calls the blocking `publish` (or JetStream's, which
+/// waits for the server's acknowledgement), one message at a time.
+struct Worker {
+    jobs: Sender<(String, Vec<u8>)>,
+    done: Receiver<std::io::Result<()>>,
+    busy_since: Option<Instant>,
+    stall_logged: bool,
+}
+
+impl Worker {
+    fn start(conn: &nats::Connection, jetstream: bool) -> Option<Worker> {
+        let (jobs, job_rx) = crossbeam_channel::bounded::<(String, Vec<u8>)>(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let conn = conn.clone();
+        let spawned = thread::Builder::new()
+            .name("nats-publish".into())
+            .spawn(move || {
+                let js = jetstream.then(|| nats::jetstream::new(conn.clone()));
+                for (subject, data) in job_rx {
+                    let res = match &js {
+                        Some(js) => js.publish(&subject, &data).map(|_ack| ()).map_err(|e| {
+                            std::io::Error::other(format!(
+                                "JetStream did not acknowledge on {subject} ({e}); is there a stream on it?"
+                            ))
+                        }),
+                        None => conn.publish(&subject, &data),
+                    };
+                    if done_tx.send(res).is_err() {
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Worker {
+                jobs,
+                done,
+                busy_since: None,
+                stall_logged: false,
+            }),
+            Err(e) => {
+                warn!("cannot start the NATS publisher thread: {e}");
+                None
+            }
+        }
+    }
+}
 
 /// Where and how to publish.
 #[derive(Debug, Clone)]
@@ -44,6 +97,9 @@ pub struct NatsConfig {
     /// Where bites NATS did not take before exit are written, and read back
     /// (and published) at the next start.
     pub spool_dir: Option<PathBuf>,
+    /// Publish through JetStream and wait for each acknowledgement
+    /// (at-least-once; needs a stream on both subjects).
+    pub jetstream: bool,
 }
 
 /// The two encoded messages of one bite.
@@ -79,6 +135,7 @@ pub fn to_proto(b: &FinishedBite, ogg: &[u8]) -> Bite {
 pub struct NatsPublisher {
     config: NatsConfig,
     conn: Option<nats::Connection>,
+    worker: Option<Worker>,
     connecting: Receiver<nats::Connection>,
     connected: Arc<AtomicBool>,
     backlog: VecDeque<Encoded>,
@@ -130,6 +187,7 @@ impl NatsPublisher {
         let mut publisher = NatsPublisher {
             config,
             conn: None,
+            worker: None,
             connecting: rx,
             connected,
             backlog: VecDeque::new(),
@@ -183,7 +241,9 @@ impl NatsPublisher {
         self.publish_gauges();
     }
 
-    /// Publishes as much of the backlog as the connection takes.
+    /// Publishes as much of the backlog as the connection takes. Each
+    /// message goes through the publisher thread; the sink waits at most
+    /// [`PUBLISH_WAIT`] for it, so a stalled server never holds the sink.
     pub fn pump(&mut self) {
         if self.conn.is_none() {
             match self.connecting.try_recv() {
@@ -191,39 +251,75 @@ impl NatsPublisher {
                     info!("NATS connected to {}", self.config.url);
                     self.connected.store(true, Ordering::SeqCst);
                     self.metrics.nats_connected.set(1);
+                    self.worker = Worker::start(&c, self.config.jetstream);
                     self.conn = Some(c);
                 }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
             }
         }
-        if !self.connected.load(Ordering::SeqCst) {
+        let Some(worker) = &mut self.worker else {
             return;
-        }
-        let Some(conn) = &self.conn else { return };
-        while let Some(front) = self.backlog.front_mut() {
-            if !front.bite_sent {
-                if let Err(e) = conn.publish(&self.config.bite_subject, &front.bite) {
-                    warn!("NATS publish failed: {e}; will retry");
-                    break;
+        };
+        loop {
+            if let Some(since) = worker.busy_since {
+                match worker.done.recv_timeout(PUBLISH_WAIT) {
+                    Ok(Ok(())) => {
+                        worker.busy_since = None;
+                        worker.stall_logged = false;
+                    }
+                    Ok(Err(e)) => {
+                        worker.busy_since = None;
+                        warn!("NATS publish failed: {e}; will retry");
+                        break;
+                    }
+                    Err(_) => {
+                        if !worker.stall_logged && since.elapsed() >= STALL_WARNING {
+                            worker.stall_logged = true;
+                            warn!(
+                                "a NATS publish has not returned for {} s; the server may be stalled. Bites stay in the backlog",
+                                since.elapsed().as_secs()
+                            );
+                        }
+                        break;
+                    }
                 }
-                front.bite_sent = true;
+                // The front message went out.
+                let Some(front) = self.backlog.front_mut() else {
+                    break;
+                };
+                if !front.bite_sent {
+                    front.bite_sent = true;
+                } else {
+                    let size = front.size();
+                    if let Some(done) = self.backlog.pop_front().and_then(|e| e.spooled) {
+                        if let Err(e) = std::fs::remove_file(&done) {
+                            warn!(
+                                "published spooled bite {} but cannot remove it: {e}",
+                                done.display()
+                            );
+                        }
+                    }
+                    self.backlog_bytes -= size;
+                    self.metrics.bites_published.inc();
+                    self.metrics.bite_bytes_published.inc_by(size as u64);
+                }
             }
-            if let Err(e) = conn.publish(&self.config.store_subject, &front.store) {
-                warn!("NATS publish failed: {e}; will retry");
+            if !self.connected.load(Ordering::SeqCst) {
                 break;
             }
-            let size = front.size();
-            if let Some(done) = self.backlog.pop_front().and_then(|e| e.spooled) {
-                if let Err(e) = std::fs::remove_file(&done) {
-                    warn!(
-                        "published spooled bite {} but cannot remove it: {e}",
-                        done.display()
-                    );
-                }
+            let Some(front) = self.backlog.front() else {
+                break;
+            };
+            let job = if front.bite_sent {
+                (self.config.store_subject.clone(), front.store.clone())
+            } else {
+                (self.config.bite_subject.clone(), front.bite.clone())
+            };
+            if worker.jobs.send(job).is_err() {
+                warn!("the NATS publisher thread is gone; bites stay in the backlog");
+                break;
             }
-            self.backlog_bytes -= size;
-            self.metrics.bites_published.inc();
-            self.metrics.bite_bytes_published.inc_by(size as u64);
+            worker.busy_since = Some(Instant::now());
         }
         self.publish_gauges();
     }

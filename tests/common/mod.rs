@@ -50,6 +50,7 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
         allowed_origins: Vec::new(),
         spool_dir: None,
         loop_stall: Duration::from_secs(10),
+        nats_jetstream: false,
     }
 }
 
