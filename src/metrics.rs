@@ -68,6 +68,8 @@ pub struct Metrics {
     pub bites_written: Counter,
     /// Bites dropped, by reason.
     pub bites_dropped: Family<Reason, Counter>,
+    /// Bites split in two for NATS's max_payload.
+    pub bites_split: Counter,
     /// Bites waiting for NATS.
     pub bite_backlog: Gauge,
     /// Bytes waiting for NATS.
@@ -103,6 +105,7 @@ impl Metrics {
             bite_bytes_published: Counter::default(),
             bites_written: Counter::default(),
             bites_dropped: Family::default(),
+            bites_split: Counter::default(),
             bite_backlog: Gauge::default(),
             bite_backlog_bytes: Gauge::default(),
             nats_connected: Gauge::default(),
@@ -195,6 +198,11 @@ impl Metrics {
             "bites_dropped",
             "Bites dropped, by reason",
             m.bites_dropped.clone(),
+        );
+        r.register(
+            "bites_split",
+            "Bites split in two to fit NATS's max_payload",
+            m.bites_split.clone(),
         );
         r.register(
             "bite_backlog",

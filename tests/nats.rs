@@ -416,3 +416,45 @@ fn with_jetstream_a_bite_stays_in_the_backlog_until_the_server_acknowledges_it()
     ) == Some(0.0)));
     assert!(server.shutdown());
 }
+
+#[test]
+fn a_bite_over_the_servers_max_payload_is_split_not_lost() {
+    let nats = NatsServer::start_with_config(Some("max_payload: 16384\n"));
+    let sub = nats::connect(nats.url().as_str()).expect("subscriber connects");
+    let bites = sub.subscribe("bite").unwrap();
+    sub.flush().unwrap();
+    let server = server_with_nats(&nats.url());
+    let http = server.http_addr();
+    let mut a = TestPeer::new("alice", "a");
+    let mut b = TestPeer::new("bob", "b");
+    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Raw]);
+    assert_eq!(join(http, &a.claim, "room").0, 200);
+    assert_eq!(join(http, &b.claim, "room").0, 200);
+    // 40 packets of 1,000 bytes: one talk spurt of about 40 KB.
+    for n in 0..40u32 {
+        let mut p = opus_payload(1, n);
+        p.resize(1_000, 0x55);
+        a.send(&p, -20);
+        pump_for(&mut [&mut a, &mut b], Duration::from_millis(20));
+    }
+    pump_for(&mut [&mut a, &mut b], Duration::from_millis(900));
+    let mut parts = Vec::new();
+    while let Ok(m) = bites.next_timeout(Duration::from_secs(3)) {
+        assert!(m.data.len() <= 16_384);
+        parts.push(Bite::decode(m.data.as_slice()).unwrap());
+    }
+    assert!(parts.len() >= 3, "split into {} parts", parts.len());
+    let numbers: Vec<u32> = parts
+        .iter()
+        .flat_map(|p| ogg_packets(&p.data).0)
+        .map(|d| u32::from_be_bytes([d[2], d[3], d[4], d[5]]))
+        .collect();
+    assert_eq!(
+        numbers,
+        (0..40).collect::<Vec<_>>(),
+        "every packet, in order"
+    );
+    assert!(parts.windows(2).all(|w| w[0].start <= w[1].start));
+    assert!(metric(http, "beep_sfu_bites_split_total").unwrap_or(0.0) >= 2.0);
+    assert!(server.shutdown());
+}

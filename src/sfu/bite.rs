@@ -71,6 +71,25 @@ impl BiteAudio {
         self.data.truncate(end);
     }
 
+    /// Splits after the first `n` packets; the second part's offsets start
+    /// at 0 again. Returns the second part's first offset too.
+    fn split_at(&self, n: usize) -> (BiteAudio, BiteAudio, u64) {
+        let mut first = BiteAudio::default();
+        let mut second = BiteAudio::default();
+        let mut base = 0;
+        for (i, p) in self.packets().enumerate() {
+            if i < n {
+                first.push(p.offset, p.data);
+            } else {
+                if i == n {
+                    base = p.offset;
+                }
+                second.push(p.offset - base, p.data);
+            }
+        }
+        (first, second, base)
+    }
+
     /// The packets with their offsets.
     pub fn packets(&self) -> impl Iterator<Item = TimedPacket<'_>> {
         let mut start = 0;
@@ -122,6 +141,31 @@ pub struct FinishedBite {
     pub duration_ms: u64,
     /// The packets; [`BiteAudio::to_ogg`] makes the file.
     pub audio: BiteAudio,
+}
+
+impl FinishedBite {
+    /// Two bites from one, split at the middle packet, the second starting
+    /// when its first packet did: for a transport that cannot take the whole.
+    /// `None` for a bite of one packet.
+    pub fn split(&self) -> Option<(FinishedBite, FinishedBite)> {
+        if self.audio.len() < 2 {
+            return None;
+        }
+        let (a, b, base) = self.audio.split_at(self.audio.len() / 2);
+        let part = |audio: BiteAudio, start_unix_ms| FinishedBite {
+            conversation: self.conversation.clone(),
+            userid: self.userid.clone(),
+            clientid: self.clientid.clone(),
+            start_unix_ms,
+            packets: audio.len(),
+            duration_ms: audio.duration_ticks() / TICKS_PER_MS,
+            audio,
+        };
+        Some((
+            part(a, self.start_unix_ms),
+            part(b, self.start_unix_ms + base / TICKS_PER_MS),
+        ))
+    }
 }
 
 /// Who a bite belongs to, read only when a bite opens.
@@ -562,5 +606,29 @@ mod caps {
             ]
         );
         assert_eq!(&b.audio.to_ogg()[..4], b"OggS");
+    }
+
+    #[test]
+    fn a_split_keeps_every_packet_and_the_second_half_starts_later() {
+        let t0 = Instant::now();
+        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 1_000_000));
+        for i in 0..5u32 {
+            a.on_packet(PeerId(1), owner(), 7 + i * 960, &[0xF8, i as u8], true, t0);
+        }
+        let b = a.flush(PeerId(1)).unwrap();
+        let (x, y) = b.split().unwrap();
+        assert_eq!((x.packets, y.packets), (2, 3));
+        assert_eq!((x.start_unix_ms, y.start_unix_ms), (1_000, 1_040));
+        assert_eq!((x.duration_ms, y.duration_ms), (40, 60));
+        let second: Vec<(u64, Vec<u8>)> = y
+            .audio
+            .packets()
+            .map(|p| (p.offset, p.data.to_vec()))
+            .collect();
+        assert_eq!(second[0], (0, vec![0xF8, 2]));
+        assert!(
+            x.split().unwrap().0.split().is_none(),
+            "one packet cannot split"
+        );
     }
 }

@@ -23,7 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use log::{info, warn};
+use log::{debug, info, warn};
 use prost::Message;
 
 use crate::metrics::Metrics;
@@ -136,6 +136,8 @@ pub struct NatsPublisher {
     config: NatsConfig,
     conn: Option<nats::Connection>,
     worker: Option<Worker>,
+    /// The server's largest message (1 MiB until it says).
+    max_payload: usize,
     connecting: Receiver<nats::Connection>,
     connected: Arc<AtomicBool>,
     backlog: VecDeque<Encoded>,
@@ -188,6 +190,7 @@ impl NatsPublisher {
             config,
             conn: None,
             worker: None,
+            max_payload: 1 << 20,
             connecting: rx,
             connected,
             backlog: VecDeque::new(),
@@ -209,8 +212,33 @@ impl NatsPublisher {
     }
 
     /// Queues a bite, dropping the oldest ones if the backlog is over its bound.
+    /// A bite whose message would exceed the server's `max_payload` is
+    /// split in two (recursively) rather than refused by the server.
     pub fn enqueue(&mut self, b: &FinishedBite, ogg: &[u8]) {
         let bite = to_proto(b, ogg);
+        // The Store message carries the whole Bite, so it is the larger.
+        let size = bite.encoded_len() + 16;
+        if size > self.max_payload {
+            match b.split() {
+                Some((x, y)) => {
+                    debug!(
+                        "bite of {} bytes is over NATS max_payload {}: split",
+                        size, self.max_payload
+                    );
+                    self.metrics.bites_split.inc();
+                    self.enqueue(&x, &x.audio.to_ogg());
+                    self.enqueue(&y, &y.audio.to_ogg());
+                }
+                None => {
+                    self.metrics.bite_dropped("too_large_for_nats");
+                    warn!(
+                        "a one-packet bite of {size} bytes is over NATS max_payload {}; dropped",
+                        self.max_payload
+                    );
+                }
+            }
+            return;
+        }
         let store = Store {
             r#type: "bite".into(),
             bite: Some(bite.clone()),
@@ -252,6 +280,7 @@ impl NatsPublisher {
                     self.connected.store(true, Ordering::SeqCst);
                     self.metrics.nats_connected.set(1);
                     self.worker = Worker::start(&c, self.config.jetstream);
+                    self.max_payload = c.max_payload();
                     self.conn = Some(c);
                 }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
@@ -310,6 +339,19 @@ impl NatsPublisher {
             let Some(front) = self.backlog.front() else {
                 break;
             };
+            if front.store.len() + 16 > self.max_payload {
+                // Queued before the server said its limit, and too big for it:
+                // drop it rather than block every bite behind it.
+                let size = front.size();
+                self.backlog.pop_front();
+                self.backlog_bytes -= size;
+                self.metrics.bite_dropped("too_large_for_nats");
+                warn!(
+                    "a bite of {size} bytes queued before connecting is over NATS max_payload {}; dropped",
+                    self.max_payload
+                );
+                continue;
+            }
             let job = if front.bite_sent {
                 (self.config.store_subject.clone(), front.store.clone())
             } else {

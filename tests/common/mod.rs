@@ -442,20 +442,32 @@ pub struct NatsServer {
     pub port: u16,
     child: Option<std::process::Child>,
     dir: std::path::PathBuf,
+    config: Option<std::path::PathBuf>,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// Starts with extra server configuration (nats-server's config syntax).
+    pub fn start_with_config(extra: Option<&str>) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "beep-sfu-nats-{}-{}",
             std::process::id(),
             rand_suffix()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let config = extra.map(|text| {
+            let path = dir.join("nats.conf");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
         let mut s = NatsServer {
             port: 0,
             child: None,
             dir,
+            config,
         };
         s.spawn(None);
         s
@@ -466,7 +478,11 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).unwrap();
         let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
-        let child = std::process::Command::new("nats-server")
+        let mut cmd = std::process::Command::new("nats-server");
+        if let Some(c) = &self.config {
+            cmd.arg("-c").arg(c);
+        }
+        let child = cmd
             .args(["-a", "127.0.0.1", "-p", &port_arg, "--ports_file_dir"])
             .arg(&ports_dir)
             .args(["-js", "-sd"])
