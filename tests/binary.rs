@@ -126,3 +126,26 @@ fn a_panic_on_the_media_loop_ends_the_process_with_a_clear_line_and_a_non_zero_e
     assert!(err.contains("media loop panicked"), "{err}");
     assert!(err.contains("exiting so the supervisor restarts"), "{err}");
 }
+
+#[test]
+fn a_stalled_media_loop_is_noticed_and_ends_the_process() {
+    let out = Command::new(BIN)
+        .args([
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--loop-stall-secs",
+            "1",
+        ])
+        .arg("--bites-dir")
+        .arg(std::env::temp_dir().join(format!("beep-sfu-stall-{}", std::process::id())))
+        .env("BEEP_SFU_TEST_STALL_LOOP", "1")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(70), "exit status {:?}", out.status);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has not turned for"), "{err}");
+}

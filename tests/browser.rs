@@ -197,7 +197,7 @@ fn chromium_pages_hear_each_other_and_not_other_conversations() {
     tone_wav(&wav, 440.0, 10);
     let mut b = Browser::start(&wav, dir.join("chromium"));
     let page = |u: &str, conv: &str| {
-        format!("http://{http}/?userid={u}&clientid=tab&conversation={conv}&autojoin=1&raw=1")
+        format!("http://{http}/?userid={u}&clientid=tab&conversation={conv}&autojoin=1&raw=1&members=ann,ben,cat")
     };
     let p1 = b.open(&page("ann", "blue"));
     let p2 = b.open(&page("ben", "blue"));
@@ -264,6 +264,27 @@ fn chromium_pages_hear_each_other_and_not_other_conversations() {
             "blue pages did not receive audio: {s1} {s2}"
         );
         std::thread::sleep(Duration::from_millis(500));
+    }
+    // Every packet names its speaker by CSRC: each blue page sees its mate's
+    // CSRC through getContributingSources(), never its own user's, and the
+    // page names the speaker through the same rule (WebCrypto SHA-256).
+    let csrc = beep_sfu::sfu::speaker_csrc;
+    for (p, mate, me) in [(&p1, "ben", "ann"), (&p2, "ann", "ben")] {
+        let seen = b.eval(p, "JSON.stringify(window.beep.csrcs)");
+        let seen: Vec<u64> = serde_json::from_str(seen.as_str().unwrap_or("[]")).unwrap();
+        assert!(
+            seen.contains(&u64::from(csrc(mate))),
+            "{me} sees {mate}'s CSRC: {seen:?}"
+        );
+        assert!(
+            !seen.contains(&u64::from(csrc(me))),
+            "{me} never sees its own CSRC"
+        );
+        let s = parse(stats(&mut b, p));
+        let named = s["inbound"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|i| i["speaker"] == mate));
+        assert!(named, "{me}'s page names {mate} as speaking: {s}");
     }
     // BEEP_SFU_SCREENSHOT=file.png saves what the first page shows.
     if let Ok(path) = std::env::var("BEEP_SFU_SCREENSHOT") {

@@ -523,3 +523,35 @@ fn a_peer_that_keeps_changing_address_stays_routed_at_its_newest() {
         "media from the newest address is routed"
     );
 }
+
+#[test]
+fn every_forwarded_packet_names_its_speaker_by_csrc() {
+    use beep_sfu::sfu::speaker_csrc;
+    let mut h = Harness::new();
+    let users = ["ann", "ben", "cat"];
+    let ids: Vec<usize> = users
+        .iter()
+        .map(|u| h.add_client(u, "c", true, 2))
+        .collect();
+    h.connect_all();
+    for &i in &ids {
+        h.join(i, "room");
+    }
+    talk(&mut h, &ids, 20);
+    for &i in &ids {
+        assert!(!h.clients[i].received.is_empty());
+        for r in &h.clients[i].received {
+            let speaker = users[r.payload[0] as usize];
+            assert_eq!(
+                r.csrc,
+                vec![speaker_csrc(speaker)],
+                "exactly one CSRC, the speaker's"
+            );
+            assert_ne!(
+                r.csrc[0],
+                speaker_csrc(users[i]),
+                "never the listener's own"
+            );
+        }
+    }
+}

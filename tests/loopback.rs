@@ -51,10 +51,14 @@ fn three_peers_all_offer_styles_hear_each_other_through_permissions() {
                 p.name
             );
         }
-        // The payload bytes are exactly what was sent.
+        // The payload bytes are exactly what was sent, and every packet
+        // names its speaker by CSRC.
+        let users = ["ok-alice", "ok-bob", "ok-carol"];
         for g in &p.received {
             let n = u32::from_be_bytes([g.payload[1], g.payload[2], g.payload[3], g.payload[4]]);
             assert_eq!(g.payload, payload(g.payload[0], n));
+            let speaker = users[g.payload[0] as usize];
+            assert_eq!(g.csrc, vec![beep_sfu::sfu::speaker_csrc(speaker)]);
         }
     }
     assert_eq!(metric(http, "beep_sfu_peers_connected "), Some(3.0));

@@ -138,6 +138,11 @@ impl MediaLoop {
         if std::env::var_os("BEEP_SFU_TEST_PANIC_LOOP").is_some() {
             panic!("BEEP_SFU_TEST_PANIC_LOOP is set (fault injection for tests)");
         }
+        #[cfg(feature = "test-kit")]
+        if std::env::var_os("BEEP_SFU_TEST_STALL_LOOP").is_some() {
+            // Fault injection for tests: a loop that never turns again.
+            std::thread::sleep(Duration::from_secs(3600));
+        }
         let mut events = Events::with_capacity(64);
         let mut more_to_read = false;
         let mut more_commands = false;

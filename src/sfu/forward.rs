@@ -22,8 +22,8 @@ impl Sfu {
             self.stats.rtp_outside_conversation += 1;
             return;
         };
-        let admitted = match self.peers.get_mut(src) {
-            Some(peer) => peer.admit(&pkt, now),
+        let (admitted, csrc) = match self.peers.get_mut(src) {
+            Some(peer) => (peer.admit(&pkt, now), peer.csrc()),
             None => return,
         };
         if let Err(refused) = admitted {
@@ -68,6 +68,7 @@ impl Sfu {
                 timestamp: pkt.header.timestamp,
                 marker: pkt.header.marker,
             },
+            csrc,
             ext: &ext,
             payload: &pkt.payload,
         };

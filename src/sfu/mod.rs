@@ -46,7 +46,7 @@ pub use budget::BudgetConfig;
 pub use config::SfuConfig;
 pub use offer::MAX_OFFER_BYTES;
 pub use peer::{Claim, CloseReason};
-pub use speaker::SpeakerConfig;
+pub use speaker::{speaker_csrc, SpeakerConfig};
 pub(crate) use stats::Export;
 pub use stats::{CoreStats, Snapshot};
 

@@ -25,6 +25,7 @@ use super::budget::{Budget, BudgetConfig, Overrun};
 use super::offer;
 use super::outbox::{Outbox, Pending};
 use super::slot::{Incoming, Slot};
+use super::speaker::speaker_csrc;
 use super::PeerId;
 
 /// Who a peer belongs to, from the `X-User-Claim` header set by the auth proxy.
@@ -102,6 +103,8 @@ pub(crate) struct Limits {
 pub(crate) struct Forward<'a> {
     /// Who is speaking, and the sender's header fields.
     pub incoming: Incoming,
+    /// The CSRC naming the speaker.
+    pub csrc: u32,
     /// Audio level and voice activity, forwarded as they came.
     pub ext: &'a ExtensionValues,
     /// The Opus payload, shared by every subscriber's write.
@@ -129,6 +132,8 @@ pub(crate) struct Peer {
     addrs: Vec<SocketAddr>,
     slots: Vec<Slot>,
     sending_mlines: usize,
+    /// The CSRC its audio carries when forwarded ([`speaker_csrc`]).
+    csrc: u32,
     /// The one m-line taken as this peer's source when it has several.
     source_mid: Option<Mid>,
     budget: Budget,
@@ -196,6 +201,7 @@ impl Peer {
         if slots.is_empty() && sending_mlines == 0 {
             return Err(ConnectError::NoOpus);
         }
+        let csrc = speaker_csrc(&claim.userid);
         let peer = Peer {
             id,
             claim,
@@ -204,6 +210,7 @@ impl Peer {
             addrs: Vec::new(),
             slots,
             sending_mlines,
+            csrc,
             source_mid,
             budget: Budget::new(budget, now),
             connected: false,
@@ -241,6 +248,11 @@ impl Peer {
     /// Number of audio m-lines the server sends on (slots).
     pub fn slot_count(&self) -> usize {
         self.slots.len()
+    }
+
+    /// The CSRC naming this peer's user in what it says.
+    pub fn csrc(&self) -> u32 {
+        self.csrc
     }
 
     /// Number of audio m-lines the peer sends on.
@@ -392,6 +404,7 @@ impl Peer {
                 pkt.payload.clone(),
             )
             .marker(rw.marker)
+            .csrc(&[pkt.csrc])
             .ext_vals(pkt.ext.clone()),
         );
         // Drain right away (str0m's single-mutation rule).

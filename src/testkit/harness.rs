@@ -27,6 +27,8 @@ pub struct Received {
     pub timestamp: u32,
     /// Marker bit.
     pub marker: bool,
+    /// Contributing sources.
+    pub csrc: Vec<u32>,
     /// Payload bytes.
     pub payload: Vec<u8>,
 }
@@ -177,6 +179,7 @@ impl Harness {
                     seq: *p.seq_no,
                     timestamp: p.header.timestamp,
                     marker: p.header.marker,
+                    csrc: p.header.csrc[..p.header.csrc_count.min(15)].to_vec(),
                     payload: p.payload.to_vec(),
                 }),
             }

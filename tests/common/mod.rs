@@ -71,6 +71,7 @@ pub enum OfferStyle {
 #[derive(Debug, Clone)]
 pub struct Got {
     pub ssrc: Ssrc,
+    pub csrc: Vec<u32>,
     pub seq: u64,
     pub timestamp: u32,
     pub payload: Vec<u8>,
@@ -199,6 +200,7 @@ impl TestPeer {
                 ClientOutput::Connected => self.connected = true,
                 ClientOutput::Rtp(_, p) => self.received.push(Got {
                     ssrc: p.header.ssrc,
+                    csrc: p.header.csrc[..p.header.csrc_count.min(15)].to_vec(),
                     seq: *p.seq_no,
                     timestamp: p.header.timestamp,
                     payload: p.payload.to_vec(),
