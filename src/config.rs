@@ -31,11 +31,12 @@ pub struct Args {
     #[arg(long = "udp", env = "UDP_LISTEN")]
     pub udp: Option<String>,
 
-    /// IP address put in answers as the server's ICE candidate. [default: the
+    /// IP addresses put in answers as the server's ICE candidates,
+    /// comma-separated (IPv4 and IPv6; each gets a candidate). [default: the
     /// --udp IP when it is not unspecified, else the first non-loopback
-    /// interface address]
-    #[arg(long, env = "PUBLIC_IP")]
-    pub public_ip: Option<IpAddr>,
+    /// interface address of each family the socket serves]
+    #[arg(long, env = "PUBLIC_IP", value_delimiter = ',')]
+    pub public_ip: Vec<IpAddr>,
 
     /// NATS server bites are published to; "none" disables publishing.
     /// [default: nats://localhost:4222, or none with --dev]
@@ -152,8 +153,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Media UDP socket address.
     pub udp: SocketAddr,
-    /// ICE candidate IP announced to clients.
-    pub public_ip: IpAddr,
+    /// ICE candidate IPs announced to clients (one candidate each).
+    pub public_ips: Vec<IpAddr>,
     /// NATS URL; `None` publishes nothing.
     pub nats: Option<String>,
     /// Subject for `Bite`.
@@ -238,16 +239,7 @@ impl Config {
             .map_err(|e| format!("--listen: {e}"))?;
         let udp = parse_addr(a.udp.as_deref().unwrap_or(udp_default))
             .map_err(|e| format!("--udp: {e}"))?;
-        let public_ip = match a.public_ip {
-            Some(ip) if ip.is_unspecified() => {
-                return Err("--public-ip: must be a concrete address, not 0.0.0.0/::".into())
-            }
-            Some(ip) => ip,
-            None if !udp.ip().is_unspecified() => udp.ip(),
-            None => first_interface_ip().ok_or_else(|| {
-                "--public-ip: no non-loopback interface address found; set --public-ip".to_string()
-            })?,
-        };
+        let public_ips = public_ips(&a.public_ip, udp)?;
         let permissions_host = a.permissions_host.trim_end_matches('/').to_string();
         if !a.dev && !permissions_host.starts_with("http://") {
             return Err(format!(
@@ -327,7 +319,7 @@ impl Config {
         Ok(Config {
             listen,
             udp,
-            public_ip,
+            public_ips,
             nats,
             bite_subject: a.bite_subject,
             store_subject: a.store_subject,
@@ -354,9 +346,12 @@ impl Config {
         })
     }
 
-    /// The address clients send media to: public IP and the UDP port.
-    pub fn candidate_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.public_ip, self.udp.port())
+    /// The addresses clients send media to: each public IP with the UDP port.
+    pub fn candidate_addrs(&self) -> Vec<SocketAddr> {
+        self.public_ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, self.udp.port()))
+            .collect()
     }
 }
 
@@ -378,9 +373,48 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
-/// The first non-loopback interface address of this host (IPv4 preferred,
-/// link-local addresses skipped), read from the interface list.
-fn first_interface_ip() -> Option<IpAddr> {
+/// The candidate IPs: the ones given (each concrete, and of a family the
+/// socket serves), else the socket's own IP, else an interface address of
+/// each family an unspecified socket serves (`0.0.0.0`: IPv4; `[::]`: both).
+fn public_ips(given: &[IpAddr], udp: SocketAddr) -> Result<Vec<IpAddr>, String> {
+    for ip in given {
+        if ip.is_unspecified() {
+            return Err("--public-ip: must be concrete addresses, not 0.0.0.0/::".into());
+        }
+        if ip.is_ipv6() && udp.is_ipv4() {
+            return Err(format!(
+                "--public-ip: {ip} is IPv6 but --udp {udp} is an IPv4 socket; bind --udp [::]:PORT for both"
+            ));
+        }
+        if ip.is_ipv4() && udp.is_ipv6() && !udp.ip().is_unspecified() {
+            return Err(format!(
+                "--public-ip: {ip} is IPv4 but --udp {udp} is an IPv6 address; bind --udp [::]:PORT for both"
+            ));
+        }
+    }
+    if !given.is_empty() {
+        let mut ips = given.to_vec();
+        ips.dedup();
+        return Ok(ips);
+    }
+    if !udp.ip().is_unspecified() {
+        return Ok(vec![udp.ip()]);
+    }
+    let mut ips: Vec<IpAddr> = first_interface_ip(true).into_iter().collect();
+    if udp.is_ipv6() {
+        ips.extend(first_interface_ip(false));
+    }
+    if ips.is_empty() {
+        return Err(
+            "--public-ip: no non-loopback interface address found; set --public-ip".to_string(),
+        );
+    }
+    Ok(ips)
+}
+
+/// The first non-loopback interface address of this host of one family
+/// (link-local addresses skipped), read from the interface list.
+fn first_interface_ip(v4: bool) -> Option<IpAddr> {
     let addrs = if_addrs::get_if_addrs().ok()?;
     let usable = |ip: &IpAddr| {
         !ip.is_loopback()
@@ -390,8 +424,11 @@ fn first_interface_ip() -> Option<IpAddr> {
                 IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
             }
     };
-    let ips: Vec<IpAddr> = addrs.iter().map(|i| i.ip()).filter(usable).collect();
-    ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied()
+    addrs
+        .iter()
+        .map(|i| i.ip())
+        .filter(usable)
+        .find(|ip| ip.is_ipv4() == v4)
 }
 
 #[cfg(test)]
@@ -420,7 +457,7 @@ mod tests {
         let c = args(&["--dev"]).unwrap();
         assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.udp, "127.0.0.1:50000".parse().unwrap());
-        assert_eq!(c.public_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.public_ips, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
         assert!(c.dev);
         assert_eq!(c.nats, None, "no NATS in dev unless asked");
         assert_eq!(c.bites_dir, Some(PathBuf::from("bites")));
@@ -455,11 +492,11 @@ mod tests {
 
     #[test]
     fn public_ip_falls_back_to_an_interface_address() {
-        match first_interface_ip() {
+        match first_interface_ip(true) {
             Some(ip) => {
                 assert!(!ip.is_loopback());
                 let c = args(&["--udp", "0.0.0.0:6000"]).unwrap();
-                assert_eq!(c.public_ip, ip);
+                assert_eq!(c.public_ips, vec![ip]);
             }
             // A host with only loopback: the error names the flag.
             None => assert!(args(&["--udp", "0.0.0.0:6000"])
@@ -471,6 +508,32 @@ mod tests {
     #[test]
     fn public_ip_defaults_to_the_udp_ip() {
         let c = args(&["--udp", "127.0.0.5:6000"]).unwrap();
-        assert_eq!(c.candidate_addr(), "127.0.0.5:6000".parse().unwrap());
+        assert_eq!(c.candidate_addrs(), vec!["127.0.0.5:6000".parse().unwrap()]);
+    }
+
+    #[test]
+    fn public_ips_take_a_list_of_both_families_on_a_dual_stack_socket() {
+        let c = args(&[
+            "--udp",
+            "[::]:6000",
+            "--public-ip",
+            "203.0.113.7,2001:db8::7",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.candidate_addrs(),
+            vec![
+                "203.0.113.7:6000".parse().unwrap(),
+                "[2001:db8::7]:6000".parse().unwrap()
+            ]
+        );
+        assert!(
+            args(&["--udp", "0.0.0.0:6000", "--public-ip", "2001:db8::7"])
+                .unwrap_err()
+                .starts_with("--public-ip")
+        );
+        assert!(args(&["--udp", "[::]:6000", "--public-ip", "::"])
+            .unwrap_err()
+            .starts_with("--public-ip"));
     }
 }

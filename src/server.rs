@@ -28,6 +28,22 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// loop is busy. The kernel may cap it (net.core.rmem_max / wmem_max).
 pub const MEDIA_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
+/// Binds the media socket; `[::]:PORT` is dual-stack (IPv4 clients arrive as
+/// IPv4-mapped addresses, which the media loop turns back into IPv4).
+fn bind_media(addr: SocketAddr) -> io::Result<UdpSocket> {
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_only_v6(false)?;
+        s.bind(&addr.into())?;
+        return Ok(s.into());
+    }
+    UdpSocket::bind(addr)
+}
+
 fn size_socket_buffers(socket: &UdpSocket) {
     let s = socket2::SockRef::from(socket);
     let _ = s.set_recv_buffer_size(MEDIA_SOCKET_BUFFER);
@@ -55,7 +71,7 @@ pub struct Server {
 impl Server {
     /// Binds `config.listen` and `config.udp` and starts every thread.
     pub fn start(config: &Config) -> io::Result<Server> {
-        let socket = UdpSocket::bind(config.udp)
+        let socket = bind_media(config.udp)
             .map_err(|e| io::Error::new(e.kind(), format!("--udp {}: {e}", config.udp)))?;
         let udp_addr = socket.local_addr()?;
         size_socket_buffers(&socket);
@@ -88,8 +104,13 @@ impl Server {
             (None, BiteQueue::disconnected(metrics.clone()))
         };
         // The candidate must carry the real port when --udp asked for port 0.
-        let candidate_addr = SocketAddr::new(config.public_ip, udp_addr.port());
-        let mut sfu = SfuConfig::new(candidate_addr);
+        let candidates: Vec<SocketAddr> = config
+            .public_ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, udp_addr.port()))
+            .collect();
+        let mut sfu = SfuConfig::new(udp_addr);
+        sfu.candidates = candidates.clone();
         sfu.max_peers = config.max_peers;
         sfu.max_peers_per_user = config.max_peers_per_user;
         sfu.connect_timeout = config.connect_timeout;
@@ -132,7 +153,7 @@ impl Server {
             health.clone(),
         ));
         let http = HttpServer::start(listener, admin, ctx)?;
-        info!("media on udp {udp_addr}, ICE candidate {candidate_addr}");
+        info!("media on udp {udp_addr}, ICE candidates {candidates:?}");
         Ok(Server {
             http,
             handle,

@@ -325,3 +325,41 @@ fn query_claims_are_refused_outside_dev_mode() {
     assert!(body.contains("X-User-Claim"), "{body}");
     assert!(server.shutdown());
 }
+
+fn call_of_two(server: &beep_sfu::server::Server, a: &mut TestPeer, b: &mut TestPeer) {
+    let http = server.http_addr();
+    connect_all(http, &mut [&mut *a, &mut *b], &[OfferStyle::Raw]);
+    assert_eq!(join(http, &a.claim, "room").0, 200);
+    assert_eq!(join(http, &b.claim, "room").0, 200);
+    talk_in_turn(&mut [&mut *a, &mut *b], 20);
+    let all: Vec<u32> = (0..20).collect();
+    assert_eq!(heard(b).get(&0), Some(&all), "{} hears {}", b.name, a.name);
+    assert_eq!(heard(a).get(&1), Some(&all), "{} hears {}", a.name, b.name);
+}
+
+#[test]
+fn a_call_over_ipv6_loopback() {
+    init_log();
+    let mut cfg = test_config(true, "");
+    cfg.udp = "[::1]:0".parse().unwrap();
+    cfg.public_ips = vec!["::1".parse().unwrap()];
+    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    assert!(server.udp_addr().is_ipv6());
+    let mut a = TestPeer::new_on("::1", "alice", "a");
+    let mut b = TestPeer::new_on("::1", "bob", "b");
+    call_of_two(&server, &mut a, &mut b);
+    assert!(server.shutdown());
+}
+
+#[test]
+fn ipv4_and_ipv6_clients_share_one_dual_stack_socket() {
+    init_log();
+    let mut cfg = test_config(true, "");
+    cfg.udp = "[::]:0".parse().unwrap();
+    cfg.public_ips = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+    let server = beep_sfu::server::Server::start(&cfg).unwrap();
+    let mut v4 = TestPeer::new_on("127.0.0.1", "alice", "v4");
+    let mut v6 = TestPeer::new_on("::1", "bob", "v6");
+    call_of_two(&server, &mut v4, &mut v6);
+    assert!(server.shutdown());
+}

@@ -71,6 +71,8 @@ struct MediaLoop {
     buf: Vec<u8>,
     stopping: bool,
     health: Arc<LoopHealth>,
+    /// The socket is IPv6 (dual-stack when bound to `[::]`).
+    v6_socket: bool,
     /// Bites finished while stopping: handed to the caller on exit instead
     /// of a queue that might be full, so none is lost.
     last_bites: Vec<FinishedBite>,
@@ -83,6 +85,7 @@ pub(crate) fn spawn(
     config: MediaLoopConfig,
 ) -> io::Result<(LoopHandle, JoinHandle<Vec<FinishedBite>>)> {
     config.socket.set_nonblocking(true)?;
+    let v6_socket = config.socket.local_addr()?.is_ipv6();
     let mut socket = UdpSocket::from_std(config.socket);
     let poll = Poll::new()?;
     poll.registry()
@@ -102,6 +105,7 @@ pub(crate) fn spawn(
         buf: vec![0; RECV_BUF],
         stopping: false,
         health: config.health,
+        v6_socket,
         last_bites: Vec::new(),
     };
     let thread = thread::Builder::new()
@@ -200,6 +204,7 @@ impl MediaLoop {
             match self.socket.recv_from(&mut self.buf) {
                 Ok((n, source)) => {
                     let now = Instant::now();
+                    let source = unmapped(source);
                     self.sfu.handle_datagram(now, source, &self.buf[..n]);
                     self.send_transmits();
                 }
@@ -333,7 +338,7 @@ impl MediaLoop {
     fn send_transmits(&mut self) {
         let (mut n, mut bytes) = (0u64, 0u64);
         while let Some(t) = self.sfu.poll_transmit() {
-            match send_to(&self.socket, &t.contents, t.destination) {
+            match send_to(&self.socket, self.v6_socket, &t.contents, t.destination) {
                 Ok(()) => {
                     n += 1;
                     bytes += t.contents.len() as u64;
@@ -353,7 +358,26 @@ impl MediaLoop {
     }
 }
 
-fn send_to(socket: &UdpSocket, buf: &[u8], to: SocketAddr) -> io::Result<()> {
+/// An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; the
+/// core (and str0m's ICE) sees it as the IPv4 address it is.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+fn send_to(socket: &UdpSocket, v6_socket: bool, buf: &[u8], to: SocketAddr) -> io::Result<()> {
+    // On a dual-stack (IPv6) socket an IPv4 destination is sent mapped.
+    let to = match to {
+        SocketAddr::V4(v4) if v6_socket => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        _ => to,
+    };
     loop {
         match socket.send_to(buf, to) {
             Ok(_) => return Ok(()),

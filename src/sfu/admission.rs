@@ -63,11 +63,16 @@ impl Sfu {
         offer::check(offer)?;
         let offer = SdpOffer::from_sdp_string(offer)
             .map_err(|e| ConnectError::MalformedOffer(e.to_string()))?;
-        let candidate = Candidate::host(self.config.candidate_addr, "udp")
+        let candidates = self
+            .config
+            .candidates
+            .iter()
+            .map(|a| Candidate::host(*a, "udp"))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ConnectError::Internal(format!("server candidate: {e}")))?;
         let setup = Setup {
             rtc_config: &self.rtc_config,
-            candidate,
+            candidates,
             limits: Limits {
                 connect: self.config.connect_timeout,
                 idle: self.config.idle_timeout,

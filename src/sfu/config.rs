@@ -10,9 +10,10 @@ use super::speaker::SpeakerConfig;
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct SfuConfig {
-    /// The address put in every answer as the server's one host candidate,
-    /// and the address datagrams are considered delivered to.
-    pub candidate_addr: SocketAddr,
+    /// The addresses put in every answer as the server's host candidates
+    /// (one per address family it serves, or more); a datagram is
+    /// considered delivered to the first one of its source's family.
+    pub candidates: Vec<SocketAddr>,
     /// Most peers at once; further connects are refused.
     pub max_peers: usize,
     /// Most peers one user may have at once (their devices).
@@ -32,10 +33,21 @@ pub struct SfuConfig {
 }
 
 impl SfuConfig {
+    /// The candidate a datagram from `source` was delivered to: the first of
+    /// the same address family (the first of all if none matches).
+    pub fn local_for(&self, source: SocketAddr) -> SocketAddr {
+        self.candidates
+            .iter()
+            .find(|c| c.is_ipv4() == source.is_ipv4())
+            .or(self.candidates.first())
+            .copied()
+            .unwrap_or(source)
+    }
+
     /// Production defaults around one candidate address.
     pub fn new(candidate_addr: SocketAddr) -> Self {
         SfuConfig {
-            candidate_addr,
+            candidates: vec![candidate_addr],
             max_peers: 10_000,
             max_peers_per_user: 16,
             connect_timeout: Duration::from_secs(30),

@@ -123,7 +123,7 @@ impl Sfu {
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, buf: &[u8]) {
         self.stats.datagrams_in += 1;
         self.stats.bytes_in += buf.len() as u64;
-        let local = self.config.candidate_addr;
+        let local = self.config.local_for(source);
         match self
             .peers
             .handle_datagram(now, local, source, buf, &mut self.out)

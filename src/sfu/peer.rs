@@ -115,8 +115,8 @@ pub(crate) struct Forward<'a> {
 pub(crate) struct Setup<'a> {
     /// Settings shared by every `Rtc` (with the one DTLS certificate).
     pub rtc_config: &'a RtcConfig,
-    /// The server's host candidate.
-    pub candidate: Candidate,
+    /// The server's host candidates.
+    pub candidates: Vec<Candidate>,
     /// Connect and idle timeouts.
     pub limits: Limits,
     /// The media budget of each peer.
@@ -160,14 +160,16 @@ impl Peer {
     ) -> Result<(Peer, String), ConnectError> {
         let Setup {
             rtc_config,
-            candidate,
+            candidates,
             limits,
             budget,
         } = setup;
         let rtc_config = rtc_config.clone();
         let built = catch_unwind(AssertUnwindSafe(move || {
             let mut rtc = rtc_config.build(now);
-            rtc.add_local_candidate(candidate);
+            for c in candidates {
+                rtc.add_local_candidate(c);
+            }
             let answer = rtc.sdp_api().accept_offer(offer);
             (rtc, answer)
         }));

@@ -71,7 +71,7 @@ impl Harness {
 
     /// A harness with a given core configuration.
     pub fn with_config(config: SfuConfig) -> Self {
-        let server_addr = config.candidate_addr;
+        let server_addr = config.candidates[0];
         Harness {
             sfu: Sfu::new(config),
             clients: Vec::new(),

@@ -27,7 +27,7 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         udp: "127.0.0.1:0".parse().unwrap(),
-        public_ip: "127.0.0.1".parse().unwrap(),
+        public_ips: vec!["127.0.0.1".parse().unwrap()],
         nats: None,
         bite_subject: "bite".into(),
         store_subject: "store".into(),
@@ -99,7 +99,12 @@ pub fn claim(userid: &str, clientid: &str) -> String {
 impl TestPeer {
     /// A client with one send-receive audio m-line.
     pub fn new(userid: &str, clientid: &str) -> Self {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Self::new_on("127.0.0.1", userid, clientid)
+    }
+
+    /// A client whose socket (and only candidate) is on `ip`.
+    pub fn new_on(ip: &str, userid: &str, clientid: &str) -> Self {
+        let socket = UdpSocket::bind((ip, 0)).unwrap();
         socket.set_nonblocking(true).unwrap();
         let addr = socket.local_addr().unwrap();
         let rtc = OpusClient::new(addr, Instant::now()).unwrap();
