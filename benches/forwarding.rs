@@ -24,6 +24,7 @@ use beep_sfu::testkit::internals::{
 };
 use beep_sfu::testkit::internals::{Conversations, SpeakerId};
 use beep_sfu::testkit::Harness;
+use str0m::net::Protocol;
 
 /// Opus-sized payload: 80 bytes, valid 20 ms TOC.
 fn payload(n: u32) -> Vec<u8> {
@@ -200,7 +201,7 @@ fn demux_bench(c: &mut Criterion) {
         };
         for i in 0..peers {
             d.add_ufrag(format!("ufrag{i:08}"), PeerId(i as u64));
-            d.learn_addr(addr(i), PeerId(i as u64));
+            d.learn_addr((Protocol::Udp, addr(i)), PeerId(i as u64));
         }
         let known = addr(peers / 2);
         let unknown: SocketAddr = "192.0.2.1:9".parse().unwrap();
@@ -210,10 +211,10 @@ fn demux_bench(c: &mut Criterion) {
             Some(PeerId((peers / 2) as u64))
         );
         g.bench_function(BenchmarkId::new("srtp_by_addr", peers), |b| {
-            b.iter(|| d.by_addr(black_box(&known)))
+            b.iter(|| d.by_addr(black_box(&(Protocol::Udp, known))))
         });
         g.bench_function(BenchmarkId::new("unknown_source", peers), |b| {
-            b.iter(|| d.by_addr(black_box(&unknown)))
+            b.iter(|| d.by_addr(black_box(&(Protocol::Udp, unknown))))
         });
         g.bench_function(BenchmarkId::new("stun_by_ufrag", peers), |b| {
             b.iter(|| demux::stun_local_ufrag(black_box(&stun)).and_then(|u| d.by_ufrag(u)))

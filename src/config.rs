@@ -31,6 +31,11 @@ pub struct Args {
     #[arg(long = "udp", env = "UDP_LISTEN")]
     pub udp: Option<String>,
 
+    /// TCP listener for ICE over TCP (RFC 6544, passive), for clients whose
+    /// networks block UDP; "none" disables it. [default: the --udp address]
+    #[arg(long = "tcp", env = "TCP_LISTEN")]
+    pub tcp: Option<String>,
+
     /// IP addresses put in answers as the server's ICE candidates,
     /// comma-separated (IPv4 and IPv6; each gets a candidate). [default: the
     /// --udp IP when it is not unspecified, else the first non-loopback
@@ -153,6 +158,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Media UDP socket address.
     pub udp: SocketAddr,
+    /// ICE-TCP listener address, if TCP is served.
+    pub tcp: Option<SocketAddr>,
     /// ICE candidate IPs announced to clients (one candidate each).
     pub public_ips: Vec<IpAddr>,
     /// NATS URL; `None` publishes nothing.
@@ -240,6 +247,11 @@ impl Config {
         let udp = parse_addr(a.udp.as_deref().unwrap_or(udp_default))
             .map_err(|e| format!("--udp: {e}"))?;
         let public_ips = public_ips(&a.public_ip, udp)?;
+        let tcp = match a.tcp.as_deref().map(str::trim) {
+            Some("none") => None,
+            Some(s) => Some(parse_addr(s).map_err(|e| format!("--tcp: {e}"))?),
+            None => Some(udp),
+        };
         let permissions_host = a.permissions_host.trim_end_matches('/').to_string();
         if !a.dev && !permissions_host.starts_with("http://") {
             return Err(format!(
@@ -319,6 +331,7 @@ impl Config {
         Ok(Config {
             listen,
             udp,
+            tcp,
             public_ips,
             nats,
             bite_subject: a.bite_subject,

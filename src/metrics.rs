@@ -70,6 +70,14 @@ pub struct Metrics {
     pub bites_dropped: Family<Reason, Counter>,
     /// Bites split in two for NATS's max_payload.
     pub bites_split: Counter,
+    /// Open ICE-TCP connections.
+    pub tcp_connections: Gauge,
+    /// RFC 4571 frames read off ICE-TCP connections.
+    pub tcp_frames_in: Counter,
+    /// RFC 4571 frames queued onto ICE-TCP connections.
+    pub tcp_frames_out: Counter,
+    /// ICE-TCP connections or frames dropped, by reason.
+    pub tcp_drops: Family<Reason, Counter>,
     /// Bites waiting for NATS.
     pub bite_backlog: Gauge,
     /// Bytes waiting for NATS.
@@ -106,6 +114,10 @@ impl Metrics {
             bites_written: Counter::default(),
             bites_dropped: Family::default(),
             bites_split: Counter::default(),
+            tcp_connections: Gauge::default(),
+            tcp_frames_in: Counter::default(),
+            tcp_frames_out: Counter::default(),
+            tcp_drops: Family::default(),
             bite_backlog: Gauge::default(),
             bite_backlog_bytes: Gauge::default(),
             nats_connected: Gauge::default(),
@@ -200,6 +212,26 @@ impl Metrics {
             m.bites_dropped.clone(),
         );
         r.register(
+            "tcp_connections",
+            "Open ICE-TCP connections",
+            m.tcp_connections.clone(),
+        );
+        r.register(
+            "tcp_frames_in",
+            "RFC 4571 frames read off ICE-TCP connections",
+            m.tcp_frames_in.clone(),
+        );
+        r.register(
+            "tcp_frames_out",
+            "RFC 4571 frames queued onto ICE-TCP connections",
+            m.tcp_frames_out.clone(),
+        );
+        r.register(
+            "tcp_drops",
+            "ICE-TCP connections or frames dropped, by reason",
+            m.tcp_drops.clone(),
+        );
+        r.register(
             "bites_split",
             "Bites split in two to fit NATS's max_payload",
             m.bites_split.clone(),
@@ -283,6 +315,11 @@ impl Metrics {
     /// Counts one dropped datagram or event.
     pub fn drop_one(&self, reason: &'static str) {
         self.dropped.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts one ICE-TCP drop.
+    pub fn tcp_dropped(&self, reason: &'static str) {
+        self.tcp_drops.get_or_create(&Reason { reason }).inc();
     }
 
     /// Counts one dropped bite.

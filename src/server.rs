@@ -77,6 +77,18 @@ impl Server {
         size_socket_buffers(&socket);
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| io::Error::new(e.kind(), format!("--listen {}: {e}", config.listen)))?;
+        let tcp = config
+            .tcp
+            .map(|a| {
+                TcpListener::bind(a)
+                    .map_err(|e| io::Error::new(e.kind(), format!("--tcp {a}: {e}")))
+            })
+            .transpose()?;
+        let tcp_port = tcp
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?
+            .map(|a| a.port());
         let admin = config
             .admin_listen
             .map(|a| {
@@ -111,6 +123,13 @@ impl Server {
             .collect();
         let mut sfu = SfuConfig::new(udp_addr);
         sfu.candidates = candidates.clone();
+        if let Some(port) = tcp_port {
+            sfu.tcp_candidates = config
+                .public_ips
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, port))
+                .collect();
+        }
         sfu.max_peers = config.max_peers;
         sfu.max_peers_per_user = config.max_peers_per_user;
         sfu.connect_timeout = config.connect_timeout;
@@ -129,6 +148,7 @@ impl Server {
             metrics: metrics.clone(),
             bites,
             health: health.clone(),
+            tcp,
         })?;
         net::watch(health.clone(), config.loop_stall)?;
         let permissions = if config.dev {
@@ -154,6 +174,9 @@ impl Server {
         ));
         let http = HttpServer::start(listener, admin, ctx)?;
         info!("media on udp {udp_addr}, ICE candidates {candidates:?}");
+        if let Some(port) = tcp_port {
+            info!("ICE-TCP (passive) on port {port}");
+        }
         Ok(Server {
             http,
             handle,

@@ -200,7 +200,8 @@ fn chromium_pages_hear_each_other_and_not_other_conversations() {
         format!("http://{http}/?userid={u}&clientid=tab&conversation={conv}&autojoin=1&raw=1&members=ann,ben,cat")
     };
     let p1 = b.open(&page("ann", "blue"));
-    let p2 = b.open(&page("ben", "blue"));
+    // Ben's network blocks UDP: his page keeps only the TCP candidate.
+    let p2 = b.open(&(page("ben", "blue") + "&transport=tcp"));
     let p3 = b.open(&page("cat", "green"));
 
     let end = Instant::now() + Duration::from_secs(30);
@@ -265,6 +266,18 @@ fn chromium_pages_hear_each_other_and_not_other_conversations() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Ben reached the server over ICE-TCP, Ann over UDP.
+    assert_eq!(
+        parse(stats(&mut b, &p2))["transport"],
+        "tcp",
+        "ben is on TCP"
+    );
+    assert_eq!(
+        parse(stats(&mut b, &p1))["transport"],
+        "udp",
+        "ann stays on UDP"
+    );
+    assert!(metric(http, "beep_sfu_tcp_connections ").unwrap_or(0.0) >= 1.0);
     // Every packet names its speaker by CSRC: each blue page sees its mate's
     // CSRC through getContributingSources(), never its own user's, and the
     // page names the speaker through the same rule (WebCrypto SHA-256).

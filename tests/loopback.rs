@@ -363,3 +363,85 @@ fn ipv4_and_ipv6_clients_share_one_dual_stack_socket() {
     call_of_two(&server, &mut v4, &mut v6);
     assert!(server.shutdown());
 }
+
+#[test]
+fn clients_over_tcp_only_connect_join_and_hear_each_other() {
+    let server = start(true, "");
+    let http = server.http_addr();
+    let mut a = TestPeer::new_tcp("alice", "tcp");
+    let mut b = TestPeer::new_tcp("bob", "tcp");
+    let mut c = TestPeer::new("carol", "udp");
+    connect_all(http, &mut [&mut a, &mut b, &mut c], &[OfferStyle::Json]);
+    for p in [&a, &b, &c] {
+        assert_eq!(join(http, &p.claim, "room").0, 200);
+    }
+    assert_eq!(metric(http, "beep_sfu_tcp_connections "), Some(2.0));
+    talk_in_turn(&mut [&mut a, &mut b, &mut c], 20);
+    let all: Vec<u32> = (0..20).collect();
+    for (i, p) in [&a, &b, &c].iter().enumerate() {
+        let h = heard(p);
+        for j in (0..3u8).filter(|j| *j != i as u8) {
+            assert_eq!(
+                h.get(&j),
+                Some(&all),
+                "{} hears {j} over its transport",
+                p.name
+            );
+        }
+        for g in &p.received {
+            let n = u32::from_be_bytes([g.payload[1], g.payload[2], g.payload[3], g.payload[4]]);
+            assert_eq!(g.payload, payload(g.payload[0], n), "byte-exact");
+        }
+    }
+    assert!(metric(http, "beep_sfu_tcp_frames_in_total ").unwrap_or(0.0) > 40.0);
+    assert!(server.shutdown());
+}
+
+#[test]
+fn a_tcp_client_that_stops_reading_is_dropped_and_a_udp_call_goes_on() {
+    let server = start(true, "");
+    let http = server.http_addr();
+    let mut slow = TestPeer::new_tcp("slow", "tcp");
+    let mut talker = TestPeer::new("talker", "udp");
+    let mut listener = TestPeer::new("listener", "udp");
+    connect_all(
+        http,
+        &mut [&mut slow, &mut talker, &mut listener],
+        &[OfferStyle::Raw],
+    );
+    for p in [&slow, &talker, &listener] {
+        assert_eq!(join(http, &p.claim, "room").0, 200);
+    }
+    // The TCP client stops reading; the talker sends 1,200-byte packets
+    // (60 KB/s) that the server must queue for it.
+    slow.tcp_mut().unwrap().stalled = true;
+    let mut sent = 0u32;
+    let dropped =
+        |http| metric(http, "beep_sfu_tcp_drops_total{reason=\"slow_reader\"}").unwrap_or(0.0);
+    let end = Instant::now() + Duration::from_secs(40);
+    while dropped(http) < 1.0 {
+        assert!(Instant::now() < end, "the slow reader was never dropped");
+        for _ in 0..10 {
+            let mut p = payload(1, sent);
+            p.resize(1_200, 0x5A);
+            talker.send(&p, -20);
+            sent += 1;
+            pump_for(
+                &mut [&mut slow, &mut talker, &mut listener],
+                Duration::from_millis(20),
+            );
+        }
+    }
+    pump_for(
+        &mut [&mut slow, &mut talker, &mut listener],
+        Duration::from_millis(300),
+    );
+    let got = heard(&listener).get(&1).cloned().unwrap_or_default();
+    assert_eq!(
+        got,
+        (0..sent).collect::<Vec<_>>(),
+        "the UDP listener heard all {sent} packets"
+    );
+    assert_eq!(metric(http, "beep_sfu_tcp_connections "), Some(0.0));
+    assert!(server.shutdown());
+}

@@ -22,13 +22,18 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::health::{LoopHealth, EXIT_LOOP_FAILED};
+use super::tcp::{TcpLimits, TcpMedia};
 use crate::command::{Command, LoopHandle, LoopInbox, PeerNotice};
 use crate::metrics::Metrics;
 use crate::sfu::{CoreStats, FinishedBite, PeerId, Reply, Request, Sfu, SfuConfig, SfuEvent};
 use crate::sink::BiteQueue;
+use str0m::net::Protocol;
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
+const TCP_LISTENER: Token = Token(2);
+/// ICE-TCP connections take tokens from here on.
+const FIRST_TCP_CONN: usize = 3;
 /// Datagrams read per wake before timers and commands get a turn.
 const READ_BATCH: usize = 512;
 /// Commands handled per wake.
@@ -56,6 +61,8 @@ pub(crate) struct MediaLoopConfig {
     pub bites: BiteQueue,
     /// The loop's pulse.
     pub health: Arc<LoopHealth>,
+    /// The ICE-TCP listener, if TCP is served.
+    pub tcp: Option<std::net::TcpListener>,
 }
 
 struct MediaLoop {
@@ -73,6 +80,9 @@ struct MediaLoop {
     health: Arc<LoopHealth>,
     /// The socket is IPv6 (dual-stack when bound to `[::]`).
     v6_socket: bool,
+    tcp: Option<TcpMedia>,
+    /// Frames read off TCP connections, fed to the core after the read.
+    tcp_frames: Vec<(SocketAddr, Vec<u8>)>,
     /// Bites finished while stopping: handed to the caller on exit instead
     /// of a queue that might be full, so none is lost.
     last_bites: Vec<FinishedBite>,
@@ -92,6 +102,16 @@ pub(crate) fn spawn(
         .register(&mut socket, SOCKET, Interest::READABLE)?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (handle, inbox) = LoopHandle::new(waker, config.metrics.clone());
+    let tcp = match config.tcp {
+        Some(l) => Some(TcpMedia::new(
+            l,
+            poll.registry(),
+            TCP_LISTENER,
+            FIRST_TCP_CONN,
+            TcpLimits::default(),
+        )?),
+        None => None,
+    };
     let media = MediaLoop {
         poll,
         socket,
@@ -106,6 +126,8 @@ pub(crate) fn spawn(
         stopping: false,
         health: config.health,
         v6_socket,
+        tcp,
+        tcp_frames: Vec::new(),
         last_bites: Vec::new(),
     };
     let thread = thread::Builder::new()
@@ -175,11 +197,17 @@ impl MediaLoop {
             }
             let readable = more_to_read || events.iter().any(|e| e.token() == SOCKET);
             more_to_read = readable && self.read_socket();
+            if self.tcp.is_some() {
+                self.handle_tcp_events(&events);
+            }
             more_commands = self.handle_commands();
             if clock_anchored.elapsed() >= CLOCK_REANCHOR {
                 self.metrics.loop_wakes.inc_by(wakes);
                 wakes = 0;
                 self.sfu.set_unix_clock(crate::sfu::unix_clock_now());
+                if let Some(tcp) = &mut self.tcp {
+                    tcp.sweep(Instant::now(), self.poll.registry(), &self.metrics);
+                }
                 clock_anchored = Instant::now();
             }
             self.sfu.handle_timeout(Instant::now());
@@ -335,9 +363,51 @@ impl MediaLoop {
         }
     }
 
+    /// Accepts ICE-TCP connections, reads their frames into the core, and
+    /// writes what waits for writable connections.
+    fn handle_tcp_events(&mut self, events: &Events) {
+        let Some(tcp) = &mut self.tcp else { return };
+        let registry = self.poll.registry();
+        for e in events.iter() {
+            let token = e.token();
+            if token == TCP_LISTENER {
+                tcp.accept(registry, Instant::now(), &self.metrics);
+            } else if tcp.owns(token) {
+                if e.is_writable() {
+                    tcp.flush(token, registry, &self.metrics);
+                }
+                if e.is_readable() || e.is_read_closed() || e.is_error() {
+                    tcp.read(token, registry, &mut self.tcp_frames, &self.metrics);
+                }
+            }
+        }
+        let mut frames = std::mem::take(&mut self.tcp_frames);
+        for (remote, frame) in frames.drain(..) {
+            let now = Instant::now();
+            if self.sfu.handle_receive(now, Protocol::Tcp, remote, &frame) {
+                if let Some(tcp) = &mut self.tcp {
+                    tcp.mark_known(remote);
+                }
+            }
+            self.send_transmits();
+        }
+        self.tcp_frames = frames;
+    }
+
     fn send_transmits(&mut self) {
         let (mut n, mut bytes) = (0u64, 0u64);
         while let Some(t) = self.sfu.poll_transmit() {
+            if t.proto == Protocol::Tcp {
+                if let Some(tcp) = &mut self.tcp {
+                    tcp.send(
+                        t.destination,
+                        &t.contents,
+                        self.poll.registry(),
+                        &self.metrics,
+                    );
+                }
+                continue;
+            }
             match send_to(&self.socket, self.v6_socket, &t.contents, t.destination) {
                 Ok(()) => {
                     n += 1;

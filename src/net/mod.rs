@@ -3,6 +3,7 @@
 
 mod health;
 mod media_loop;
+mod tcp;
 
 pub(crate) use health::{watch, LoopHealth};
 pub(crate) use media_loop::{spawn, MediaLoopConfig};

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use log::info;
 use str0m::change::SdpOffer;
+use str0m::net::TcpType;
 use str0m::rtp::Extension;
 use str0m::{Candidate, Input, RtcConfig};
 
@@ -68,6 +69,13 @@ impl Sfu {
             .candidates
             .iter()
             .map(|a| Candidate::host(*a, "udp"))
+            .chain(self.config.tcp_candidates.iter().map(|a| {
+                Candidate::builder()
+                    .tcp()
+                    .host(*a)
+                    .tcptype(TcpType::Passive)
+                    .build()
+            }))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ConnectError::Internal(format!("server candidate: {e}")))?;
         let setup = Setup {

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use str0m::net::Protocol;
+
 use super::bite::BiteConfig;
 use super::budget::BudgetConfig;
 use super::speaker::SpeakerConfig;
@@ -14,6 +16,9 @@ pub struct SfuConfig {
     /// (one per address family it serves, or more); a datagram is
     /// considered delivered to the first one of its source's family.
     pub candidates: Vec<SocketAddr>,
+    /// The addresses of the passive ICE-TCP candidates (RFC 6544), if TCP
+    /// is served; a frame is delivered to the first one of its family.
+    pub tcp_candidates: Vec<SocketAddr>,
     /// Most peers at once; further connects are refused.
     pub max_peers: usize,
     /// Most peers one user may have at once (their devices).
@@ -33,13 +38,17 @@ pub struct SfuConfig {
 }
 
 impl SfuConfig {
-    /// The candidate a datagram from `source` was delivered to: the first of
-    /// the same address family (the first of all if none matches).
-    pub fn local_for(&self, source: SocketAddr) -> SocketAddr {
-        self.candidates
-            .iter()
+    /// The candidate a datagram of `proto` from `source` was delivered to:
+    /// the first of that transport and address family (the first of all if
+    /// none matches).
+    pub fn local_for(&self, proto: Protocol, source: SocketAddr) -> SocketAddr {
+        let list = match proto {
+            Protocol::Tcp if !self.tcp_candidates.is_empty() => &self.tcp_candidates,
+            _ => &self.candidates,
+        };
+        list.iter()
             .find(|c| c.is_ipv4() == source.is_ipv4())
-            .or(self.candidates.first())
+            .or(list.first())
             .copied()
             .unwrap_or(source)
     }
@@ -48,6 +57,7 @@ impl SfuConfig {
     pub fn new(candidate_addr: SocketAddr) -> Self {
         SfuConfig {
             candidates: vec![candidate_addr],
+            tcp_candidates: Vec::new(),
             max_peers: 10_000,
             max_peers_per_user: 16,
             connect_timeout: Duration::from_secs(30),

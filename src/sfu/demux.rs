@@ -1,6 +1,7 @@
 //! Which peer a datagram belongs to, in O(1).
 //!
-//! DTLS and SRTP are routed by source address. STUN is routed by the ICE
+//! DTLS and SRTP are routed by source address and transport (a client's UDP
+//! address and another client's TCP connection may share an IP and port). STUN is routed by the ICE
 //! username fragment the server gave the peer in its answer (the first half
 //! of the STUN USERNAME), which is how a peer's first datagram, or a datagram
 //! from a new address, finds its peer without scanning every `Rtc`.
@@ -9,12 +10,16 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use str0m::ice::StunMessage;
+use str0m::net::Protocol;
 
 use super::PeerId;
 
 /// Most addresses one peer may be known by (each ICE candidate pair it
 /// tries adds one); bounds memory against a peer that sprays addresses.
 pub const MAX_ADDRS_PER_PEER: usize = 8;
+
+/// Where a datagram came from: transport and remote address.
+pub type Remote = (Protocol, SocketAddr);
 
 /// What kind of datagram this is, by its first byte (RFC 7983).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,13 +49,13 @@ pub fn stun_local_ufrag(buf: &[u8]) -> Option<&str> {
 /// The two routing maps.
 #[derive(Debug, Default)]
 pub struct Demux {
-    by_addr: HashMap<SocketAddr, PeerId>,
+    by_addr: HashMap<Remote, PeerId>,
     by_ufrag: HashMap<String, PeerId>,
 }
 
 impl Demux {
     /// The peer that owns datagrams from `source` (non-STUN).
-    pub fn by_addr(&self, source: &SocketAddr) -> Option<PeerId> {
+    pub fn by_addr(&self, source: &Remote) -> Option<PeerId> {
         self.by_addr.get(source).copied()
     }
 
@@ -70,12 +75,12 @@ impl Demux {
     }
 
     /// Points `source` at `peer` (a STUN check from it was accepted).
-    pub fn learn_addr(&mut self, source: SocketAddr, peer: PeerId) {
+    pub fn learn_addr(&mut self, source: Remote, peer: PeerId) {
         self.by_addr.insert(source, peer);
     }
 
     /// Forgets a peer's ufrag and those of its addresses that still point at it.
-    pub fn forget(&mut self, peer: PeerId, ufrag: &str, addrs: &[SocketAddr]) {
+    pub fn forget(&mut self, peer: PeerId, ufrag: &str, addrs: &[Remote]) {
         if self.by_ufrag.get(ufrag) == Some(&peer) {
             self.by_ufrag.remove(ufrag);
         }
@@ -85,7 +90,7 @@ impl Demux {
     }
 
     /// Forgets one address if it still points at `peer`.
-    pub fn forget_addr(&mut self, peer: PeerId, addr: SocketAddr) {
+    pub fn forget_addr(&mut self, peer: PeerId, addr: Remote) {
         if self.by_addr.get(&addr) == Some(&peer) {
             self.by_addr.remove(&addr);
         }
@@ -115,7 +120,10 @@ mod tests {
     #[test]
     fn forget_leaves_addresses_taken_over_by_others() {
         let mut d = Demux::default();
-        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let a = (
+            Protocol::Udp,
+            "127.0.0.1:1000".parse::<SocketAddr>().unwrap(),
+        );
         d.add_ufrag("u1".into(), PeerId(1));
         d.learn_addr(a, PeerId(1));
         // The address is taken over by a reconnecting peer.

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use log::{debug, info};
-use str0m::net::Transmit;
+use str0m::net::{Protocol, Transmit};
 use str0m::{Input, RtcConfig};
 
 pub use api::{ConnectError, JoinError, PeerId, Reply, Request, SfuEvent};
@@ -119,26 +119,50 @@ impl Sfu {
         self.bites.set_clock(clock);
     }
 
-    /// Feeds one received datagram.
+    /// Feeds one received UDP datagram.
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, buf: &[u8]) {
+        self.handle_receive(now, Protocol::Udp, source, buf);
+    }
+
+    /// Feeds one received datagram of `proto` (a UDP datagram, or one RFC
+    /// 4571 frame off a TCP connection from `source`). Returns true if a
+    /// peer's `Rtc` took it (for TCP: the connection belongs to a client).
+    pub fn handle_receive(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        source: SocketAddr,
+        buf: &[u8],
+    ) -> bool {
         self.stats.datagrams_in += 1;
         self.stats.bytes_in += buf.len() as u64;
-        let local = self.config.local_for(source);
-        match self
+        let local = self.config.local_for(proto, source);
+        let taken = match self
             .peers
-            .handle_datagram(now, local, source, buf, &mut self.out)
+            .handle_datagram(now, proto, local, source, buf, &mut self.out)
         {
             Ok((id, accepted)) => {
                 if !accepted {
                     self.stats.dropped_rejected += 1;
                 }
                 self.arm(id);
+                accepted
             }
-            Err(Dropped::Malformed) => self.stats.dropped_malformed += 1,
-            Err(Dropped::UnknownSource) => self.stats.dropped_unknown_source += 1,
-            Err(Dropped::Rejected) => self.stats.dropped_rejected += 1,
-        }
+            Err(Dropped::Malformed) => {
+                self.stats.dropped_malformed += 1;
+                false
+            }
+            Err(Dropped::UnknownSource) => {
+                self.stats.dropped_unknown_source += 1;
+                false
+            }
+            Err(Dropped::Rejected) => {
+                self.stats.dropped_rejected += 1;
+                false
+            }
+        };
         self.process_pending(now);
+        taken
     }
 
     /// Answers one request (connect, candidate, join, shutdown).
@@ -261,7 +285,7 @@ impl Sfu {
         };
         self.stats.peers_connected += 1;
         match peer.addrs().first() {
-            Some(a) => info!("{} connected from {a}", peer.label()),
+            Some((proto, a)) => info!("{} connected from {a} ({proto:?})", peer.label()),
             None => info!("{} connected", peer.label()),
         }
         self.events.push_back(SfuEvent::PeerConnected(id));

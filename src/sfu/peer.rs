@@ -8,7 +8,6 @@
 //! [`Outbox::pending`].
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc
 
 use super::api::ConnectError;
 use super::budget::{Budget, BudgetConfig, Overrun};
+use super::demux::Remote;
 use super::offer;
 use super::outbox::{Outbox, Pending};
 use super::slot::{Incoming, Slot};
@@ -129,7 +129,7 @@ pub(crate) struct Peer {
     claim: Claim,
     rtc: Rtc,
     ufrag: String,
-    addrs: Vec<SocketAddr>,
+    addrs: Vec<Remote>,
     slots: Vec<Slot>,
     sending_mlines: usize,
     /// The CSRC its audio carries when forwarded ([`speaker_csrc`]).
@@ -243,7 +243,7 @@ impl Peer {
     }
 
     /// Addresses datagrams from this peer were routed from.
-    pub fn addrs(&self) -> &[SocketAddr] {
+    pub fn addrs(&self) -> &[Remote] {
         &self.addrs
     }
 
@@ -289,9 +289,9 @@ impl Peer {
     pub fn on_received_from(
         &mut self,
         now: Instant,
-        source: SocketAddr,
+        source: Remote,
         max_addrs: usize,
-    ) -> (bool, Option<SocketAddr>) {
+    ) -> (bool, Option<Remote>) {
         self.last_rx = now;
         if self.addrs.contains(&source) {
             return (false, None);

@@ -102,6 +102,7 @@ impl PeerTable {
     pub fn handle_datagram(
         &mut self,
         now: Instant,
+        proto: Protocol,
         local: SocketAddr,
         source: SocketAddr,
         buf: &[u8],
@@ -111,24 +112,25 @@ impl PeerTable {
             Some(demux::Kind::Stun) => {
                 demux::stun_local_ufrag(buf).and_then(|u| self.demux.by_ufrag(u))
             }
-            Some(demux::Kind::Other) => self.demux.by_addr(&source),
+            Some(demux::Kind::Other) => self.demux.by_addr(&(proto, source)),
             None => return Err(Dropped::Malformed),
         };
         let id = id.ok_or(Dropped::UnknownSource)?;
-        let input = Receive::new(Protocol::Udp, source, local, buf)
+        let input = Receive::new(proto, source, local, buf)
             .map(|r| Input::Receive(now, r))
             .map_err(|_| Dropped::Malformed)?;
         let peer = self.peers.get_mut(&id).ok_or(Dropped::UnknownSource)?;
         if !peer.accepts(&input) {
             return Err(Dropped::Rejected);
         }
-        let (learned, evicted) = peer.on_received_from(now, source, demux::MAX_ADDRS_PER_PEER);
+        let remote = (proto, source);
+        let (learned, evicted) = peer.on_received_from(now, remote, demux::MAX_ADDRS_PER_PEER);
         if let Some(old) = evicted {
             self.demux.forget_addr(id, old);
         }
         // `source` is now one of the peer's addresses (the oldest made room).
-        if learned || self.demux.by_addr(&source) != Some(id) {
-            self.demux.learn_addr(source, id);
+        if learned || self.demux.by_addr(&remote) != Some(id) {
+            self.demux.learn_addr(remote, id);
         }
         Ok((id, peer.handle_input(input, out)))
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt};
-use str0m::net::{Protocol, Receive, Transmit};
+use str0m::net::{Protocol, Receive, TcpType, Transmit};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
@@ -38,15 +38,36 @@ pub struct OpusClient {
 }
 
 impl OpusClient {
-    /// A client whose one host candidate is `addr`.
+    /// A client whose one host candidate is `addr`, over UDP.
     pub fn new(addr: SocketAddr, now: Instant) -> Result<Self, String> {
+        let c = Candidate::host(addr, "udp").map_err(|e| e.to_string())?;
+        Self::with_candidate(addr, c, now)
+    }
+
+    /// A client that reaches the server over TCP only (an active ICE-TCP
+    /// candidate at `addr`): what a client on a UDP-blocking network offers.
+    pub fn new_tcp(addr: SocketAddr, now: Instant) -> Result<Self, String> {
+        let c = Candidate::builder()
+            .tcp()
+            .host(addr)
+            .tcptype(TcpType::Active)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Self::with_candidate(addr, c, now)
+    }
+
+    fn with_candidate(
+        addr: SocketAddr,
+        candidate: Candidate,
+        now: Instant,
+    ) -> Result<Self, String> {
         let mut rtc = RtcConfig::new()
             .clear_codecs()
             .enable_opus(true, false)
             .set_rtp_mode(true)
             .set_stats_interval(None)
             .build(now);
-        rtc.add_local_candidate(Candidate::host(addr, "udp").map_err(|e| e.to_string())?);
+        rtc.add_local_candidate(candidate);
         Ok(OpusClient {
             rtc,
             addr,
@@ -135,7 +156,18 @@ impl OpusClient {
 
     /// Feeds a datagram from `source`.
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, buf: &[u8]) {
-        if let Ok(r) = Receive::new(Protocol::Udp, source, self.addr, buf) {
+        self.handle_receive(now, Protocol::Udp, source, buf);
+    }
+
+    /// Feeds a datagram of `proto` (one RFC 4571 frame for TCP) from `source`.
+    pub fn handle_receive(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        source: SocketAddr,
+        buf: &[u8],
+    ) {
+        if let Ok(r) = Receive::new(proto, source, self.addr, buf) {
             let _ = self.rtc.handle_input(Input::Receive(now, r));
         }
     }

@@ -27,6 +27,7 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         udp: "127.0.0.1:0".parse().unwrap(),
+        tcp: Some("127.0.0.1:0".parse().unwrap()),
         public_ips: vec!["127.0.0.1".parse().unwrap()],
         nats: None,
         bite_subject: "bite".into(),
@@ -89,6 +90,18 @@ pub struct TestPeer {
     pub connected: bool,
     pub received: Vec<Got>,
     buf: Vec<u8>,
+    /// Over TCP: the connection to the server's passive candidate (opened
+    /// on the first transmit) and what was read of it.
+    tcp: Option<TcpLink>,
+}
+
+/// An ICE-TCP client's connection: RFC 4571 frames both ways.
+pub struct TcpLink {
+    pub stream: Option<TcpStream>,
+    pub server: Option<SocketAddr>,
+    rbuf: Vec<u8>,
+    /// Stop reading (a client that stalls its reads).
+    pub stalled: bool,
 }
 
 /// The claim header value for a user and client.
@@ -119,7 +132,28 @@ impl TestPeer {
             connected: false,
             received: Vec::new(),
             buf: vec![0; 2000],
+            tcp: None,
         }
+    }
+
+    /// A client that reaches the server over TCP only.
+    pub fn new_tcp(userid: &str, clientid: &str) -> Self {
+        let mut p = Self::new(userid, clientid);
+        // The active candidate's port is a placeholder (RFC 6544 uses 9).
+        p.addr = "127.0.0.1:9".parse().unwrap();
+        p.rtc = OpusClient::new_tcp(p.addr, Instant::now()).unwrap();
+        p.tcp = Some(TcpLink {
+            stream: None,
+            server: None,
+            rbuf: Vec::new(),
+            stalled: false,
+        });
+        p
+    }
+
+    /// The TCP link, for a client made with [`TestPeer::new_tcp`].
+    pub fn tcp_mut(&mut self) -> Option<&mut TcpLink> {
+        self.tcp.as_mut()
     }
 
     /// Opens /connect, sends the offer in `style`, reads the answer.
@@ -162,6 +196,7 @@ impl TestPeer {
 
     /// Handles everything pending: socket, timers, WebSocket.
     pub fn pump(&mut self) {
+        self.pump_tcp();
         loop {
             match self.socket.recv_from(&mut self.buf) {
                 Ok((n, source)) => {
@@ -196,9 +231,75 @@ impl TestPeer {
         }
     }
 
+    /// Reads whole frames off the TCP link into the client.
+    fn pump_tcp(&mut self) {
+        let Some(link) = &mut self.tcp else { return };
+        let (Some(stream), Some(server)) = (&mut link.stream, link.server) else {
+            return;
+        };
+        if link.stalled {
+            return;
+        }
+        let mut chunk = [0u8; 8192];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => link.rbuf.extend_from_slice(&chunk[..n]),
+                Err(_) => break,
+            }
+        }
+        let mut at = 0;
+        let mut frames = Vec::new();
+        while link.rbuf.len() - at >= 2 {
+            let len = usize::from(u16::from_be_bytes([link.rbuf[at], link.rbuf[at + 1]]));
+            if link.rbuf.len() - at - 2 < len {
+                break;
+            }
+            frames.push(link.rbuf[at + 2..at + 2 + len].to_vec());
+            at += 2 + len;
+        }
+        link.rbuf.drain(..at);
+        for f in frames {
+            self.rtc
+                .handle_receive(Instant::now(), str0m::net::Protocol::Tcp, server, &f);
+            self.drain();
+        }
+    }
+
     fn drain(&mut self) {
         while let Some(out) = self.rtc.poll_output() {
             match out {
+                ClientOutput::Transmit(t) if t.proto == str0m::net::Protocol::Tcp => {
+                    let Some(link) = &mut self.tcp else { continue };
+                    if link.stream.is_none() {
+                        let sock = socket2::Socket::new(
+                            socket2::Domain::for_address(t.destination),
+                            socket2::Type::STREAM,
+                            None,
+                        )
+                        .unwrap();
+                        // A small window, so a client that stops reading
+                        // pushes back on the server quickly.
+                        sock.set_recv_buffer_size(4096).unwrap();
+                        let connected = sock
+                            .connect(&t.destination.into())
+                            .map(|_| TcpStream::from(sock));
+                        if let Ok(s) = connected {
+                            s.set_nonblocking(true).unwrap();
+                            s.set_nodelay(true).unwrap();
+                            link.stream = Some(s);
+                            link.server = Some(t.destination);
+                        }
+                    }
+                    if let Some(s) = &mut link.stream {
+                        let mut frame = (t.contents.len() as u16).to_be_bytes().to_vec();
+                        frame.extend_from_slice(&t.contents);
+                        // Blocking briefly is fine for a test client.
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.write_all(&frame);
+                        let _ = s.set_nonblocking(true);
+                    }
+                }
                 ClientOutput::Transmit(t) => {
                     let _ = self.socket.send_to(&t.contents, t.destination);
                 }
