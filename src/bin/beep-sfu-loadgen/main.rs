@@ -109,6 +109,10 @@ struct RunArgs {
     /// default: room size − 1, so everyone hears everyone.
     #[arg(long)]
     slots: Option<usize>,
+    /// Share of participants that reach the server over ICE-TCP only
+    /// (0.0 = all UDP, 1.0 = all TCP).
+    #[arg(long, default_value_t = 0.0)]
+    tcp_share: f64,
     #[command(flatten)]
     shape: Shape,
 }
@@ -133,17 +137,18 @@ fn main() {
 
 /// Anything the loop drives.
 trait Endpoint {
-    fn socket(&mut self) -> &mut mio::net::UdpSocket;
+    fn register(&mut self, registry: &mio::Registry, token: Token) -> std::io::Result<()>;
     fn readable(&mut self, epoch: Instant, w: Option<Window>);
     fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool);
 }
 
-/// Both participant kinds have the same `socket` field and `on_*` methods.
+/// Both participant kinds have the same `on_*` methods.
 macro_rules! endpoint {
-    ($($t:ty),*) => {$(
+    ($($t:ty: $s:ident => $reg:expr),*) => {$(
         impl Endpoint for $t {
-            fn socket(&mut self) -> &mut mio::net::UdpSocket {
-                &mut self.socket
+            fn register(&mut self, registry: &mio::Registry, token: Token) -> std::io::Result<()> {
+                let $s = self;
+                $reg(registry, token)
             }
             fn readable(&mut self, epoch: Instant, w: Option<Window>) {
                 self.on_readable(epoch, w)
@@ -155,7 +160,10 @@ macro_rules! endpoint {
     )*};
 }
 
-endpoint!(WebRtcParticipant, UdpParticipant);
+endpoint!(
+    WebRtcParticipant: p => |r, t| p.link.register(r, t),
+    UdpParticipant: p => |r: &mio::Registry, t| r.register(&mut p.socket, t, Interest::READABLE)
+);
 
 /// The one event loop of the generator.
 struct Driver {
@@ -181,9 +189,7 @@ impl Driver {
     }
 
     fn register<E: Endpoint>(&self, e: &mut E, i: usize) -> Result<(), String> {
-        self.poll
-            .registry()
-            .register(e.socket(), Token(i), Interest::READABLE)
+        e.register(self.poll.registry(), Token(i))
             .map_err(|e| e.to_string())
     }
 
@@ -316,7 +322,8 @@ fn add_participants(
         let i = ps.len();
         let room = i / a.shape.room_size.max(1);
         let user = format!("load-u{i}");
-        let mut p = WebRtcParticipant::signal(i as u32, a.server, &user, slots, a.shape.bind_ip)
+        let tcp = (i as f64) < a.tcp_share.clamp(0.0, 1.0) * a.shape.participants as f64;
+        let mut p = WebRtcParticipant::signal(i as u32, a.server, &user, slots, a.shape.bind_ip, tcp)
             .map_err(|e| format!("participant {i}: {e}"))?;
         d.register(&mut p, i)?;
         ps.push(p);

@@ -4,7 +4,7 @@
 //! Opus-sized packets carrying their sender id, sequence and send time, and
 //! record what they receive.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -79,8 +79,8 @@ fn record(tally: &mut Tally, window: Option<Window>, epoch: Instant, now: Instan
 pub struct WebRtcParticipant {
     /// Index, also the sender id in payloads.
     pub id: u32,
-    /// Its UDP socket.
-    pub socket: UdpSocket,
+    /// How it reaches the server.
+    pub link: Link,
     rtc: OpusClient,
     /// Packets sent (numbers the payloads).
     sent: u32,
@@ -93,21 +93,70 @@ pub struct WebRtcParticipant {
     buf: Vec<u8>,
 }
 
+/// How a participant reaches the server: its own UDP socket, or one ICE-TCP
+/// connection (RFC 4571 frames) to the server's passive candidate.
+pub enum Link {
+    /// Plain UDP.
+    Udp(UdpSocket),
+    /// ICE over TCP.
+    Tcp {
+        /// The connection.
+        stream: mio::net::TcpStream,
+        /// The server's TCP candidate.
+        server: SocketAddr,
+        /// Bytes read, not yet a whole frame.
+        rbuf: Vec<u8>,
+        /// Frames not yet written.
+        wbuf: Vec<u8>,
+    },
+}
+
+impl Link {
+    /// Registers the socket or the connection for readability.
+    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> std::io::Result<()> {
+        match self {
+            Link::Udp(s) => registry.register(s, token, mio::Interest::READABLE),
+            Link::Tcp { stream, .. } => registry.register(stream, token, mio::Interest::READABLE),
+        }
+    }
+}
+
+/// The server's passive ICE-TCP candidate in an answer, if any.
+fn tcp_candidate(answer: &str) -> Option<SocketAddr> {
+    answer.lines().find_map(|l| {
+        let f: Vec<&str> = l.trim().split_whitespace().collect();
+        let is_tcp = f.first()?.starts_with("a=candidate:") && f.get(2)?.eq_ignore_ascii_case("tcp");
+        let passive = f.windows(2).any(|w| w[0] == "tcptype" && w[1] == "passive");
+        if !(is_tcp && passive) {
+            return None;
+        }
+        let ip: std::net::IpAddr = f.get(4)?.parse().ok()?;
+        Some(SocketAddr::new(ip, f.get(5)?.parse().ok()?))
+    })
+}
+
 impl WebRtcParticipant {
-    /// Creates the client, does the WebSocket offer/answer with the server.
+    /// Creates the client, does the WebSocket offer/answer with the server;
+    /// with `tcp`, it offers only an ICE-TCP candidate and connects to the
+    /// server's passive one.
     pub fn signal(
         id: u32,
         http: SocketAddr,
         userid: &str,
         slots: usize,
         bind_ip: std::net::IpAddr,
+        tcp: bool,
     ) -> Result<Self, String> {
         let started = Instant::now();
         let std_sock = std::net::UdpSocket::bind((bind_ip, 0)).map_err(|e| format!("bind: {e}"))?;
         std_sock.set_nonblocking(true).map_err(|e| e.to_string())?;
         let addr = std_sock.local_addr().map_err(|e| e.to_string())?;
         let socket = UdpSocket::from_std(std_sock);
-        let mut rtc = OpusClient::new(addr, Instant::now())?;
+        let mut rtc = if tcp {
+            OpusClient::new_tcp(SocketAddr::new(bind_ip, 9), Instant::now())?
+        } else {
+            OpusClient::new(addr, Instant::now())?
+        };
         let offer = rtc.offer(true, slots.max(1) - 1)?;
         let claim = serde_json::json!({"userid": userid, "clientid": format!("c{id}")}).to_string();
         let mut req = format!("ws://{http}/connect")
@@ -115,11 +164,13 @@ impl WebRtcParticipant {
             .map_err(|e| e.to_string())?;
         req.headers_mut()
             .insert("X-User-Claim", claim.parse().map_err(|_| "claim header")?);
-        let tcp = TcpStream::connect_timeout(&http, Duration::from_secs(5))
+        let signalling = TcpStream::connect_timeout(&http, Duration::from_secs(5))
             .map_err(|e| format!("connect: {e}"))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        signalling
+            .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
-        let (mut ws, _) = tungstenite::client(req, tcp).map_err(|e| format!("websocket: {e}"))?;
+        let (mut ws, _) =
+            tungstenite::client(req, signalling).map_err(|e| format!("websocket: {e}"))?;
         ws.send(Message::text(offer)).map_err(|e| e.to_string())?;
         let answer = match ws.read().map_err(|e| format!("answer: {e}"))? {
             Message::Text(t) => t.as_str().to_string(),
@@ -128,9 +179,24 @@ impl WebRtcParticipant {
         rtc.accept_answer(&answer)?;
         // The server closes the socket once connected; we need nothing more from it.
         drop(ws);
+        let link = if tcp {
+            let server = tcp_candidate(&answer).ok_or("the answer has no passive TCP candidate")?;
+            let s = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+                .map_err(|e| format!("ICE-TCP connect: {e}"))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            s.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Link::Tcp {
+                stream: mio::net::TcpStream::from_std(s),
+                server,
+                rbuf: Vec::new(),
+                wbuf: Vec::new(),
+            }
+        } else {
+            Link::Udp(socket)
+        };
         Ok(WebRtcParticipant {
             id,
-            socket,
+            link,
             rtc,
             sent: 0,
             started,
@@ -164,18 +230,43 @@ impl WebRtcParticipant {
         }
     }
 
-    /// Reads everything waiting on the socket.
+    /// Reads everything waiting on the socket or connection.
     pub fn on_readable(&mut self, epoch: Instant, window: Option<Window>) {
         loop {
-            match self.socket.recv_from(&mut self.buf) {
-                Ok((n, source)) => {
-                    let now = Instant::now();
-                    self.rtc.handle_datagram(now, source, &self.buf[..n]);
-                    self.drain(epoch, window, now);
+            let now = Instant::now();
+            match &mut self.link {
+                Link::Udp(socket) => match socket.recv_from(&mut self.buf) {
+                    Ok((n, source)) => self.rtc.handle_datagram(now, source, &self.buf[..n]),
+                    Err(_) => return,
+                },
+                Link::Tcp {
+                    stream,
+                    server,
+                    rbuf,
+                    ..
+                } => {
+                    match stream.read(&mut self.buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => rbuf.extend_from_slice(&self.buf[..n]),
+                    }
+                    let mut at = 0;
+                    while rbuf.len() - at >= 2 {
+                        let len = usize::from(u16::from_be_bytes([rbuf[at], rbuf[at + 1]]));
+                        if rbuf.len() - at - 2 < len {
+                            break;
+                        }
+                        self.rtc.handle_receive(
+                            now,
+                            str0m::net::Protocol::Tcp,
+                            *server,
+                            &rbuf[at + 2..at + 2 + len],
+                        );
+                        at += 2 + len;
+                    }
+                    rbuf.drain(..at);
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(_) => return,
             }
+            self.drain(epoch, window, now);
         }
     }
 
@@ -199,9 +290,15 @@ impl WebRtcParticipant {
     fn drain(&mut self, epoch: Instant, window: Option<Window>, now: Instant) {
         while let Some(out) = self.rtc.poll_output() {
             match out {
-                ClientOutput::Transmit(t) => {
-                    let _ = self.socket.send_to(&t.contents, t.destination);
-                }
+                ClientOutput::Transmit(t) => match &mut self.link {
+                    Link::Udp(socket) => {
+                        let _ = socket.send_to(&t.contents, t.destination);
+                    }
+                    Link::Tcp { wbuf, .. } => {
+                        wbuf.extend_from_slice(&(t.contents.len() as u16).to_be_bytes());
+                        wbuf.extend_from_slice(&t.contents);
+                    }
+                },
                 ClientOutput::Connected => self.connected_at = Some(now),
                 ClientOutput::Rtp(_, p) => {
                     if let Some((_, sent)) = parse(&p.payload) {
@@ -209,6 +306,18 @@ impl WebRtcParticipant {
                     }
                 }
             }
+        }
+        // Over TCP: write what the connection takes now; the rest waits for
+        // the next turn.
+        if let Link::Tcp { stream, wbuf, .. } = &mut self.link {
+            let mut written = 0;
+            while written < wbuf.len() {
+                match stream.write(&wbuf[written..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => written += n,
+                }
+            }
+            wbuf.drain(..written);
         }
     }
 }
