@@ -14,8 +14,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+pub use super::bite_audio::{BiteAudio, FinishedBite};
 use super::PeerId;
-use crate::ogg_opus::{self, TimedPacket, FRAME_TICKS, TICKS_PER_MS};
+use crate::ogg_opus::{self, FRAME_TICKS, TICKS_PER_MS};
 
 /// Segmentation settings.
 #[derive(Debug, Clone, Copy)]
@@ -42,129 +43,6 @@ impl Default for BiteConfig {
             // max_payload. A faster sender's spurt is split, not lost.
             max_bytes: 400 * 1024,
         }
-    }
-}
-
-/// The audio of a bite: payloads back to back, and where each one starts in
-/// RTP time and ends in the buffer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BiteAudio {
-    data: Vec<u8>,
-    /// (48 kHz ticks since the first packet, end of the payload in `data`);
-    /// offsets strictly increase.
-    frames: Vec<(u64, usize)>,
-}
-
-impl BiteAudio {
-    fn push(&mut self, offset: u64, payload: &[u8]) {
-        self.data.extend_from_slice(payload);
-        self.frames.push((offset, self.data.len()));
-    }
-
-    fn last_offset(&self) -> Option<u64> {
-        self.frames.last().map(|(o, _)| *o)
-    }
-
-    fn truncate(&mut self, packets: usize) {
-        self.frames.truncate(packets);
-        let end = self.frames.last().map_or(0, |(_, e)| *e);
-        self.data.truncate(end);
-    }
-
-    /// Splits after the first `n` packets; the second part's offsets start
-    /// at 0 again. Returns the second part's first offset too.
-    fn split_at(&self, n: usize) -> (BiteAudio, BiteAudio, u64) {
-        let mut first = BiteAudio::default();
-        let mut second = BiteAudio::default();
-        let mut base = 0;
-        for (i, p) in self.packets().enumerate() {
-            if i < n {
-                first.push(p.offset, p.data);
-            } else {
-                if i == n {
-                    base = p.offset;
-                }
-                second.push(p.offset - base, p.data);
-            }
-        }
-        (first, second, base)
-    }
-
-    /// The packets with their offsets.
-    pub fn packets(&self) -> impl Iterator<Item = TimedPacket<'_>> {
-        let mut start = 0;
-        self.frames.iter().map(move |&(offset, end)| {
-            let data = &self.data[start..end];
-            start = end;
-            TimedPacket { offset, data }
-        })
-    }
-
-    /// Number of packets.
-    pub fn len(&self) -> usize {
-        self.frames.len()
-    }
-
-    /// True if there is no packet.
-    pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
-    }
-
-    /// Duration by RTP time: the last packet's offset plus its own length.
-    fn duration_ticks(&self) -> u64 {
-        self.packets().last().map_or(0, |p| {
-            p.offset + u64::from(ogg_opus::packet_samples(p.data).unwrap_or(FRAME_TICKS))
-        })
-    }
-
-    /// The Ogg Opus file (RFC 7845), written when it is needed, off the loop.
-    pub fn to_ogg(&self) -> Vec<u8> {
-        let packets: Vec<TimedPacket<'_>> = self.packets().collect();
-        ogg_opus::encode(&packets, rand::random())
-    }
-}
-
-/// A finished bite, ready to publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FinishedBite {
-    /// The conversation id.
-    pub conversation: String,
-    /// Who spoke.
-    pub userid: String,
-    /// From which device.
-    pub clientid: String,
-    /// Unix time of the first packet, milliseconds.
-    pub start_unix_ms: u64,
-    /// Number of Opus packets in it.
-    pub packets: usize,
-    /// Audio duration by RTP timestamps, milliseconds.
-    pub duration_ms: u64,
-    /// The packets; [`BiteAudio::to_ogg`] makes the file.
-    pub audio: BiteAudio,
-}
-
-impl FinishedBite {
-    /// Two bites from one, split at the middle packet, the second starting
-    /// when its first packet did: for a transport that cannot take the whole.
-    /// `None` for a bite of one packet.
-    pub fn split(&self) -> Option<(FinishedBite, FinishedBite)> {
-        if self.audio.len() < 2 {
-            return None;
-        }
-        let (a, b, base) = self.audio.split_at(self.audio.len() / 2);
-        let part = |audio: BiteAudio, start_unix_ms| FinishedBite {
-            conversation: self.conversation.clone(),
-            userid: self.userid.clone(),
-            clientid: self.clientid.clone(),
-            start_unix_ms,
-            packets: audio.len(),
-            duration_ms: audio.duration_ticks() / TICKS_PER_MS,
-            audio,
-        };
-        Some((
-            part(a, self.start_unix_ms),
-            part(b, self.start_unix_ms + base / TICKS_PER_MS),
-        ))
     }
 }
 
@@ -214,7 +92,7 @@ impl OpenBite {
         if offset - last > jump_ticks
             || offset >= max_ticks
             || self.audio.len() >= c.max_packets
-            || self.audio.data.len() + payload > c.max_bytes
+            || self.audio.byte_len() + payload > c.max_bytes
             || now.saturating_duration_since(self.opened) >= wall_cap
         {
             Fit::Next
@@ -548,7 +426,7 @@ mod caps {
             done.extend(a.on_packet(PeerId(1), owner(), i * 960, &[0xF8; 1_000], true, now));
         }
         assert!(done.len() >= 9, "{}", done.len());
-        assert!(done.iter().all(|b| b.audio.data.len() <= 10_000));
+        assert!(done.iter().all(|b| b.audio.byte_len() <= 10_000));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! one part decided and hands it to the next.
 
 mod bite;
+mod bite_audio;
 mod budget;
 mod conversation;
 mod demux;

@@ -273,97 +273,119 @@ impl NatsPublisher {
     /// message goes through the publisher thread; the sink waits at most
     /// [`PUBLISH_WAIT`] for it, so a stalled server never holds the sink.
     pub fn pump(&mut self) {
-        if self.conn.is_none() {
-            match self.connecting.try_recv() {
-                Ok(c) => {
-                    info!("NATS connected to {}", self.config.url);
-                    self.connected.store(true, Ordering::SeqCst);
-                    self.metrics.nats_connected.set(1);
-                    self.worker = Worker::start(&c, self.config.jetstream);
-                    self.max_payload = c.max_payload();
-                    self.conn = Some(c);
-                }
-                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
-            }
-        }
-        let Some(worker) = &mut self.worker else {
+        if self.conn.is_none() && !self.take_connection() {
             return;
-        };
-        loop {
-            if let Some(since) = worker.busy_since {
-                match worker.done.recv_timeout(PUBLISH_WAIT) {
-                    Ok(Ok(())) => {
-                        worker.busy_since = None;
-                        worker.stall_logged = false;
-                    }
-                    Ok(Err(e)) => {
-                        worker.busy_since = None;
-                        warn!("NATS publish failed: {e}; will retry");
-                        break;
-                    }
-                    Err(_) => {
-                        if !worker.stall_logged && since.elapsed() >= STALL_WARNING {
-                            worker.stall_logged = true;
-                            warn!(
-                                "a NATS publish has not returned for {} s; the server may be stalled. Bites stay in the backlog",
-                                since.elapsed().as_secs()
-                            );
-                        }
-                        break;
-                    }
-                }
-                // The front message went out.
-                let Some(front) = self.backlog.front_mut() else {
-                    break;
-                };
-                if !front.bite_sent {
-                    front.bite_sent = true;
-                } else {
-                    let size = front.size();
-                    if let Some(done) = self.backlog.pop_front().and_then(|e| e.spooled) {
-                        if let Err(e) = std::fs::remove_file(&done) {
-                            warn!(
-                                "published spooled bite {} but cannot remove it: {e}",
-                                done.display()
-                            );
-                        }
-                    }
-                    self.backlog_bytes -= size;
-                    self.metrics.bites_published.inc();
-                    self.metrics.bite_bytes_published.inc_by(size as u64);
-                }
-            }
-            if !self.connected.load(Ordering::SeqCst) {
-                break;
-            }
-            let Some(front) = self.backlog.front() else {
-                break;
-            };
-            if front.store.len() + 16 > self.max_payload {
-                // Queued before the server said its limit, and too big for it:
-                // drop it rather than block every bite behind it.
-                let size = front.size();
-                self.backlog.pop_front();
-                self.backlog_bytes -= size;
-                self.metrics.bite_dropped("too_large_for_nats");
-                warn!(
-                    "a bite of {size} bytes queued before connecting is over NATS max_payload {}; dropped",
-                    self.max_payload
-                );
-                continue;
-            }
-            let job = if front.bite_sent {
-                (self.config.store_subject.clone(), front.store.clone())
-            } else {
-                (self.config.bite_subject.clone(), front.bite.clone())
-            };
-            if worker.jobs.send(job).is_err() {
-                warn!("the NATS publisher thread is gone; bites stay in the backlog");
-                break;
-            }
-            worker.busy_since = Some(Instant::now());
         }
+        while self.finish_in_flight() && self.send_next() {}
         self.publish_gauges();
+    }
+
+    /// Takes the connection once the connector made it; false if not yet.
+    fn take_connection(&mut self) -> bool {
+        match self.connecting.try_recv() {
+            Ok(c) => {
+                info!("NATS connected to {}", self.config.url);
+                self.connected.store(true, Ordering::SeqCst);
+                self.metrics.nats_connected.set(1);
+                self.worker = Worker::start(&c, self.config.jetstream);
+                self.max_payload = c.max_payload();
+                self.conn = Some(c);
+                true
+            }
+            Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => false,
+        }
+    }
+
+    /// Waits (bounded) for the message in flight; when it went out, moves
+    /// the backlog on. True if the next message may be sent.
+    fn finish_in_flight(&mut self) -> bool {
+        let Some(worker) = &mut self.worker else {
+            return false;
+        };
+        let Some(since) = worker.busy_since else {
+            return true;
+        };
+        match worker.done.recv_timeout(PUBLISH_WAIT) {
+            Ok(Ok(())) => {
+                worker.busy_since = None;
+                worker.stall_logged = false;
+            }
+            Ok(Err(e)) => {
+                worker.busy_since = None;
+                warn!("NATS publish failed: {e}; will retry");
+                return false;
+            }
+            Err(_) => {
+                if !worker.stall_logged && since.elapsed() >= STALL_WARNING {
+                    worker.stall_logged = true;
+                    warn!(
+                        "a NATS publish has not returned for {} s; the server may be stalled. Bites stay in the backlog",
+                        since.elapsed().as_secs()
+                    );
+                }
+                return false;
+            }
+        }
+        let Some(front) = self.backlog.front_mut() else {
+            return true;
+        };
+        if !front.bite_sent {
+            front.bite_sent = true;
+            return true;
+        }
+        let size = front.size();
+        if let Some(done) = self.backlog.pop_front().and_then(|e| e.spooled) {
+            if let Err(e) = std::fs::remove_file(&done) {
+                warn!(
+                    "published spooled bite {} but cannot remove it: {e}",
+                    done.display()
+                );
+            }
+        }
+        self.backlog_bytes -= size;
+        self.metrics.bites_published.inc();
+        self.metrics.bite_bytes_published.inc_by(size as u64);
+        true
+    }
+
+    /// Hands the front message to the publisher thread; false if there is
+    /// nothing to send or no way to send it.
+    fn send_next(&mut self) -> bool {
+        if !self.connected.load(Ordering::SeqCst) {
+            return false;
+        }
+        loop {
+            let Some(front) = self.backlog.front() else {
+                return false;
+            };
+            if front.store.len() + 16 <= self.max_payload {
+                break;
+            }
+            // Queued before the server said its limit, and too big for it:
+            // drop it rather than block every bite behind it.
+            let size = front.size();
+            self.backlog.pop_front();
+            self.backlog_bytes -= size;
+            self.metrics.bite_dropped("too_large_for_nats");
+            warn!(
+                "a bite of {size} bytes queued before connecting is over NATS max_payload {}; dropped",
+                self.max_payload
+            );
+        }
+        let (Some(front), Some(worker)) = (self.backlog.front(), &mut self.worker) else {
+            return false;
+        };
+        let job = if front.bite_sent {
+            (self.config.store_subject.clone(), front.store.clone())
+        } else {
+            (self.config.bite_subject.clone(), front.bite.clone())
+        };
+        if worker.jobs.send(job).is_err() {
+            warn!("the NATS publisher thread is gone; bites stay in the backlog");
+            return false;
+        }
+        worker.busy_since = Some(Instant::now());
+        true
     }
 
     /// Makes sure what was published reached the server (bounded wait).

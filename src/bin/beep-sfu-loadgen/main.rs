@@ -323,8 +323,9 @@ fn add_participants(
         let room = i / a.shape.room_size.max(1);
         let user = format!("load-u{i}");
         let tcp = (i as f64) < a.tcp_share.clamp(0.0, 1.0) * a.shape.participants as f64;
-        let mut p = WebRtcParticipant::signal(i as u32, a.server, &user, slots, a.shape.bind_ip, tcp)
-            .map_err(|e| format!("participant {i}: {e}"))?;
+        let mut p =
+            WebRtcParticipant::signal(i as u32, a.server, &user, slots, a.shape.bind_ip, tcp)
+                .map_err(|e| format!("participant {i}: {e}"))?;
         d.register(&mut p, i)?;
         ps.push(p);
         // Keep everyone flowing while this one connects.

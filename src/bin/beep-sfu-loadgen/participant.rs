@@ -124,8 +124,9 @@ impl Link {
 /// The server's passive ICE-TCP candidate in an answer, if any.
 fn tcp_candidate(answer: &str) -> Option<SocketAddr> {
     answer.lines().find_map(|l| {
-        let f: Vec<&str> = l.trim().split_whitespace().collect();
-        let is_tcp = f.first()?.starts_with("a=candidate:") && f.get(2)?.eq_ignore_ascii_case("tcp");
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let is_tcp =
+            f.first()?.starts_with("a=candidate:") && f.get(2)?.eq_ignore_ascii_case("tcp");
         let passive = f.windows(2).any(|w| w[0] == "tcptype" && w[1] == "passive");
         if !(is_tcp && passive) {
             return None;
