@@ -103,49 +103,36 @@ fn sigterm_stops_the_server_cleanly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_panic_on_the_media_loop_ends_the_process_with_a_clear_line_and_a_non_zero_exit() {
-    // The fault is injected through an environment variable that only a
-    // build with the test kit (this test's build) looks at.
+/// Runs the dev server with a fault injected through an environment
+/// variable that only a build with the test kit (this test's build) reads;
+/// returns its exit code and stderr.
+fn run_with_fault(fault: &str, extra: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(BIN)
-        .args([
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--udp",
-            "127.0.0.1:0",
-            "--bites-dir",
-        ])
-        .arg(std::env::temp_dir().join(format!("beep-sfu-panic-{}", std::process::id())))
-        .env("BEEP_SFU_TEST_PANIC_LOOP", "1")
+        .args(["--dev", "--listen", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--bites-dir")
+        .arg(std::env::temp_dir().join(format!("beep-sfu-fault-{}", std::process::id())))
+        .env(fault, "1")
         .env("RUST_LOG", "info")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(70), "exit status {:?}", out.status);
-    let err = String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_panic_on_the_media_loop_ends_the_process_with_a_clear_line_and_a_non_zero_exit() {
+    let (code, err) = run_with_fault("BEEP_SFU_TEST_PANIC_LOOP", &[]);
+    assert_eq!(code, Some(70), "{err}");
     assert!(err.contains("media loop panicked"), "{err}");
     assert!(err.contains("exiting so the supervisor restarts"), "{err}");
 }
 
 #[test]
 fn a_stalled_media_loop_is_noticed_and_ends_the_process() {
-    let out = Command::new(BIN)
-        .args([
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--udp",
-            "127.0.0.1:0",
-            "--loop-stall-secs",
-            "1",
-        ])
-        .arg("--bites-dir")
-        .arg(std::env::temp_dir().join(format!("beep-sfu-stall-{}", std::process::id())))
-        .env("BEEP_SFU_TEST_STALL_LOOP", "1")
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(70), "exit status {:?}", out.status);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = run_with_fault("BEEP_SFU_TEST_STALL_LOOP", &["--loop-stall-secs", "1"]);
+    assert_eq!(code, Some(70), "{err}");
     assert!(err.contains("has not turned for"), "{err}");
 }

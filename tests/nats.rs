@@ -64,6 +64,16 @@ fn create_stream(url: &str) {
         .expect("stream created");
 }
 
+/// Waits until the BITES stream holds `n` messages.
+fn stream_reaches(url: &str, n: u64, timeout: Duration) -> bool {
+    wait_for(timeout, || {
+        nats::connect(url)
+            .ok()
+            .and_then(|nc| nats::jetstream::new(nc).stream_info("BITES").ok())
+            .is_some_and(|i| i.state.messages == n)
+    })
+}
+
 /// The server in dev mode, publishing to `url`.
 fn server_with_nats(url: &str) -> beep_sfu::server::Server {
     init_log();
@@ -285,12 +295,7 @@ fn nats_down_at_start_gets_the_bites_once_it_comes_up() {
     assert_ne!(metric(http, "beep_sfu_nats_connected "), Some(1.0));
 
     nats.restart();
-    let delivered = wait_for(Duration::from_secs(20), || {
-        nats::connect(nats.url().as_str())
-            .ok()
-            .and_then(|nc| nats::jetstream::new(nc).stream_info("BITES").ok())
-            .is_some_and(|i| i.state.messages == 2)
-    });
+    let delivered = stream_reaches(&nats.url(), 2, Duration::from_secs(20));
     assert!(
         delivered,
         "the bite spoken before NATS ever came up arrives"
@@ -337,12 +342,7 @@ fn shutdown_with_nats_down_spools_and_the_next_start_publishes_each_bite_once() 
     // NATS is back; the next start publishes them, once, and empties the spool.
     nats.restart();
     let server = start(&spool);
-    let delivered = wait_for(Duration::from_secs(20), || {
-        nats::connect(nats.url().as_str())
-            .ok()
-            .and_then(|nc| nats::jetstream::new(nc).stream_info("BITES").ok())
-            .is_some_and(|i| i.state.messages == 4)
-    });
+    let delivered = stream_reaches(&nats.url(), 4, Duration::from_secs(20));
     assert!(delivered, "two bites, each on `bite` and `store`");
     assert!(wait_for(Duration::from_secs(5), || std::fs::read_dir(
         &spool
@@ -400,12 +400,7 @@ fn with_jetstream_a_bite_stays_in_the_backlog_until_the_server_acknowledges_it()
         "still kept"
     );
     create_stream(&nats.url());
-    let delivered = wait_for(Duration::from_secs(20), || {
-        nats::connect(nats.url().as_str())
-            .ok()
-            .and_then(|nc| nats::jetstream::new(nc).stream_info("BITES").ok())
-            .is_some_and(|i| i.state.messages == 2)
-    });
+    let delivered = stream_reaches(&nats.url(), 2, Duration::from_secs(20));
     assert!(
         delivered,
         "published once the stream exists: bite and store"

@@ -384,13 +384,7 @@ mod tests {
 
     #[test]
     fn incremental_membership_changes_match_a_full_rebuild() {
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::sfu::test_rng::xorshift(0x2545_F491_4F6C_DD1Du64);
         let mut now = Instant::now();
         let mut c = Conversations::new(SpeakerConfig::default());
         let k = c.intern("room");

@@ -30,6 +30,8 @@ mod peers;
 mod slot;
 mod speaker;
 mod stats;
+#[cfg(test)]
+mod test_rng;
 mod timer;
 
 use std::collections::VecDeque;

@@ -302,13 +302,7 @@ mod tests {
 
     #[test]
     fn slot_streams_stay_valid_under_random_speaker_switches_and_loss() {
-        let mut seed = 0xfeed_beef_cafe_f00du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::sfu::test_rng::xorshift(0xfeed_beef_cafe_f00du64);
         let t0 = Instant::now();
         let mut slot = Slot::new(mid(), 1234, 777);
         let mut in_seq = [0u64; 4];
@@ -413,13 +407,7 @@ mod tests {
 
     #[test]
     fn a_million_random_inputs_never_reuse_an_outgoing_sequence_number() {
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::sfu::test_rng::xorshift(0x9E37_79B9_7F4A_7C15u64);
         let t0 = Instant::now();
         let mut s = Slot::new(mid(), 12_345, 0);
         let mut seqs = [0u64; 3];
