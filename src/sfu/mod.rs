@@ -62,17 +62,12 @@ use peers::{Dropped, PeerTable};
 use timer::{TimerHeap, TimerKey};
 
 mod admission;
+#[cfg(any(test, feature = "test-kit"))]
+mod test_hooks;
+#[cfg(feature = "test-kit")]
+pub use test_hooks::internals;
 mod api;
 mod config;
-
-/// The core's parts, for benchmarks of each alone (feature `test-kit` only).
-#[cfg(feature = "test-kit")]
-pub mod internals {
-    pub use super::bite::{BiteAssembler, Owner};
-    pub use super::conversation::{ConvKey, Conversations, SpeakerId};
-    pub use super::demux::{kind, stun_local_ufrag, Demux, Kind};
-    pub use super::timer::{TimerHeap, TimerKey};
-}
 
 /// The whole SFU state, driven by its caller.
 pub struct Sfu {
@@ -249,24 +244,6 @@ impl Sfu {
     /// True once a shutdown ran and every peer is gone.
     pub fn is_drained(&self) -> bool {
         self.shutting_down && self.peers.len() == 0
-    }
-
-    /// The conversation a user is in (for tests).
-    #[cfg(any(test, feature = "test-kit"))]
-    pub fn conversation_of(&self, userid: &str) -> Option<&str> {
-        self.convs.name(self.members.conversation(userid)?)
-    }
-
-    /// How many slots a peer was given (for tests).
-    #[cfg(any(test, feature = "test-kit"))]
-    pub fn slot_count(&self, peer: PeerId) -> Option<usize> {
-        self.peers.get(peer).map(Peer::slot_count)
-    }
-
-    /// True if this peer exists and is connected (for tests).
-    #[cfg(any(test, feature = "test-kit"))]
-    pub fn is_connected(&self, peer: PeerId) -> bool {
-        self.peers.get(peer).is_some_and(Peer::is_connected)
     }
 
     fn process_pending(&mut self, now: Instant) {
