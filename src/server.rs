@@ -64,6 +64,7 @@ pub struct Server {
     media_thread: Option<JoinHandle<Vec<FinishedBite>>>,
     health: Arc<LoopHealth>,
     udp_addr: SocketAddr,
+    tcp_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     sink: Option<Sink>,
 }
@@ -84,11 +85,8 @@ impl Server {
                     .map_err(|e| io::Error::new(e.kind(), format!("--tcp {a}: {e}")))
             })
             .transpose()?;
-        let tcp_port = tcp
-            .as_ref()
-            .map(TcpListener::local_addr)
-            .transpose()?
-            .map(|a| a.port());
+        let tcp_addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
+        let tcp_port = tcp_addr.map(|a| a.port());
         let admin = config
             .admin_listen
             .map(|a| {
@@ -183,6 +181,7 @@ impl Server {
             media_thread: Some(media_thread),
             health,
             udp_addr,
+            tcp_addr,
             metrics,
             sink,
         })
@@ -196,6 +195,11 @@ impl Server {
     /// Where the admin listener (/healthz, /metrics) is, if configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.http.admin_addr()
+    }
+
+    /// Where the ICE-TCP listener is bound, if TCP is served.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// Where the media socket is bound.

@@ -323,3 +323,63 @@ fn endless_continuation_frames_cannot_hold_a_session_past_its_deadline() {
     );
     assert!(server.shutdown());
 }
+
+#[test]
+fn a_tcp_connection_flooding_garbage_frames_cannot_starve_a_udp_call() {
+    let server = start_with(|_| {});
+    let http = server.http_addr();
+    let tcp = server.tcp_addr().expect("ICE-TCP is served by default");
+    let mut talker = TestPeer::new("talker", "t");
+    let mut listener = TestPeer::new("listener", "l");
+    connect_all(http, &mut [&mut talker, &mut listener], &[OfferStyle::Raw]);
+    assert_eq!(join(http, &talker.claim, "room").0, 200);
+    assert_eq!(join(http, &listener.claim, "room").0, 200);
+    // Two connections write well-formed RFC 4571 frames of junk as fast as
+    // the kernel takes them, for as long as the call below lasts.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(tcp).unwrap();
+                let mut frame = vec![0x05, 0xD0];
+                frame.extend(std::iter::repeat_n(0x80u8, 0x5D0));
+                let burst: Vec<u8> = frame
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(frame.len() * 40)
+                    .collect();
+                let mut sent = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if s.write_all(&burst).is_err() {
+                        break;
+                    }
+                    sent += burst.len();
+                }
+                sent
+            })
+        })
+        .collect();
+    for n in 0..50u32 {
+        talker.send(&payload(1, n), -20);
+        pump_for(&mut [&mut talker, &mut listener], Duration::from_millis(20));
+    }
+    pump_for(
+        &mut [&mut talker, &mut listener],
+        Duration::from_millis(300),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flooded: usize = flooders.into_iter().map(|t| t.join().unwrap()).sum();
+    let got = heard(&listener).get(&1).cloned().unwrap_or_default();
+    assert_eq!(
+        got,
+        (0..50).collect::<Vec<_>>(),
+        "every packet, in order, under {flooded} bytes of TCP junk"
+    );
+    assert!(
+        flooded > 1_000_000,
+        "the flood really flowed: {flooded} bytes"
+    );
+    assert!(server.shutdown());
+}

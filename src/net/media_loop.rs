@@ -172,10 +172,11 @@ impl MediaLoop {
         let mut events = Events::with_capacity(64);
         let mut more_to_read = false;
         let mut more_commands = false;
+        let mut more_tcp = false;
         let mut clock_anchored = Instant::now();
         let mut wakes = 0u64;
         loop {
-            let timeout = if more_to_read || more_commands {
+            let timeout = if more_to_read || more_commands || more_tcp {
                 Some(Duration::ZERO)
             } else {
                 let next = self.sfu.poll_timeout();
@@ -197,9 +198,7 @@ impl MediaLoop {
             }
             let readable = more_to_read || events.iter().any(|e| e.token() == SOCKET);
             more_to_read = readable && self.read_socket();
-            if self.tcp.is_some() {
-                self.handle_tcp_events(&events);
-            }
+            more_tcp = self.tcp.is_some() && self.handle_tcp_events(&events);
             more_commands = self.handle_commands();
             if clock_anchored.elapsed() >= CLOCK_REANCHOR {
                 self.metrics.loop_wakes.inc_by(wakes);
@@ -365,9 +364,19 @@ impl MediaLoop {
 
     /// Accepts ICE-TCP connections, reads their frames into the core, and
     /// writes what waits for writable connections.
-    fn handle_tcp_events(&mut self, events: &Events) {
-        let Some(tcp) = &mut self.tcp else { return };
+    /// Returns true if a connection has more to read next turn.
+    fn handle_tcp_events(&mut self, events: &Events) -> bool {
+        let Some(tcp) = &mut self.tcp else {
+            return false;
+        };
         let registry = self.poll.registry();
+        let (unfinished, accept_again) = tcp.take_unfinished();
+        if accept_again {
+            tcp.accept(registry, Instant::now(), &self.metrics);
+        }
+        for token in unfinished {
+            tcp.read(token, registry, &mut self.tcp_frames, &self.metrics);
+        }
         for e in events.iter() {
             let token = e.token();
             if token == TCP_LISTENER {
@@ -392,6 +401,7 @@ impl MediaLoop {
             self.send_transmits();
         }
         self.tcp_frames = frames;
+        self.tcp.as_ref().is_some_and(TcpMedia::has_more)
     }
 
     fn send_transmits(&mut self) {

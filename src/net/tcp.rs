@@ -24,6 +24,12 @@ use crate::metrics::Metrics;
 
 /// Largest RFC 4571 frame (the length is 16 bits).
 const MAX_FRAME: usize = 65_535;
+/// Bytes read off one connection per turn of the loop, so one client
+/// flooding its connection cannot keep the loop from everyone else; the
+/// rest is read on the next turn.
+const READ_BUDGET: usize = 64 * 1024;
+/// Connections accepted per turn of the loop, for the same reason.
+const ACCEPT_BUDGET: usize = 64;
 
 /// Bounds on ICE-TCP connections.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +73,11 @@ pub(crate) struct TcpMedia {
     by_remote: HashMap<SocketAddr, Token>,
     next_token: usize,
     limits: TcpLimits,
+    /// Connections whose read stopped on the budget, not on `WouldBlock`
+    /// (the poll is edge-triggered: nobody would wake us for them).
+    unfinished: Vec<Token>,
+    /// The accept stopped on its budget.
+    accept_unfinished: bool,
 }
 
 impl TcpMedia {
@@ -88,12 +99,27 @@ impl TcpMedia {
             by_remote: HashMap::new(),
             next_token: first_conn_token,
             limits,
+            unfinished: Vec::new(),
+            accept_unfinished: false,
         })
     }
 
-    /// Accepts every pending connection (closing those over the cap).
+    /// True if a read or an accept stopped on its budget and must go on
+    /// next turn (the loop then polls without sleeping).
+    pub fn has_more(&self) -> bool {
+        self.accept_unfinished || !self.unfinished.is_empty()
+    }
+
+    /// Connections to read again this turn, and whether to accept again.
+    pub fn take_unfinished(&mut self) -> (Vec<Token>, bool) {
+        let accept = std::mem::take(&mut self.accept_unfinished);
+        (std::mem::take(&mut self.unfinished), accept)
+    }
+
+    /// Accepts pending connections, up to a budget (closing those over the
+    /// cap).
     pub fn accept(&mut self, registry: &Registry, now: Instant, metrics: &Metrics) {
-        loop {
+        for _ in 0..ACCEPT_BUDGET {
             let (mut stream, remote) = match self.listener.accept() {
                 Ok(c) => c,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -133,6 +159,7 @@ impl TcpMedia {
             );
             metrics.tcp_connections.set(self.conns.len() as i64);
         }
+        self.accept_unfinished = true;
     }
 
     /// True if `token` is one of our connections.
@@ -155,13 +182,22 @@ impl TcpMedia {
         };
         let mut chunk = [0u8; 16 * 1024];
         let mut closed = false;
+        let mut budget = READ_BUDGET;
         loop {
-            match c.stream.read(&mut chunk) {
+            if budget == 0 {
+                if !self.unfinished.contains(&token) {
+                    self.unfinished.push(token);
+                }
+                break;
+            }
+            let want = chunk.len().min(budget);
+            match c.stream.read(&mut chunk[..want]) {
                 Ok(0) => {
                     closed = true;
                     break;
                 }
                 Ok(n) => {
+                    budget -= n;
                     c.rbuf.extend_from_slice(&chunk[..n]);
                     let mut at = 0;
                     while c.rbuf.len() - at >= 2 {
