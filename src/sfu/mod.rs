@@ -117,7 +117,9 @@ impl Sfu {
         self.bites.set_clock(clock);
     }
 
-    /// Feeds one received UDP datagram.
+    /// Feeds one received UDP datagram. (Never inlined: profiles, such as
+    /// the callgrind recipe in BENCHMARKS.md, tell its callers apart.)
+    #[inline(never)]
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, buf: &[u8]) {
         self.handle_receive(now, Protocol::Udp, source, buf);
     }

@@ -409,10 +409,10 @@ impl Peer {
             .csrc(&[pkt.csrc])
             .ext_vals(pkt.ext.clone()),
         );
-        // Drain right away (str0m's single-mutation rule).
-        self.drain(out);
         // str0m's pacer releases queued RTP on a timeout; hand it "now" at
-        // once so the packet leaves in this wake, not the next one.
+        // once so the packet leaves in this wake, not the next one, and
+        // drain once after both mutations (a drain between them only ever
+        // yields that timeout).
         if self.rtc.handle_input(Input::Timeout(now)).is_ok() {
             self.drain(out);
         }
