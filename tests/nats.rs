@@ -64,6 +64,23 @@ fn create_stream(url: &str) {
         .expect("stream created");
 }
 
+/// Alice and Bob, connected and joined to "room".
+fn alice_and_bob_in_room(http: std::net::SocketAddr, style: OfferStyle) -> (TestPeer, TestPeer) {
+    let mut a = TestPeer::new("alice", "a");
+    let mut b = TestPeer::new("bob", "b");
+    connect_all(http, &mut [&mut a, &mut b], &[style]);
+    assert_eq!(join(http, &a.claim, "room").0, 200);
+    assert_eq!(join(http, &b.claim, "room").0, 200);
+    (a, b)
+}
+
+/// Waits (5 s at most) until the NATS backlog holds `n` bites.
+fn backlog_reaches(http: std::net::SocketAddr, n: u32) -> bool {
+    wait_for(Duration::from_secs(5), || {
+        metric(http, "beep_sfu_bite_backlog ") == Some(f64::from(n))
+    })
+}
+
 /// Waits until the BITES stream holds `n` messages.
 fn stream_reaches(url: &str, n: u64, timeout: Duration) -> bool {
     wait_for(timeout, || {
@@ -200,11 +217,7 @@ fn bites_spoken_while_nats_is_down_arrive_after_it_returns_in_order_once() {
         http,
         "beep_sfu_nats_connected "
     ) == Some(1.0)));
-    let mut a = TestPeer::new("alice", "a");
-    let mut b = TestPeer::new("bob", "b");
-    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Prefixed]);
-    assert_eq!(join(http, &a.claim, "room").0, 200);
-    assert_eq!(join(http, &b.claim, "room").0, 200);
+    let (mut a, mut b) = alice_and_bob_in_room(http, OfferStyle::Prefixed);
 
     // Bite 1 while NATS is up.
     talk(&mut [&mut a, &mut b], 0, 1, 0..25);
@@ -281,17 +294,10 @@ fn nats_down_at_start_gets_the_bites_once_it_comes_up() {
 
     let server = server_with_nats(&nats.url());
     let http = server.http_addr();
-    let mut a = TestPeer::new("alice", "a");
-    let mut b = TestPeer::new("bob", "b");
-    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Json]);
-    assert_eq!(join(http, &a.claim, "room").0, 200);
-    assert_eq!(join(http, &b.claim, "room").0, 200);
+    let (mut a, mut b) = alice_and_bob_in_room(http, OfferStyle::Json);
     talk(&mut [&mut a, &mut b], 0, 1, 0..25);
     pump_for(&mut [&mut a, &mut b], Duration::from_millis(900));
-    assert!(wait_for(Duration::from_secs(5), || metric(
-        http,
-        "beep_sfu_bite_backlog "
-    ) == Some(1.0)));
+    assert!(backlog_reaches(http, 1));
     assert_ne!(metric(http, "beep_sfu_nats_connected "), Some(1.0));
 
     nats.restart();
@@ -300,10 +306,7 @@ fn nats_down_at_start_gets_the_bites_once_it_comes_up() {
         delivered,
         "the bite spoken before NATS ever came up arrives"
     );
-    assert!(wait_for(Duration::from_secs(5), || metric(
-        http,
-        "beep_sfu_bite_backlog "
-    ) == Some(0.0)));
+    assert!(backlog_reaches(http, 0));
     assert!(server.shutdown());
 }
 
@@ -327,11 +330,7 @@ fn shutdown_with_nats_down_spools_and_the_next_start_publishes_each_bite_once() 
     // the shutdown itself.
     let server = start(&spool);
     let http = server.http_addr();
-    let mut a = TestPeer::new("alice", "a");
-    let mut b = TestPeer::new("bob", "b");
-    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Raw]);
-    assert_eq!(join(http, &a.claim, "room").0, 200);
-    assert_eq!(join(http, &b.claim, "room").0, 200);
+    let (mut a, mut b) = alice_and_bob_in_room(http, OfferStyle::Raw);
     talk(&mut [&mut a, &mut b], 0, 1, 0..20);
     pump_for(&mut [&mut a, &mut b], Duration::from_millis(900));
     talk(&mut [&mut a, &mut b], 1, 2, 0..15);
@@ -380,19 +379,12 @@ fn with_jetstream_a_bite_stays_in_the_backlog_until_the_server_acknowledges_it()
     cfg.nats_jetstream = true;
     let server = beep_sfu::server::Server::start(&cfg).unwrap();
     let http = server.http_addr();
-    let mut a = TestPeer::new("alice", "a");
-    let mut b = TestPeer::new("bob", "b");
-    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Raw]);
-    assert_eq!(join(http, &a.claim, "room").0, 200);
-    assert_eq!(join(http, &b.claim, "room").0, 200);
+    let (mut a, mut b) = alice_and_bob_in_room(http, OfferStyle::Raw);
     talk(&mut [&mut a, &mut b], 0, 1, 0..25);
     pump_for(&mut [&mut a, &mut b], Duration::from_millis(900));
     // No stream captures the subjects yet: plain publishing would lose the
     // bite; JetStream gets no acknowledgement, so it is kept.
-    assert!(wait_for(Duration::from_secs(5), || metric(
-        http,
-        "beep_sfu_bite_backlog "
-    ) == Some(1.0)));
+    assert!(backlog_reaches(http, 1));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         metric(http, "beep_sfu_bite_backlog "),
@@ -405,10 +397,7 @@ fn with_jetstream_a_bite_stays_in_the_backlog_until_the_server_acknowledges_it()
         delivered,
         "published once the stream exists: bite and store"
     );
-    assert!(wait_for(Duration::from_secs(5), || metric(
-        http,
-        "beep_sfu_bite_backlog "
-    ) == Some(0.0)));
+    assert!(backlog_reaches(http, 0));
     assert!(server.shutdown());
 }
 
@@ -420,11 +409,7 @@ fn a_bite_over_the_servers_max_payload_is_split_not_lost() {
     sub.flush().unwrap();
     let server = server_with_nats(&nats.url());
     let http = server.http_addr();
-    let mut a = TestPeer::new("alice", "a");
-    let mut b = TestPeer::new("bob", "b");
-    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Raw]);
-    assert_eq!(join(http, &a.claim, "room").0, 200);
-    assert_eq!(join(http, &b.claim, "room").0, 200);
+    let (mut a, mut b) = alice_and_bob_in_room(http, OfferStyle::Raw);
     // 40 packets of 1,000 bytes: one talk spurt of about 40 KB.
     for n in 0..40u32 {
         let mut p = opus_payload(1, n);
