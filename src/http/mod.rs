@@ -6,10 +6,10 @@
 //! threads block on their own sockets, on permission checks and on replies
 //! from the media loop, never the other way round.
 
-mod claims;
+pub(crate) mod claims;
 mod connect;
 mod join;
-mod request;
+pub(crate) mod request;
 mod response;
 
 use std::collections::HashMap;

@@ -106,40 +106,48 @@ pub fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Request
             Err(e) => return Err(HttpError::closed(format!("read error: {e}"))),
         };
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let method = req.method.unwrap_or("").to_string();
-                let target = req.path.unwrap_or("");
-                let (path, query) = match target.split_once('?') {
-                    Some((p, q)) => (p.to_string(), Some(q.to_string())),
-                    None => (target.to_string(), None),
-                };
-                let headers = req
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_string(), h.value.to_vec()))
-                    .collect();
-                let request = Request {
-                    method,
-                    path,
-                    query,
-                    headers,
-                    leftover: buf[len..].to_vec(),
-                };
-                check_body(&request)?;
-                return Ok(request);
-            }
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
-                return Err(HttpError::new(431, "request head too large"));
-            }
-            Ok(httparse::Status::Partial) => continue,
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(HttpError::new(431, "too many headers"))
-            }
-            Err(e) => return Err(HttpError::new(400, format!("malformed request: {e}"))),
+        if let Some(request) = parse_head(&buf)? {
+            return Ok(request);
         }
+    }
+}
+
+/// Parses a request head from the bytes read so far: `Ok(None)` while it is
+/// incomplete (and still under [`MAX_HEAD`]), the request once complete (with
+/// whatever followed it), or the error to answer with. Pure, so it can be
+/// fuzzed on its own.
+pub fn parse_head(buf: &[u8]) -> Result<Option<Request>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            let method = req.method.unwrap_or("").to_string();
+            let target = req.path.unwrap_or("");
+            let (path, query) = match target.split_once('?') {
+                Some((p, q)) => (p.to_string(), Some(q.to_string())),
+                None => (target.to_string(), None),
+            };
+            let headers = req
+                .headers
+                .iter()
+                .map(|h| (h.name.to_string(), h.value.to_vec()))
+                .collect();
+            let request = Request {
+                method,
+                path,
+                query,
+                headers,
+                leftover: buf[len..].to_vec(),
+            };
+            check_body(&request)?;
+            Ok(Some(request))
+        }
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            Err(HttpError::new(431, "request head too large"))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HttpError::new(431, "too many headers")),
+        Err(e) => Err(HttpError::new(400, format!("malformed request: {e}"))),
     }
 }
 

@@ -27,5 +27,6 @@ pub mod internals {
     pub use crate::sfu::bite::{BiteAssembler, Owner};
     pub use crate::sfu::conversation::{ConvKey, Conversations, SpeakerId};
     pub use crate::sfu::demux::{kind, stun_local_ufrag, Demux, Kind};
+    pub use crate::sfu::slot::{Incoming, Rewritten, Slot};
     pub use crate::sfu::timer::{TimerHeap, TimerKey};
 }

@@ -6,6 +6,7 @@
 //! contains it.
 
 mod client;
+pub mod fuzz;
 mod harness;
 
 pub use crate::sfu::internals;

@@ -1,0 +1,177 @@
+//! Entry points for the `cargo fuzz` targets in `fuzz/`: each takes the
+//! fuzzer's bytes, feeds them to one piece of the server that reads what
+//! clients send, and panics only when an invariant breaks (a panic on the
+//! input itself is the bug the fuzzer looks for).
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::command::{PeerNotice, SendError};
+use crate::http::{claims, request};
+use crate::sfu::internals::{BiteAssembler, Owner, SpeakerId};
+use crate::sfu::{
+    BiteConfig, Claim, CloseReason, ConnectError, PeerId, Reply, Request, Sfu, SfuConfig,
+};
+use crate::signalling::session::ConnectReply;
+use crate::signalling::{Action, Session};
+use crate::testkit::Harness;
+
+/// The `X-User-Claim` header.
+pub fn claim(data: &[u8]) {
+    let _ = claims::parse_header(data);
+}
+
+/// An HTTP request head, then the claim of the request it makes.
+pub fn request_head(data: &[u8]) {
+    if let Ok(Some(req)) = request::parse_head(data) {
+        let _ = claims::from_request(&req, true);
+        let _ = claims::from_request(&req, false);
+        let _ = req.header_has_token("connection", "upgrade");
+        let _ = req.query_param("userid");
+    }
+}
+
+/// A signalling session fed frames (split at 0xFF), with the loop's
+/// replies, notices and ticks chosen by the bytes too.
+pub fn signalling(data: &[u8]) {
+    let t0 = Instant::now();
+    let mut s = Session::new(t0, Duration::from_secs(30));
+    for (i, frame) in data.split(|b| *b == 0xFF).enumerate() {
+        let text = String::from_utf8_lossy(frame);
+        let action = match frame.first().copied().unwrap_or(0) % 8 {
+            0 => s.on_tick(t0 + Duration::from_secs(u64::from(frame.len() as u8))),
+            1 => s.on_notice(PeerNotice::Closed(CloseReason::Disconnected)),
+            2 => s.on_send_failed(SendError::Full),
+            _ => s.on_text(&text),
+        };
+        if let Action::Connect(_) = action {
+            let reply = match i % 3 {
+                0 => ConnectReply::Answer(Ok((PeerId(1), "v=0".into()))),
+                1 => ConnectReply::Answer(Err(ConnectError::NoOpus)),
+                _ => ConnectReply::TimedOut,
+            };
+            let _ = s.on_connect_reply(reply);
+        }
+    }
+}
+
+thread_local! {
+    static OFFER_CORE: RefCell<(Sfu, Instant)> = RefCell::new((
+        Sfu::new(SfuConfig::new(std::net::SocketAddr::from(([10, 0, 0, 1], 5000)))),
+        Instant::now(),
+    ));
+    static CALL: RefCell<Option<Harness>> = const { RefCell::new(None) };
+}
+
+/// An SDP offer through the cheap pre-check and str0m's `accept_offer`.
+pub fn offer(data: &[u8]) {
+    OFFER_CORE.with(|c| {
+        let (sfu, now) = &mut *c.borrow_mut();
+        // Earlier peers never connect: move past their connect timeout.
+        *now += Duration::from_secs(31);
+        sfu.handle_timeout(*now);
+        let request = Request::Connect {
+            claim: Claim {
+                userid: "fuzz".into(),
+                clientid: "f".into(),
+            },
+            offer: String::from_utf8_lossy(data).into_owned(),
+        };
+        if let Reply::Connect(Ok((_, answer))) = sfu.handle_request(*now, request) {
+            assert!(answer.starts_with("v=0"), "an answer is SDP");
+        }
+        while sfu.poll_transmit().is_some() {}
+        while sfu.poll_event().is_some() {}
+    });
+}
+
+/// Arbitrary bytes from a connected, joined peer's own address.
+pub fn datagram(data: &[u8]) {
+    CALL.with(|c| {
+        let mut c = c.borrow_mut();
+        let h = c.get_or_insert_with(|| {
+            let mut h = Harness::new();
+            let a = h.add_client("alice", "a", true, 0);
+            let b = h.add_client("bob", "b", true, 0);
+            h.connect_all();
+            h.join(a, "room");
+            h.join(b, "room");
+            h
+        });
+        let source = h.clients[0].addr;
+        h.sfu.handle_datagram(h.now, source, data);
+        while h.sfu.poll_transmit().is_some() {}
+        while h.sfu.poll_event().is_some() {}
+    });
+}
+
+/// Slot rewriting: whatever arrives, no outgoing sequence number is sent
+/// twice and every timestamp is defined.
+pub fn slot(data: &[u8]) {
+    let t0 = Instant::now();
+    let mut slot = crate::sfu::internals::Slot::new(str0m::media::Mid::from("0"), 7, 0);
+    let mut seqs = [0u64; 4];
+    let mut seen = HashSet::new();
+    for (i, c) in data.chunks(4).enumerate() {
+        let [a, b, d, e] = [
+            c[0],
+            *c.get(1).unwrap_or(&0),
+            *c.get(2).unwrap_or(&0),
+            *c.get(3).unwrap_or(&0),
+        ];
+        let who = usize::from(a % 4);
+        let step = i64::from(i16::from_be_bytes([b, d]));
+        seqs[who] = (seqs[who] as i64 + step).max(0) as u64;
+        let pkt = crate::sfu::internals::Incoming {
+            speaker: SpeakerId(who as u64),
+            ssrc: u32::from(e % 3),
+            seq: seqs[who],
+            timestamp: (seqs[who] as u32).wrapping_mul(960),
+            marker: e & 0x80 != 0,
+        };
+        let now = t0 + Duration::from_millis(20 * i as u64);
+        if let Some(out) = slot.rewrite(pkt, now) {
+            assert!(seen.insert(out.seq), "outgoing {} reused", out.seq);
+        }
+    }
+}
+
+/// Bite assembly: whatever the timestamps, sizes and levels, a bite stays
+/// within its caps.
+pub fn bite(data: &[u8]) {
+    let t0 = Instant::now();
+    let config = BiteConfig::default();
+    let mut a = BiteAssembler::new(config, (t0, 0));
+    let owner = || Owner {
+        conversation: "c",
+        userid: "u",
+        clientid: "d",
+    };
+    let mut ts = 0u32;
+    let mut now = t0;
+    let mut done = Vec::new();
+    for c in data.chunks(4) {
+        let [x, y, z, w] = [
+            c[0],
+            *c.get(1).unwrap_or(&0),
+            *c.get(2).unwrap_or(&0),
+            *c.get(3).unwrap_or(&0),
+        ];
+        ts = ts.wrapping_add(u32::from_be_bytes([0, x, y, 0]));
+        now += Duration::from_millis(u64::from(z));
+        let payload = vec![0xF8; usize::from(w) * 6];
+        done.extend(a.on_packet(PeerId(1), owner(), ts, &payload, w & 1 == 1, now));
+        a.handle_timeout(now, &mut done);
+    }
+    done.extend(a.flush(PeerId(1)));
+    for b in &done {
+        assert!(b.packets <= config.max_packets, "{} packets", b.packets);
+        assert!(
+            b.audio.byte_len() <= config.max_bytes,
+            "{} bytes",
+            b.audio.byte_len()
+        );
+        assert!(!b.audio.to_ogg().is_empty());
+    }
+}
