@@ -28,6 +28,61 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// loop is busy. The kernel may cap it (net.core.rmem_max / wmem_max).
 pub const MEDIA_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
+/// Binds a TCP listener; an error names the flag it came from.
+fn bind_tcp(addr: SocketAddr, flag: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{flag} {addr}: {e}")))
+}
+
+/// Starts the bite sink (NATS and/or files), or a queue that counts bites
+/// as dropped when neither is configured.
+fn start_sink(config: &Config, metrics: &Arc<Metrics>) -> io::Result<(Option<Sink>, BiteQueue)> {
+    let sink_config = SinkConfig {
+        nats: config.nats.as_ref().map(|url| NatsConfig {
+            url: url.clone(),
+            bite_subject: config.bite_subject.clone(),
+            store_subject: config.store_subject.clone(),
+            backlog_bytes: config.nats_backlog_bytes,
+            spool_dir: config.spool_dir.clone(),
+            jetstream: config.nats_jetstream,
+        }),
+        dir: config.bites_dir.clone(),
+    };
+    if sink_config.nats.is_none() && sink_config.dir.is_none() {
+        warn!("bites are neither published (no NATS) nor written (no --bites-dir)");
+        return Ok((None, BiteQueue::disconnected(metrics.clone())));
+    }
+    let (s, q) = Sink::start(sink_config, metrics.clone())?;
+    Ok((Some(s), q))
+}
+
+/// The core's settings from the service's: candidates carry the real
+/// ports (the sockets may have been bound to port 0).
+fn sfu_config(config: &Config, udp_port: u16, tcp_port: Option<u16>) -> SfuConfig {
+    let at = |port: u16| -> Vec<SocketAddr> {
+        config
+            .public_ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .collect()
+    };
+    let candidates = at(udp_port);
+    let mut sfu = SfuConfig::new(SocketAddr::from(([0, 0, 0, 0], udp_port)));
+    sfu.candidates = candidates;
+    sfu.tcp_candidates = tcp_port.map(at).unwrap_or_default();
+    sfu.max_peers = config.max_peers;
+    sfu.max_peers_per_user = config.max_peers_per_user;
+    sfu.connect_timeout = config.connect_timeout;
+    sfu.idle_timeout = config.idle_timeout;
+    sfu.membership_grace = config.membership_grace;
+    sfu.speaker.voiced_loudness = config.voiced_loudness;
+    sfu.bites = BiteConfig {
+        silence: config.bite_silence,
+        max_len: config.bite_max,
+        ..BiteConfig::default()
+    };
+    sfu
+}
+
 /// Binds the media socket; `[::]:PORT` is dual-stack (IPv4 clients arrive as
 /// IPv4-mapped addresses, which the media loop turns back into IPv4).
 fn bind_media(addr: SocketAddr) -> io::Result<UdpSocket> {
@@ -76,69 +131,18 @@ impl Server {
             .map_err(|e| io::Error::new(e.kind(), format!("--udp {}: {e}", config.udp)))?;
         let udp_addr = socket.local_addr()?;
         size_socket_buffers(&socket);
-        let listener = TcpListener::bind(config.listen)
-            .map_err(|e| io::Error::new(e.kind(), format!("--listen {}: {e}", config.listen)))?;
-        let tcp = config
-            .tcp
-            .map(|a| {
-                TcpListener::bind(a)
-                    .map_err(|e| io::Error::new(e.kind(), format!("--tcp {a}: {e}")))
-            })
-            .transpose()?;
+        let listener = bind_tcp(config.listen, "--listen")?;
+        let tcp = config.tcp.map(|a| bind_tcp(a, "--tcp")).transpose()?;
         let tcp_addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
         let tcp_port = tcp_addr.map(|a| a.port());
         let admin = config
             .admin_listen
-            .map(|a| {
-                TcpListener::bind(a)
-                    .map_err(|e| io::Error::new(e.kind(), format!("--admin-listen {a}: {e}")))
-            })
+            .map(|a| bind_tcp(a, "--admin-listen"))
             .transpose()?;
         let metrics = Arc::new(Metrics::new());
-        let sink_config = SinkConfig {
-            nats: config.nats.as_ref().map(|url| NatsConfig {
-                url: url.clone(),
-                bite_subject: config.bite_subject.clone(),
-                store_subject: config.store_subject.clone(),
-                backlog_bytes: config.nats_backlog_bytes,
-                spool_dir: config.spool_dir.clone(),
-                jetstream: config.nats_jetstream,
-            }),
-            dir: config.bites_dir.clone(),
-        };
-        let (sink, bites) = if sink_config.nats.is_some() || sink_config.dir.is_some() {
-            let (s, q) = Sink::start(sink_config, metrics.clone())?;
-            (Some(s), q)
-        } else {
-            warn!("bites are neither published (no NATS) nor written (no --bites-dir)");
-            (None, BiteQueue::disconnected(metrics.clone()))
-        };
-        // The candidate must carry the real port when --udp asked for port 0.
-        let candidates: Vec<SocketAddr> = config
-            .public_ips
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, udp_addr.port()))
-            .collect();
-        let mut sfu = SfuConfig::new(udp_addr);
-        sfu.candidates = candidates.clone();
-        if let Some(port) = tcp_port {
-            sfu.tcp_candidates = config
-                .public_ips
-                .iter()
-                .map(|ip| SocketAddr::new(*ip, port))
-                .collect();
-        }
-        sfu.max_peers = config.max_peers;
-        sfu.max_peers_per_user = config.max_peers_per_user;
-        sfu.connect_timeout = config.connect_timeout;
-        sfu.idle_timeout = config.idle_timeout;
-        sfu.membership_grace = config.membership_grace;
-        sfu.speaker.voiced_loudness = config.voiced_loudness;
-        sfu.bites = BiteConfig {
-            silence: config.bite_silence,
-            max_len: config.bite_max,
-            ..BiteConfig::default()
-        };
+        let (sink, bites) = start_sink(config, &metrics)?;
+        let sfu = sfu_config(config, udp_addr.port(), tcp_port);
+        let candidates = sfu.candidates.clone();
         let health = Arc::new(LoopHealth::new());
         let (handle, media_thread) = net::spawn(MediaLoopConfig {
             sfu,
