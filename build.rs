@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/client.proto",
         "proto/bite.proto",
         "proto/store.proto",
+        "proto/cluster.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -113,6 +113,13 @@ impl LoopHandle {
         }
     }
 
+    /// Wakes the loop (input of its own is waiting, e.g. from the cluster).
+    pub fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            warn!("could not wake the media loop: {e}");
+        }
+    }
+
     /// Queues a command and wakes the loop; never blocks.
     pub fn send(&self, cmd: Command) -> Result<(), SendError> {
         let queue = match cmd.request {

@@ -149,6 +149,17 @@ pub struct Args {
     /// exits (non-zero) so its supervisor restarts it.
     #[arg(long, env = "LOOP_STALL_SECS", default_value_t = 10)]
     pub loop_stall_secs: u64,
+
+    /// This node's id in the cluster (letters, digits, '-', '_'); unique
+    /// per process. [default: <hostname>-<pid>]
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Subject prefix the nodes of one cluster share over --nats; "none"
+    /// keeps this node alone. Nodes with the same prefix on the same NATS
+    /// act as one SFU.
+    #[arg(long, env = "CLUSTER_SUBJECT", default_value = "beep.sfu")]
+    pub cluster_subject: String,
 }
 
 /// The resolved, validated configuration the service runs with.
@@ -208,6 +219,10 @@ pub struct Config {
     pub loop_stall: Duration,
     /// Publish through JetStream with acknowledgements.
     pub nats_jetstream: bool,
+    /// This node's id in the cluster.
+    pub node_id: String,
+    /// The cluster's subject prefix; `None` (or no NATS) keeps the node alone.
+    pub cluster_subject: Option<String>,
 }
 
 impl Config {
@@ -271,6 +286,24 @@ impl Config {
                 ));
             }
         }
+        let node_id = a
+            .node_id
+            .clone()
+            .unwrap_or_else(crate::cluster::default_node_id);
+        if !crate::cluster::valid_node_id(&node_id) {
+            return Err(format!(
+                "--node-id: {node_id:?} must be letters, digits, '-' or '_' (it is a NATS subject token)"
+            ));
+        }
+        let cluster_subject = match a.cluster_subject.trim() {
+            "" | "none" => None,
+            p if p.split('.').all(crate::cluster::valid_node_id) => Some(p.to_string()),
+            p => {
+                return Err(format!(
+                    "--cluster-subject: {p:?} must be dot-separated tokens of letters, digits, '-' or '_'"
+                ))
+            }
+        };
         for (flag, subject) in [
             ("--bite-subject", &a.bite_subject),
             ("--store-subject", &a.store_subject),
@@ -356,6 +389,8 @@ impl Config {
             spool_dir,
             loop_stall: Duration::from_secs(a.loop_stall_secs),
             nats_jetstream: a.nats_jetstream,
+            node_id,
+            cluster_subject,
         })
     }
 

@@ -51,6 +51,7 @@
 //! `test-kit` feature, `testkit` wires str0m clients to the core in memory
 //! for tests, benchmarks and the load generator.
 
+mod cluster;
 mod command;
 pub mod config;
 mod http;

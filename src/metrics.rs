@@ -24,6 +24,15 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// Label for what the cluster side dropped: which kind of message, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterDrop {
+    /// media, join, heartbeat, or input (toward the media loop).
+    pub kind: &'static str,
+    /// queue_full, disconnected, malformed, publish_error.
+    pub reason: &'static str,
+}
+
 /// Every metric the service exports.
 pub struct Metrics {
     registry: Registry,
@@ -46,6 +55,8 @@ pub struct Metrics {
     core: Vec<Option<Counter>>,
     /// Times the media loop woke from `poll`.
     pub loop_wakes: Counter,
+    /// How long each heap trim after a peak held the loop.
+    pub heap_trim_seconds: Histogram,
     /// Peers created, connected and closed.
     pub peer_events: Family<Reason, Counter>,
     /// Permission checks by outcome.
@@ -58,6 +69,14 @@ pub struct Metrics {
     pub signalling_outcomes: Family<Reason, Counter>,
     /// Commands to the media loop dropped because its queue was full.
     pub commands_dropped: Counter,
+    /// Other nodes of the cluster this one hears (not counting itself).
+    pub cluster_nodes: Gauge,
+    /// Speakers on other nodes currently known.
+    pub remote_speakers: Gauge,
+    /// 1 while the cluster's NATS connection is up.
+    pub cluster_connected: Gauge,
+    /// Cluster messages dropped, by kind and reason.
+    pub cluster_dropped: Family<ClusterDrop, Counter>,
     /// Bites finished by the core.
     pub bites: Counter,
     /// Bites published to NATS (both subjects).
@@ -100,6 +119,7 @@ impl Metrics {
             dropped: Family::default(),
             core: Vec::new(),
             loop_wakes: Counter::default(),
+            heap_trim_seconds: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]),
             peer_events: Family::default(),
             permission_checks: Family::default(),
             permission_latency: Histogram::new([
@@ -108,6 +128,10 @@ impl Metrics {
             signalling_connections: Gauge::default(),
             signalling_outcomes: Family::default(),
             commands_dropped: Counter::default(),
+            cluster_nodes: Gauge::default(),
+            remote_speakers: Gauge::default(),
+            cluster_connected: Gauge::default(),
+            cluster_dropped: Family::default(),
             bites: Counter::default(),
             bites_published: Counter::default(),
             bite_bytes_published: Counter::default(),
@@ -159,6 +183,31 @@ impl Metrics {
             "loop_wakes",
             "Times the media loop woke from poll (datagrams per wake = datagrams_in / loop_wakes)",
             m.loop_wakes.clone(),
+        );
+        r.register(
+            "cluster_nodes",
+            "Other nodes of the cluster this one hears (itself not counted)",
+            m.cluster_nodes.clone(),
+        );
+        r.register(
+            "remote_speakers",
+            "Speakers on other nodes currently known",
+            m.remote_speakers.clone(),
+        );
+        r.register(
+            "cluster_connected",
+            "1 while the cluster's NATS connection is up",
+            m.cluster_connected.clone(),
+        );
+        r.register(
+            "cluster_dropped",
+            "Cluster messages dropped, by kind and reason",
+            m.cluster_dropped.clone(),
+        );
+        r.register(
+            "heap_trim_seconds",
+            "Time the media loop spent giving freed heap back to the kernel after a peak",
+            m.heap_trim_seconds.clone(),
         );
         r.register(
             "peer_events",
@@ -276,6 +325,8 @@ impl Metrics {
         self.peers_connected.set(now.connected as i64);
         self.conversations.set(now.conversations as i64);
         self.open_bites.set(now.open_bites as i64);
+        self.cluster_nodes.set(now.cluster_nodes as i64);
+        self.remote_speakers.set(now.remote_speakers as i64);
         if *last == now.stats {
             return;
         }
@@ -325,6 +376,13 @@ impl Metrics {
     /// Counts one dropped bite.
     pub fn bite_dropped(&self, reason: &'static str) {
         self.bites_dropped.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts one dropped cluster message.
+    pub fn cluster_drop(&self, kind: &'static str, reason: &'static str) {
+        self.cluster_dropped
+            .get_or_create(&ClusterDrop { kind, reason })
+            .inc();
     }
 
     /// Counts one signalling outcome.

@@ -5,6 +5,13 @@
 
 include!(concat!(env!("OUT_DIR"), "/protobuf.rs"));
 
+/// What nodes of one cluster tell each other (`proto/cluster.proto`,
+/// package `cluster`): heartbeats, joins and relayed media.
+pub mod cluster {
+    #![allow(missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/cluster.rs"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

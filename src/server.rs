@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use crate::cluster::{self, ClusterConfig};
 use crate::command::LoopHandle;
 use crate::config::Config;
 use crate::http::{Context, HttpServer, Limits};
@@ -31,6 +32,15 @@ pub const MEDIA_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Binds a TCP listener; an error names the flag it came from.
 fn bind_tcp(addr: SocketAddr, flag: &str) -> io::Result<TcpListener> {
     TcpListener::bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{flag} {addr}: {e}")))
+}
+
+/// The cluster this node is part of: needs NATS and a subject prefix.
+fn cluster_config(config: &Config) -> Option<ClusterConfig> {
+    Some(ClusterConfig {
+        url: config.nats.clone()?,
+        node: config.node_id.clone(),
+        prefix: config.cluster_subject.clone()?,
+    })
 }
 
 /// Starts the bite sink (NATS and/or files), or a queue that counts bites
@@ -122,6 +132,8 @@ pub struct Server {
     tcp_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     sink: Option<Sink>,
+    /// Ends once the goodbye to the other nodes is sent.
+    cluster_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -144,6 +156,14 @@ impl Server {
         let sfu = sfu_config(config, udp_addr.port(), tcp_port);
         let candidates = sfu.candidates.clone();
         let health = Arc::new(LoopHealth::new());
+        let (cluster_port, cluster_side) = match cluster_config(config) {
+            Some(c) => {
+                info!("cluster: node {} on {} under {}.*", c.node, c.url, c.prefix);
+                let (port, side) = cluster::channels(c, metrics.clone());
+                (Some(port), Some(side))
+            }
+            None => (None, None),
+        };
         let (handle, media_thread) = net::spawn(MediaLoopConfig {
             sfu,
             socket,
@@ -151,7 +171,9 @@ impl Server {
             bites,
             health: health.clone(),
             tcp,
+            cluster: cluster_port,
         })?;
+        let cluster_thread = cluster_side.map(|s| s.start(handle.clone())).transpose()?;
         net::watch(health.clone(), config.loop_stall)?;
         let permissions = if config.dev {
             None
@@ -188,6 +210,7 @@ impl Server {
             tcp_addr,
             metrics,
             sink,
+            cluster_thread,
         })
     }
 
@@ -235,6 +258,12 @@ impl Server {
                 self.health.set_stopping();
                 warn!("media loop did not stop within {SHUTDOWN_GRACE:?}");
                 clean = false;
+            }
+        }
+        // The loop said goodbye to the other nodes as it stopped; let it go out.
+        if let Some(t) = self.cluster_thread.take() {
+            while !t.is_finished() && start.elapsed() < SHUTDOWN_GRACE {
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
         // The loop handed back every bite it finished while stopping; give

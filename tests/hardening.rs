@@ -383,3 +383,48 @@ fn a_tcp_connection_flooding_garbage_frames_cannot_starve_a_udp_call() {
     );
     assert!(server.shutdown());
 }
+
+/// A client refused at the connection limit reads the 503 (and its
+/// Retry-After) even when it sent its whole request before we answered: the
+/// server must not close with the request unread, which resets the
+/// connection and loses the answer.
+#[test]
+fn a_refused_client_reads_its_503_instead_of_a_reset() {
+    let server = start_with(|c| c.max_signalling = 1);
+    let http = server.http_addr();
+    // One connection that sends nothing holds the only slot for the 10 s
+    // head deadline.
+    let _holder = TcpStream::connect(http).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let pad = "x".repeat(8 * 1024);
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            let pad = pad.clone();
+            thread::spawn(move || -> Result<String, String> {
+                let mut s = TcpStream::connect(http).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let req = format!(
+                    "GET /connect?userid=u{i}&clientid=c HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n"
+                );
+                // Written before the answer is read, as every HTTP client does;
+                // the server refuses at accept without reading any of it.
+                s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+                thread::sleep(Duration::from_millis(100));
+                let mut resp = Vec::new();
+                s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
+                Ok(String::from_utf8_lossy(&resp).into_owned())
+            })
+        })
+        .collect();
+    let mut resets = Vec::new();
+    for c in clients {
+        match c.join().unwrap() {
+            Ok(resp) => {
+                assert!(resp.starts_with("HTTP/1.1 503"), "got {resp:?}");
+                assert!(resp.contains("Retry-After: 1"), "got {resp:?}");
+            }
+            Err(e) => resets.push(e),
+        }
+    }
+    assert!(resets.is_empty(), "refused clients saw {resets:?}");
+}

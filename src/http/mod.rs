@@ -9,6 +9,7 @@
 pub(crate) mod claims;
 mod connect;
 mod join;
+mod linger;
 pub(crate) mod request;
 mod response;
 
@@ -240,6 +241,7 @@ impl Drop for HttpServer {
 }
 
 fn accept_loop(listener: TcpListener, ctx: Arc<Context>, which: Listener) {
+    let linger = linger::Linger::start();
     for stream in listener.incoming() {
         if ctx.shutting_down.load(Ordering::SeqCst) {
             break;
@@ -264,6 +266,9 @@ fn accept_loop(listener: TcpListener, ctx: Arc<Context>, which: Listener) {
             let _ = Response::text(503, "too many signalling connections; retry shortly")
                 .header("Retry-After", "1")
                 .write_to(&mut stream);
+            if !linger.close(stream) {
+                ctx.metrics.outcome("refused_connection_reset");
+            }
             continue;
         }
         ctx.metrics.signalling_connections.inc();
@@ -386,6 +391,8 @@ fn healthz(ctx: &Context) -> Response {
         "peers": ctx.metrics.peers.get(),
         "peers_connected": ctx.metrics.peers_connected.get(),
         "conversations": ctx.metrics.conversations.get(),
+        // The nodes this one sees, itself included (1 when alone).
+        "cluster_nodes": ctx.metrics.cluster_nodes.get() + 1,
     });
     Response::with_type(
         if stopping || stalled { 503 } else { 200 },

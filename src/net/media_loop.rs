@@ -22,7 +22,9 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::health::{LoopHealth, EXIT_LOOP_FAILED};
+use super::memory::HeapTrim;
 use super::tcp::{TcpLimits, TcpMedia};
+use crate::cluster::ClusterPort;
 use crate::command::{Command, LoopHandle, LoopInbox, PeerNotice};
 use crate::metrics::Metrics;
 use crate::sfu::{CoreStats, FinishedBite, PeerId, Reply, Request, Sfu, SfuConfig, SfuEvent};
@@ -40,8 +42,12 @@ const READ_BATCH: usize = 512;
 const COMMAND_BATCH: usize = 256;
 /// How often the core's counters are copied into the shared metrics.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
-/// How often the core's Unix clock is re-read.
+/// How often the core's Unix clock is re-read (and a cluster heartbeat sent).
 const CLOCK_REANCHOR: Duration = Duration::from_secs(1);
+/// Least time between two heartbeats sent because presence changed.
+const PRESENCE_SPACING: Duration = Duration::from_millis(50);
+/// Cluster inputs handled per wake.
+const CLUSTER_BATCH: usize = 256;
 /// Receive buffer: larger than any WebRTC datagram (MTU-sized).
 const RECV_BUF: usize = 4096;
 
@@ -63,6 +69,8 @@ pub(crate) struct MediaLoopConfig {
     pub health: Arc<LoopHealth>,
     /// The ICE-TCP listener, if TCP is served.
     pub tcp: Option<std::net::TcpListener>,
+    /// The other nodes, when this one is part of a cluster.
+    pub cluster: Option<ClusterPort>,
 }
 
 struct MediaLoop {
@@ -86,6 +94,12 @@ struct MediaLoop {
     /// Bites finished while stopping: handed to the caller on exit instead
     /// of a queue that might be full, so none is lost.
     last_bites: Vec<FinishedBite>,
+    /// Gives the heap back after a peak.
+    heap: HeapTrim,
+    cluster: Option<ClusterPort>,
+    /// When the last heartbeat went out, and whether presence changed since.
+    heartbeat_at: Instant,
+    presence_dirty: bool,
 }
 
 /// Starts the media loop thread; returns the handle side threads use and the
@@ -129,6 +143,10 @@ pub(crate) fn spawn(
         tcp,
         tcp_frames: Vec::new(),
         last_bites: Vec::new(),
+        heap: HeapTrim::default(),
+        cluster: config.cluster,
+        heartbeat_at: Instant::now(),
+        presence_dirty: true,
     };
     let thread = thread::Builder::new()
         .name("media-loop".into())
@@ -199,7 +217,7 @@ impl MediaLoop {
             let readable = more_to_read || events.iter().any(|e| e.token() == SOCKET);
             more_to_read = readable && self.read_socket();
             more_tcp = self.tcp.is_some() && self.handle_tcp_events(&events);
-            more_commands = self.handle_commands();
+            more_commands = self.handle_commands() | self.handle_cluster();
             if clock_anchored.elapsed() >= CLOCK_REANCHOR {
                 self.metrics.loop_wakes.inc_by(wakes);
                 wakes = 0;
@@ -207,13 +225,19 @@ impl MediaLoop {
                 if let Some(tcp) = &mut self.tcp {
                     tcp.sweep(Instant::now(), self.poll.registry(), &self.metrics);
                 }
+                self.trim_heap();
+                self.presence_dirty = true;
                 clock_anchored = Instant::now();
             }
             self.sfu.handle_timeout(Instant::now());
             self.flush();
+            self.heartbeat();
             if self.stopping && self.sfu.is_drained() {
                 break;
             }
+        }
+        if let Some(c) = &self.cluster {
+            c.goodbye();
         }
         self.next_publish = Instant::now();
         self.flush();
@@ -223,6 +247,48 @@ impl MediaLoop {
             self.last_bites.len()
         );
         std::mem::take(&mut self.last_bites)
+    }
+
+    /// Feeds up to a batch of what other nodes said; true if more wait.
+    fn handle_cluster(&mut self) -> bool {
+        let Some(inputs) = self.cluster.as_ref().map(|c| c.inputs.clone()) else {
+            return false;
+        };
+        for _ in 0..CLUSTER_BATCH {
+            match inputs.try_recv() {
+                Ok(input) => {
+                    self.sfu.handle_cluster(Instant::now(), input);
+                    self.send_transmits();
+                }
+                Err(_) => return false,
+            }
+        }
+        !inputs.is_empty()
+    }
+
+    /// Sends this node's heartbeat every second, and soon after a
+    /// conversation gained its first or lost its last member here.
+    fn heartbeat(&mut self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        self.presence_dirty |= self.sfu.take_presence_changed();
+        if self.stopping || !self.presence_dirty || self.heartbeat_at.elapsed() < PRESENCE_SPACING {
+            return;
+        }
+        cluster.heartbeat(self.sfu.presence());
+        self.heartbeat_at = Instant::now();
+        self.presence_dirty = false;
+    }
+
+    /// Returns freed heap to the kernel once the load has halved since its
+    /// peak (see `net/memory.rs`), and times it.
+    fn trim_heap(&mut self) {
+        let s = self.sfu.snapshot();
+        if let Some(took) = self.heap.check(Instant::now(), s.peers + s.conversations) {
+            self.metrics.heap_trim_seconds.observe(took.as_secs_f64());
+            debug!("heap trimmed in {took:?} ({} peers left)", s.peers);
+        }
     }
 
     /// Reads up to a batch of datagrams; true if the socket may hold more.
@@ -337,6 +403,16 @@ impl MediaLoop {
                     self.last_bites.push(b);
                 }
                 SfuEvent::Bite(b) => self.bites.offer(b),
+                SfuEvent::Joined(m) => {
+                    if let Some(c) = &self.cluster {
+                        c.joined(m);
+                    }
+                }
+                SfuEvent::Relay { to, packet } => {
+                    if let Some(c) = &self.cluster {
+                        c.relay(to, packet);
+                    }
+                }
             }
         }
         // Publish at once when peers came or went (so /metrics and /healthz

@@ -1,8 +1,9 @@
 //! The driver: the media loop that owns the socket and the core, and its
-//! health pulse.
+//! health pulse, and the heap trim it runs after a peak.
 
 mod health;
 mod media_loop;
+mod memory;
 mod tcp;
 
 pub(crate) use health::{watch, LoopHealth};

@@ -141,9 +141,34 @@ impl Sfu {
         if self.shutting_down {
             return Err(JoinError::ShuttingDown);
         }
+        let stamp_ms = self.members.next_stamp(userid, self.unix_ms(now));
+        self.apply_join(now, userid, name, stamp_ms);
+        self.stats.joins += 1;
+        info!("user {userid} joined conversation {name}");
+        // For the other nodes of a cluster (the driver ignores it otherwise).
+        self.events
+            .push_back(super::SfuEvent::Joined(super::Member {
+                userid: userid.to_string(),
+                conversation: name.to_string(),
+                stamp_ms,
+            }));
+        Ok(())
+    }
+
+    /// Points a user at conversation `name` with a membership stamped
+    /// `stamp_ms` (unless they have a newer one) and moves their connected
+    /// clients; true if anything moved.
+    pub(super) fn apply_join(
+        &mut self,
+        now: Instant,
+        userid: &str,
+        name: &str,
+        stamp_ms: u64,
+    ) -> bool {
         let key = self.convs.intern(name);
-        let Some(moved) = self.members.join(userid, key, now) else {
-            return Ok(());
+        let Some(moved) = self.members.join_stamped(userid, key, stamp_ms, now) else {
+            self.convs.drop_if_abandoned(key);
+            return false;
         };
         if let Some(from) = moved.from {
             for &p in &moved.peers {
@@ -160,9 +185,7 @@ impl Sfu {
         if let Some(until) = moved.grace_until {
             self.timers.push(until, TimerKey::Grace(userid.to_string()));
         }
-        self.stats.joins += 1;
-        info!("user {userid} joined conversation {name}");
-        Ok(())
+        true
     }
 
     /// Closes every peer (sending DTLS close and RTCP BYE) and refuses new

@@ -5,9 +5,11 @@
 //! harness calls the core with the same enum.
 
 use std::fmt;
+use std::sync::Arc;
 
 use super::bite::FinishedBite;
 use super::peer::{Claim, CloseReason};
+pub use crate::proto::cluster::{Member, RelayedPacket};
 
 /// Identifies a peer for its whole life; ids are never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,6 +35,55 @@ pub enum SfuEvent {
     },
     /// A talk spurt is finished and ready to publish.
     Bite(FinishedBite),
+    /// A join was accepted here: the other nodes of a cluster must apply it.
+    Joined(Member),
+    /// A local speaker's packet for the other nodes that have members of
+    /// its conversation.
+    Relay {
+        /// The node ids it goes to (shared between packets).
+        to: Arc<[Arc<str>]>,
+        /// The packet.
+        packet: RelayedPacket,
+    },
+}
+
+/// What the other nodes of a cluster said (decoded by the driver; the core
+/// sees no NATS).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClusterInput {
+    /// A node is alive, has members of `conversations`, and clients of
+    /// `users`.
+    Heartbeat {
+        /// The node's id.
+        node: String,
+        /// Conversations with a connected member there.
+        conversations: Vec<String>,
+        /// Users with a client there, with their memberships.
+        users: Vec<Member>,
+    },
+    /// A node stopped cleanly.
+    Goodbye {
+        /// The node's id.
+        node: String,
+    },
+    /// A join accepted on another node.
+    Join(Member),
+    /// Packets of another node's speakers.
+    Media {
+        /// The sending node's id.
+        node: String,
+        /// Its speakers' packets, in order.
+        packets: Vec<RelayedPacket>,
+    },
+}
+
+/// What this node tells the others in its heartbeat.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Presence {
+    /// Conversations with a connected member here.
+    pub conversations: Vec<String>,
+    /// Users with a client here, with their memberships.
+    pub users: Vec<Member>,
 }
 
 /// One request to the core.

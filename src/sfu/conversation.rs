@@ -83,6 +83,8 @@ pub struct Conversations {
     scratch: Vec<SpeakerId>,
     /// Times a slot mapping was rebuilt.
     reassignments: u64,
+    /// Set when a conversation gained its first or lost its last member.
+    presence_changed: bool,
 }
 
 impl Conversations {
@@ -96,6 +98,7 @@ impl Conversations {
             speaker,
             scratch: Vec::new(),
             reassignments: 0,
+            presence_changed: false,
         }
     }
 
@@ -132,9 +135,45 @@ impl Conversations {
     }
 
     /// A conversation's name.
-    #[cfg(any(test, feature = "test-kit"))]
     pub fn name(&self, key: ConvKey) -> Option<&str> {
         self.by_key.get(&key).map(|c| c.name.as_str())
+    }
+
+    /// The key of an existing conversation.
+    pub fn key(&self, name: &str) -> Option<ConvKey> {
+        self.keys.get(name).copied()
+    }
+
+    /// True if `speaker` is one of the conversation's active speakers.
+    pub fn is_active(&self, key: ConvKey, speaker: SpeakerId) -> bool {
+        self.by_key
+            .get(&key)
+            .is_some_and(|c| c.selector.is_active(speaker))
+    }
+
+    /// Names of the conversations with at least one local member.
+    pub fn with_members(&self) -> impl Iterator<Item = &str> {
+        self.by_key
+            .values()
+            .filter(|c| !c.members.is_empty())
+            .map(|c| c.name.as_str())
+    }
+
+    /// True (once) if a conversation gained its first member or lost its
+    /// last since the previous call: the other nodes should hear of it.
+    pub fn take_presence_changed(&mut self) -> bool {
+        std::mem::take(&mut self.presence_changed)
+    }
+
+    /// Forgets a speaker that is not a local member (a remote speaker gone
+    /// quiet, or its node gone).
+    pub fn remove_speaker(&mut self, key: ConvKey, speaker: SpeakerId) {
+        let Some(conv) = self.by_key.get_mut(&key) else {
+            return;
+        };
+        if conv.selector.remove(speaker) {
+            self.reassign(key);
+        }
     }
 
     /// The conversation a peer is a member of.
@@ -169,6 +208,7 @@ impl Conversations {
             return;
         };
         self.member_of.insert(peer, key);
+        self.presence_changed |= conv.members.is_empty();
         *conv.slot_counts.entry(slots).or_insert(0) += 1;
         let mut member = Member {
             peer,
@@ -201,6 +241,7 @@ impl Conversations {
         };
         if let Some(i) = conv.members.iter().position(|m| m.peer == peer) {
             let m = conv.members.swap_remove(i);
+            self.presence_changed |= conv.members.is_empty();
             for s in m.slots.iter().flatten() {
                 if let Some(l) = conv.listeners.get_mut(s) {
                     l.retain(|(p, _)| *p != peer);
@@ -272,7 +313,8 @@ impl Conversations {
         self.reassignments += 1;
     }
 
-    fn drop_if_abandoned(&mut self, key: ConvKey) {
+    /// Drops a conversation nothing refers to any more.
+    pub fn drop_if_abandoned(&mut self, key: ConvKey) {
         let abandoned = self
             .by_key
             .get(&key)

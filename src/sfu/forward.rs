@@ -9,9 +9,13 @@ use str0m::rtp::{ExtensionValues, RtpPacket};
 use super::bite::Owner;
 use super::budget::Overrun;
 use super::conversation::SpeakerId;
+use super::outbox::Outbox;
 use super::peer::{Forward, Refused};
+use super::peers::PeerTable;
 use super::slot::Incoming;
-use super::{arm, bite_event, PeerId, Sfu};
+use super::stats::CoreStats;
+use super::timer::TimerHeap;
+use super::{arm, bite_event, relay, PeerId, Sfu};
 
 impl Sfu {
     /// The forwarding path: the conversation decides who hears the packet,
@@ -60,26 +64,64 @@ impl Sfu {
             voice_activity: pkt.header.ext_vals.voice_activity,
             ..Default::default()
         };
+        let incoming = Incoming {
+            speaker,
+            ssrc: *pkt.header.ssrc,
+            seq: *pkt.seq_no,
+            timestamp: pkt.header.timestamp,
+            marker: pkt.header.marker,
+        };
+        // Other nodes with members of this conversation (none, and no cost,
+        // when the conversation lives on this node alone).
+        let relay = self
+            .cluster
+            .relay_targets(heard.name)
+            .map(|to| (to.clone(), heard.name.to_string()));
         let fwd = Forward {
-            incoming: Incoming {
-                speaker,
-                ssrc: *pkt.header.ssrc,
-                seq: *pkt.seq_no,
-                timestamp: pkt.header.timestamp,
-                marker: pkt.header.marker,
-            },
+            incoming,
             csrc,
             ext: &ext,
             payload: &pkt.payload,
         };
-        for &(sub, idx) in heard.listeners {
-            let Some(peer) = self.peers.get_mut(sub) else {
-                continue;
-            };
-            if peer.forward(idx, &fwd, now, &mut self.out) {
-                self.stats.forwarded += 1;
+        deliver(
+            heard.listeners,
+            &fwd,
+            now,
+            &mut self.peers,
+            &mut self.timers,
+            &mut self.out,
+            &mut self.stats,
+        );
+        // Relayed if it can matter to their selection: a voiced packet, or
+        // one from a speaker active here. (Silence from a speaker nobody
+        // hears cannot.)
+        if let Some((to, name)) = relay {
+            if self.config.speaker.is_voiced(level) || self.convs.is_active(key, speaker) {
+                let packet = relay::relayed(name, speaker, csrc, &incoming, &ext, &pkt.payload);
+                self.relay_out(to, packet);
             }
-            arm(peer, &mut self.timers);
         }
+    }
+}
+
+/// Writes one packet to every listener's slot (local and relayed packets
+/// take this same path).
+pub(super) fn deliver(
+    listeners: &[(PeerId, usize)],
+    fwd: &Forward,
+    now: Instant,
+    peers: &mut PeerTable,
+    timers: &mut TimerHeap,
+    out: &mut Outbox,
+    stats: &mut CoreStats,
+) {
+    for &(sub, idx) in listeners {
+        let Some(peer) = peers.get_mut(sub) else {
+            continue;
+        };
+        if peer.forward(idx, fwd, now, out) {
+            stats.forwarded += 1;
+        }
+        arm(peer, timers);
     }
 }

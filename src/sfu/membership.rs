@@ -15,8 +15,23 @@ use super::PeerId;
 #[derive(Debug, Default)]
 struct User {
     conversation: Option<ConvKey>,
+    /// When the membership was made (Unix ms, stamped by the node that
+    /// accepted the join): across a cluster, the newest membership wins.
+    stamp_ms: u64,
     peers: Vec<PeerId>,
     grace_until: Option<Instant>,
+}
+
+/// What a grace timer found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Grace {
+    /// The user is forgotten; they leave this conversation.
+    Expired(Option<ConvKey>),
+    /// The grace was extended (another node still has the user's clients):
+    /// check again then.
+    Later(Instant),
+    /// The user has a client again, or is gone already.
+    Nothing,
 }
 
 /// What a join changed.
@@ -81,9 +96,26 @@ impl Memberships {
     }
 
     /// Points the user at `to`; `None` if they were already there.
+    #[cfg(test)]
     pub fn join(&mut self, userid: &str, to: ConvKey, now: Instant) -> Option<Moved> {
+        self.join_stamped(userid, to, u64::MAX, now)
+    }
+
+    /// Points the user at `to` if the membership stamped `stamp_ms` is not
+    /// older than the one the user has; `None` if nothing moved.
+    pub fn join_stamped(
+        &mut self,
+        userid: &str,
+        to: ConvKey,
+        stamp_ms: u64,
+        now: Instant,
+    ) -> Option<Moved> {
         let grace = self.grace;
         let user = self.user_mut(userid);
+        if stamp_ms < user.stamp_ms {
+            return None;
+        }
+        user.stamp_ms = stamp_ms;
         if user.conversation == Some(to) {
             return None;
         }
@@ -125,14 +157,49 @@ impl Memberships {
         PeerGone::Nothing
     }
 
-    /// The grace timer of a user fired: if no client came back, the user is
-    /// forgotten and the conversation they leave is returned.
-    pub fn grace_expired(&mut self, userid: &str, now: Instant) -> Option<ConvKey> {
-        let user = self.users.get(userid)?;
-        if !user.peers.is_empty() || user.grace_until.is_none_or(|g| g > now) {
+    /// The grace timer of a user fired: if no client came back (here or,
+    /// as far as we heard, on another node), the user is forgotten.
+    pub fn grace_expired(&mut self, userid: &str, now: Instant) -> Grace {
+        let Some(user) = self.users.get(userid) else {
+            return Grace::Nothing;
+        };
+        match user.grace_until {
+            _ if !user.peers.is_empty() => Grace::Nothing,
+            None => Grace::Nothing,
+            Some(g) if g > now => Grace::Later(g),
+            Some(_) => Grace::Expired(self.users.remove(userid).and_then(|u| u.conversation)),
+        }
+    }
+
+    /// Another node has a client of this user: a user with no client here
+    /// keeps their membership a full grace period from now. Returns the
+    /// deadline if a grace timer must be armed (none was pending).
+    pub fn seen_elsewhere(&mut self, userid: &str, now: Instant) -> Option<Instant> {
+        let grace = self.grace;
+        let user = self.users.get_mut(userid)?;
+        if !user.peers.is_empty() {
             return None;
         }
-        self.users.remove(userid).and_then(|u| u.conversation)
+        let pending = user.grace_until.is_some();
+        user.grace_until = Some(now + grace);
+        (!pending).then_some(now + grace)
+    }
+
+    /// The stamp for a join accepted here at Unix ms `now_ms`: never older
+    /// than the user's current membership, so a local join always applies,
+    /// even when another node's clock runs ahead of ours.
+    pub fn next_stamp(&self, userid: &str, now_ms: u64) -> u64 {
+        let current = self.users.get(userid).map_or(0, |u| u.stamp_ms);
+        now_ms.max(current.saturating_add(1))
+    }
+
+    /// Users with a client here, with their conversation and its stamp
+    /// (what a heartbeat tells the other nodes).
+    pub fn with_clients(&self) -> impl Iterator<Item = (&str, ConvKey, u64)> {
+        self.users.iter().filter_map(|(id, u)| {
+            let c = u.conversation?;
+            (!u.peers.is_empty()).then_some((id.as_str(), c, u.stamp_ms))
+        })
     }
 
     fn user_mut(&mut self, userid: &str) -> &mut User {
@@ -169,9 +236,16 @@ mod tests {
             m.peer_removed("a", PeerId(1), t0, true),
             PeerGone::GraceUntil(t0 + g)
         );
-        assert_eq!(m.grace_expired("a", t0 + g / 2), None, "not yet");
+        assert_eq!(
+            m.grace_expired("a", t0 + g / 2),
+            Grace::Later(t0 + g),
+            "not yet"
+        );
         assert_eq!(m.conversation("a"), Some(ConvKey(7)));
-        assert_eq!(m.grace_expired("a", t0 + g), Some(ConvKey(7)));
+        assert_eq!(
+            m.grace_expired("a", t0 + g),
+            Grace::Expired(Some(ConvKey(7)))
+        );
         assert_eq!(m.conversation("a"), None);
     }
 
@@ -185,7 +259,47 @@ mod tests {
         m.peer_removed("a", PeerId(1), t0, true);
         m.add_peer("a", PeerId(2));
         assert_eq!(m.peer_connected("a"), Some(ConvKey(7)));
-        assert_eq!(m.grace_expired("a", t0 + g), None);
+        assert_eq!(m.grace_expired("a", t0 + g), Grace::Nothing);
+    }
+
+    #[test]
+    fn the_newest_membership_wins_whatever_order_joins_arrive_in() {
+        let t0 = Instant::now();
+        let mut m = Memberships::new(Duration::from_secs(60));
+        m.add_peer("a", PeerId(1));
+        assert!(m.join_stamped("a", ConvKey(2), 200, t0).is_some());
+        assert!(m.join_stamped("a", ConvKey(1), 100, t0).is_none(), "older");
+        assert_eq!(m.conversation("a"), Some(ConvKey(2)));
+        let listed: Vec<_> = m.with_clients().collect();
+        assert_eq!(listed, vec![("a", ConvKey(2), 200)]);
+    }
+
+    #[test]
+    fn clients_on_another_node_keep_the_membership_alive() {
+        let t0 = Instant::now();
+        let g = Duration::from_secs(60);
+        let mut m = Memberships::new(g);
+        // A join from another node for a user with no client here.
+        assert_eq!(
+            m.join_stamped("a", ConvKey(1), 5, t0).unwrap().grace_until,
+            Some(t0 + g)
+        );
+        // Its heartbeat says the user still has a client there.
+        assert_eq!(
+            m.seen_elsewhere("a", t0 + g / 2),
+            None,
+            "a timer is pending"
+        );
+        assert_eq!(m.grace_expired("a", t0 + g), Grace::Later(t0 + g / 2 + g));
+        assert_eq!(
+            m.grace_expired("a", t0 + g / 2 + g),
+            Grace::Expired(Some(ConvKey(1)))
+        );
+        assert_eq!(
+            m.seen_elsewhere("a", t0),
+            None,
+            "forgotten users are not revived"
+        );
     }
 
     #[test]

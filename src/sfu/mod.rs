@@ -19,6 +19,7 @@
 mod bite;
 mod bite_audio;
 mod budget;
+mod cluster;
 mod conversation;
 mod demux;
 mod forward;
@@ -27,6 +28,7 @@ mod offer;
 mod outbox;
 mod peer;
 mod peers;
+mod relay;
 mod slot;
 mod speaker;
 mod stats;
@@ -42,7 +44,10 @@ use log::{debug, info};
 use str0m::net::{Protocol, Transmit};
 use str0m::{Input, RtcConfig};
 
-pub use api::{ConnectError, JoinError, PeerId, Reply, Request, SfuEvent};
+pub use api::{
+    ClusterInput, ConnectError, JoinError, Member, PeerId, Presence, RelayedPacket, Reply, Request,
+    SfuEvent,
+};
 pub use bite::unix_clock_now;
 pub use bite::{BiteConfig, FinishedBite};
 pub use budget::BudgetConfig;
@@ -54,8 +59,9 @@ pub(crate) use stats::Export;
 pub use stats::{CoreStats, Snapshot};
 
 use bite::BiteAssembler;
+use cluster::Cluster;
 use conversation::{ConvKey, Conversations};
-use membership::{Memberships, PeerGone};
+use membership::{Grace, Memberships, PeerGone};
 use outbox::{Outbox, Pending};
 use peer::{Limits, Peer, PeerTimer};
 use peers::{Dropped, PeerTable};
@@ -77,6 +83,12 @@ pub struct Sfu {
     members: Memberships,
     convs: Conversations,
     bites: BiteAssembler,
+    /// The other nodes, when this one is part of a cluster.
+    cluster: Cluster,
+    /// True while a `TimerKey::Cluster` entry is in the heap.
+    cluster_armed: bool,
+    /// Which Unix microsecond an `Instant` was (for membership stamps).
+    clock: (Instant, u64),
     timers: TimerHeap,
     out: Outbox,
     events: VecDeque<SfuEvent>,
@@ -101,6 +113,9 @@ impl Sfu {
             members: Memberships::new(config.membership_grace),
             convs: Conversations::new(config.speaker),
             bites: BiteAssembler::new(config.bites, clock),
+            cluster: Cluster::default(),
+            cluster_armed: false,
+            clock,
             timers: TimerHeap::default(),
             out: Outbox::default(),
             events: VecDeque::new(),
@@ -115,6 +130,12 @@ impl Sfu {
     /// calls this now and then, so NTP adjustments are followed).
     pub fn set_unix_clock(&mut self, clock: (Instant, u64)) {
         self.bites.set_clock(clock);
+        self.clock = clock;
+    }
+
+    /// Unix milliseconds at `now`.
+    fn unix_ms(&self, now: Instant) -> u64 {
+        (self.clock.1 + now.saturating_duration_since(self.clock.0).as_micros() as u64) / 1000
     }
 
     /// Feeds one received UDP datagram. (Never inlined: profiles, such as
@@ -194,12 +215,15 @@ impl Sfu {
         for (at, key) in due.drain(..) {
             match key {
                 TimerKey::Peer(id) => self.peer_timeout(id, at, now),
-                TimerKey::Grace(userid) => {
-                    if let Some(key) = self.members.grace_expired(&userid, now) {
+                TimerKey::Grace(userid) => match self.members.grace_expired(&userid, now) {
+                    Grace::Expired(Some(key)) => {
                         info!("user {userid} left their conversation: no client reconnected within the grace period");
                         self.convs.user_left(key);
                     }
-                }
+                    Grace::Expired(None) | Grace::Nothing => {}
+                    Grace::Later(t) => self.timers.push(t, TimerKey::Grace(userid)),
+                },
+                TimerKey::Cluster => self.cluster_timeout(now),
             }
         }
         self.due = due;
@@ -240,6 +264,8 @@ impl Sfu {
             connected: self.peers.connected(),
             conversations: self.convs.count(),
             open_bites: self.bites.open_count(),
+            cluster_nodes: self.cluster.node_count(),
+            remote_speakers: self.cluster.speaker_count(),
         }
     }
 

@@ -185,7 +185,6 @@ impl SpeakerSelector {
     }
 
     /// True if `peer` is currently an active speaker.
-    #[cfg(test)]
     pub fn is_active(&self, peer: SpeakerId) -> bool {
         self.active.iter().any(|a| a.peer == peer)
     }

@@ -79,6 +79,16 @@ core_stats! {
     dropped_over_byte_rate => Dropped("over_byte_rate");
     /// RTP packets with a payload over the size cap.
     dropped_payload_too_big => Dropped("payload_too_big");
+    /// Packets of local speakers handed out for other nodes.
+    relay_packets_out => Counter { name: "relay_packets_out", help: "Packets of local speakers relayed to other nodes of the cluster" };
+    /// Payload bytes of those.
+    relay_bytes_out => Counter { name: "relay_bytes_out", help: "Payload bytes relayed to other nodes" };
+    /// Packets of remote speakers received from other nodes.
+    relay_packets_in => Counter { name: "relay_packets_in", help: "Packets of remote speakers received from other nodes" };
+    /// Payload bytes of those.
+    relay_bytes_in => Counter { name: "relay_bytes_in", help: "Payload bytes received from other nodes" };
+    /// Relayed packets for a conversation this node does not have.
+    relay_dropped_no_conversation => Dropped("relayed_for_unknown_conversation");
     /// Peers created from offers.
     peers_created => PeerEvent("created");
     /// Peers that completed ICE and DTLS.
@@ -102,4 +112,8 @@ pub struct Snapshot {
     pub conversations: usize,
     /// Bites being assembled.
     pub open_bites: usize,
+    /// Other nodes of the cluster this one hears.
+    pub cluster_nodes: usize,
+    /// Speakers on other nodes currently known.
+    pub remote_speakers: usize,
 }

@@ -18,6 +18,8 @@ pub enum TimerKey {
     Peer(PeerId),
     /// The end of a user's membership grace period (user id).
     Grace(String),
+    /// The earliest moment another node of the cluster may fall silent.
+    Cluster,
 }
 
 /// A min-heap of deadlines with lazy invalidation.

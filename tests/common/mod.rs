@@ -52,6 +52,8 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
         spool_dir: None,
         loop_stall: Duration::from_secs(10),
         nats_jetstream: false,
+        node_id: "test-node".into(),
+        cluster_subject: None,
     }
 }
 

@@ -9,6 +9,7 @@
 //! Pin the server and the generator to different cores, e.g.
 //! `taskset -c 0 beep-sfu --dev …` and `taskset -c 1 beep-sfu-loadgen run …`.
 
+mod lifecycle;
 mod participant;
 mod probe;
 mod relay;
@@ -52,6 +53,43 @@ enum Cmd {
         /// Stop after this many participants.
         #[arg(long, default_value_t = 4000)]
         max: usize,
+    },
+    /// P clients connecting at once (as after a restart), retrying 503 and
+    /// close 1013; reports the time until all are connected, then measures
+    /// a talking window.
+    Storm {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Signalling threads (clients signalling at the same moment).
+        #[arg(long, default_value_t = 128)]
+        threads: usize,
+    },
+    /// Cycles of P clients that connect at once, join, talk and leave (half
+    /// say goodbye, half vanish); reports the server's RSS, fds and gauges.
+    Churn {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Signalling threads.
+        #[arg(long, default_value_t = 128)]
+        threads: usize,
+        /// Cycles.
+        #[arg(long, default_value_t = 20)]
+        cycles: u32,
+        /// Longest wait for the server's peers and conversations to drain
+        /// after a cycle (run the server with a short --membership-grace-secs).
+        #[arg(long, default_value_t = 90)]
+        drain_secs: u64,
+    },
+    /// P participants held for MINUTES, one measured window a minute.
+    Soak {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Signalling threads for the arrival.
+        #[arg(long, default_value_t = 32)]
+        threads: usize,
+        /// Minutes to hold the load.
+        #[arg(long, default_value_t = 30)]
+        minutes: u32,
     },
     /// The bare UDP fan-out relay (the baseline's server side).
     Relay {
@@ -122,6 +160,18 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Run(a) => run(&a).map(|r| report(&[r], a.shape.json.as_deref())),
         Cmd::Ramp { run: a, step, max } => ramp(&a, step, max),
+        Cmd::Storm { run: a, threads } => lifecycle::storm(&a, threads),
+        Cmd::Churn {
+            run: a,
+            threads,
+            cycles,
+            drain_secs,
+        } => lifecycle::churn(&a, threads, cycles, drain_secs),
+        Cmd::Soak {
+            run: a,
+            threads,
+            minutes,
+        } => lifecycle::soak(&a, threads, minutes),
         Cmd::Relay { listen } => relay::serve(listen).map_err(|e| e.to_string()),
         Cmd::Baseline {
             relay,
@@ -248,6 +298,8 @@ struct Outcome {
     latency_ms_p99: f64,
     latency_ms_max: f64,
     rss_per_participant_kib: Option<f64>,
+    /// The server's RSS at the end of the window.
+    rss_kib: Option<f64>,
 }
 
 fn percentile(sorted: &[u32], q: f64) -> f64 {
@@ -267,8 +319,11 @@ fn run(a: &RunArgs) -> Result<Outcome, String> {
     let mut d = Driver::new()?;
     let mut ps = Vec::new();
     let idle_rss = a.server_pid.and_then(probe::rss_bytes);
-    add_participants(&mut d, &mut ps, a, a.shape.participants)?;
-    measure(&mut d, &mut ps, a, idle_rss)
+    let tag = lifecycle::run_tag();
+    add_participants(&mut d, &mut ps, a, a.shape.participants, &tag)?;
+    let o = measure(&mut d, &mut ps, a, idle_rss);
+    lifecycle::goodbye(&mut d, &mut ps);
+    o
 }
 
 fn ramp(a: &RunArgs, step: usize, max: usize) -> Result<(), String> {
@@ -277,10 +332,11 @@ fn ramp(a: &RunArgs, step: usize, max: usize) -> Result<(), String> {
     let idle_rss = a.server_pid.and_then(probe::rss_bytes);
     let mut results = Vec::new();
     let mut last_good = None;
+    let tag = lifecycle::run_tag();
     while ps.len() + step <= max {
         let mut step_args = a.clone();
         step_args.shape.participants = ps.len() + step;
-        add_participants(&mut d, &mut ps, &step_args, step)?;
+        add_participants(&mut d, &mut ps, &step_args, step, &tag)?;
         let o = measure(&mut d, &mut ps, &step_args, idle_rss)?;
         eprintln!(
             "P={:5}  out {:8.0} pps  cpu {:5.1}%  loss {:6.3}%  p99 {:6.2} ms",
@@ -299,6 +355,7 @@ fn ramp(a: &RunArgs, step: usize, max: usize) -> Result<(), String> {
         }
         last_good = Some(o.participants);
     }
+    lifecycle::goodbye(&mut d, &mut ps);
     report(&results, a.shape.json.as_deref());
     println!(
         "last good P: {}",
@@ -313,6 +370,7 @@ fn add_participants(
     ps: &mut Vec<WebRtcParticipant>,
     a: &RunArgs,
     n: usize,
+    tag: &str,
 ) -> Result<(), String> {
     let slots = a
         .slots
@@ -321,7 +379,7 @@ fn add_participants(
     for _ in 0..n {
         let i = ps.len();
         let room = i / a.shape.room_size.max(1);
-        let user = format!("load-u{i}");
+        let user = format!("load-{tag}-u{i}");
         let tcp = (i as f64) < a.tcp_share.clamp(0.0, 1.0) * a.shape.participants as f64;
         let mut p =
             WebRtcParticipant::signal(i as u32, a.server, &user, slots, a.shape.bind_ip, tcp)
@@ -339,8 +397,13 @@ fn add_participants(
         if ps[i].connected_at.is_none() {
             return Err(format!("participant {i} did not connect within 10 s"));
         }
-        WebRtcParticipant::join(a.server, &user, i as u32, &format!("load-room-{room}"))
-            .map_err(|e| format!("participant {i}: {e}"))?;
+        WebRtcParticipant::join(
+            a.server,
+            &user,
+            i as u32,
+            &format!("load-{tag}-room-{room}"),
+        )
+        .map_err(|e| format!("participant {i}: {e}"))?;
     }
     Ok(())
 }
@@ -407,6 +470,7 @@ fn measure(
             .map(|(r, i)| r.saturating_sub(i) as f64 / 1024.0 / ps.len().max(1) as f64),
     );
     o.generator_cpu_percent = gen1.zip(gen0).map(|(b, a)| (b - a) / elapsed * 100.0);
+    o.rss_kib = rss.map(|r| r as f64 / 1024.0);
     Ok(o)
 }
 
@@ -474,6 +538,7 @@ fn summarise(
             .map(|v| f64::from(*v) / 1000.0)
             .unwrap_or(0.0),
         rss_per_participant_kib: rss_kib,
+        rss_kib: None,
     }
 }
 
@@ -583,7 +648,7 @@ fn report(results: &[Outcome], json_path: Option<&std::path::Path>) {
                     "latency_ms_p99": o.latency_ms_p99, "latency_ms_max": o.latency_ms_max,
                     "setup_ms_p50": o.setup_ms_p50, "setup_ms_max": o.setup_ms_max,
                     "rss_per_participant_kib": o.rss_per_participant_kib,
-                    "generator_cpu_percent": o.generator_cpu_percent,
+                    "generator_cpu_percent": o.generator_cpu_percent, "rss_kib": o.rss_kib,
                 })
             })
             .collect();

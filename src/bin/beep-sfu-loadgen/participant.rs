@@ -119,6 +119,18 @@ impl Link {
             Link::Tcp { stream, .. } => registry.register(stream, token, mio::Interest::READABLE),
         }
     }
+
+    /// Gives the socket or connection a new token.
+    pub fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+    ) -> std::io::Result<()> {
+        match self {
+            Link::Udp(s) => registry.reregister(s, token, mio::Interest::READABLE),
+            Link::Tcp { stream, .. } => registry.reregister(stream, token, mio::Interest::READABLE),
+        }
+    }
 }
 
 /// The server's passive ICE-TCP candidate in an answer, if any.
@@ -170,11 +182,20 @@ impl WebRtcParticipant {
         signalling
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
-        let (mut ws, _) =
-            tungstenite::client(req, signalling).map_err(|e| format!("websocket: {e}"))?;
+        // Refusals keep a fixed prefix ("http 503", "close 1013") so the
+        // storm can tell what to retry.
+        let (mut ws, _) = tungstenite::client(req, signalling).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r)) => {
+                format!("http {}", r.status().as_u16())
+            }
+            e => format!("websocket: {e}"),
+        })?;
         ws.send(Message::text(offer)).map_err(|e| e.to_string())?;
         let answer = match ws.read().map_err(|e| format!("answer: {e}"))? {
             Message::Text(t) => t.as_str().to_string(),
+            Message::Close(Some(f)) => {
+                return Err(format!("close {}: {}", u16::from(f.code), f.reason))
+            }
             other => return Err(format!("expected an answer, got {other:?}")),
         };
         rtc.accept_answer(&answer)?;
@@ -224,11 +245,19 @@ impl WebRtcParticipant {
         if resp.starts_with("HTTP/1.1 200") {
             Ok(())
         } else {
+            let status = resp.split_whitespace().nth(1).unwrap_or("none");
             Err(format!(
-                "join: {}",
+                "join http {status}: {}",
                 resp.lines().next().unwrap_or("no answer")
             ))
         }
+    }
+
+    /// Says goodbye the way a closing browser tab does (DTLS close_notify),
+    /// so the server frees the peer at once.
+    pub fn close(&mut self, epoch: Instant) {
+        let _ = self.rtc.rtc_mut().close();
+        self.drain(epoch, None, Instant::now());
     }
 
     /// Reads everything waiting on the socket or connection.

@@ -28,7 +28,13 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Sum of every sample of a metric family in the server's `/metrics`.
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// Sum of every sample of one metric family in the server's `/metrics`
+/// (`beep_sfu_peers` does not match `beep_sfu_peers_connected`).
 pub fn metric(http: SocketAddr, name: &str) -> Option<f64> {
     let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -38,7 +44,8 @@ pub fn metric(http: SocketAddr, name: &str) -> Option<f64> {
     s.read_to_string(&mut body).ok()?;
     let mut found = None;
     for line in body.lines() {
-        if line.starts_with(name) && !line.starts_with('#') {
+        let family = line.split(['{', ' ']).next().unwrap_or("");
+        if family == name {
             let v: f64 = line.rsplit(' ').next()?.parse().ok()?;
             *found.get_or_insert(0.0) += v;
         }

@@ -1,0 +1,207 @@
+//! The core's side of a cluster: what other nodes said (heartbeats, joins,
+//! their speakers' packets) goes in through [`Sfu::handle_cluster`]; what
+//! they must hear comes out as [`SfuEvent::Joined`] and [`SfuEvent::Relay`],
+//! and [`Sfu::presence`] is what this node's heartbeat says. Remote speakers
+//! take part in speaker selection like local ones and are forwarded on the
+//! same slot path; they never reach the bite assembler (their own node cuts
+//! their bites).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::info;
+use str0m::rtp::ExtensionValues;
+
+use super::api::{ClusterInput, Member, Presence, RelayedPacket};
+use super::cluster::Remote;
+use super::conversation::SpeakerId;
+use super::peer::Forward;
+use super::slot::Incoming;
+use super::timer::TimerKey;
+use super::{forward, Sfu, SfuEvent};
+
+impl Sfu {
+    /// Feeds what another node of the cluster said.
+    pub fn handle_cluster(&mut self, now: Instant, input: ClusterInput) {
+        match input {
+            ClusterInput::Heartbeat {
+                node,
+                conversations,
+                users,
+            } => {
+                let known = self.cluster.node_count();
+                let idle = self.cluster.heartbeat(&node, conversations, now);
+                if self.cluster.node_count() > known {
+                    info!("cluster: node {node} is up");
+                }
+                self.forget_speakers(idle);
+                for m in &users {
+                    self.apply_member(m, now);
+                    if let Some(until) = self.members.seen_elsewhere(&m.userid, now) {
+                        self.timers.push(until, TimerKey::Grace(m.userid.clone()));
+                    }
+                }
+            }
+            ClusterInput::Goodbye { node } => self.drop_node(&node, "said goodbye"),
+            ClusterInput::Join(m) => self.apply_member(&m, now),
+            ClusterInput::Media { node, packets } => {
+                for p in packets {
+                    self.on_relayed(&node, p, now);
+                }
+            }
+        }
+        self.arm_cluster();
+        self.process_pending(now);
+    }
+
+    /// What this node's heartbeat tells the others.
+    pub fn presence(&self) -> Presence {
+        Presence {
+            conversations: self.convs.with_members().map(str::to_string).collect(),
+            users: self
+                .members
+                .with_clients()
+                .filter_map(|(userid, key, stamp_ms)| {
+                    Some(Member {
+                        userid: userid.to_string(),
+                        conversation: self.convs.name(key)?.to_string(),
+                        stamp_ms,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// True (once) if a conversation gained its first local member or lost
+    /// its last since the last call: the driver then sends a heartbeat soon
+    /// instead of at the next second.
+    pub fn take_presence_changed(&mut self) -> bool {
+        self.convs.take_presence_changed()
+    }
+
+    /// The cluster timer fired: drops the nodes that fell silent.
+    pub(super) fn cluster_timeout(&mut self, now: Instant) {
+        self.cluster_armed = false;
+        for node in self.cluster.silent_nodes(now) {
+            self.drop_node(&node, "fell silent");
+        }
+        self.arm_cluster();
+    }
+
+    /// Hands a local speaker's packet to the driver for the other nodes.
+    pub(super) fn relay_out(&mut self, to: Arc<[Arc<str>]>, packet: RelayedPacket) {
+        self.stats.relay_packets_out += 1;
+        self.stats.relay_bytes_out += packet.payload.len() as u64;
+        self.events.push_back(SfuEvent::Relay { to, packet });
+    }
+
+    fn apply_member(&mut self, m: &Member, now: Instant) {
+        if self.shutting_down || m.userid.is_empty() || m.conversation.is_empty() {
+            return;
+        }
+        if self.apply_join(now, &m.userid, &m.conversation, m.stamp_ms) {
+            info!(
+                "user {} joined conversation {} on another node",
+                m.userid, m.conversation
+            );
+        }
+    }
+
+    fn drop_node(&mut self, node: &str, why: &str) {
+        if let Some(speakers) = self.cluster.remove_node(node) {
+            info!(
+                "cluster: node {node} {why}; {} of its speakers dropped",
+                speakers.len()
+            );
+            self.forget_speakers(speakers);
+        }
+    }
+
+    fn forget_speakers(&mut self, speakers: Vec<Remote>) {
+        for s in speakers {
+            self.convs.remove_speaker(s.conv, s.id);
+        }
+    }
+
+    /// Keeps one cluster entry in the timer heap while other nodes are known.
+    fn arm_cluster(&mut self) {
+        if self.cluster_armed {
+            return;
+        }
+        if let Some(at) = self.cluster.next_deadline() {
+            self.timers.push(at, TimerKey::Cluster);
+            self.cluster_armed = true;
+        }
+    }
+
+    /// Another node's speaker: selection, then the same slot path as a
+    /// local packet, with the speaker's CSRC as its node sent it.
+    fn on_relayed(&mut self, node: &str, p: RelayedPacket, now: Instant) {
+        self.stats.relay_packets_in += 1;
+        self.stats.relay_bytes_in += p.payload.len() as u64;
+        let Some(key) = self.convs.key(&p.conversation) else {
+            self.stats.relay_dropped_no_conversation += 1;
+            return;
+        };
+        let Some(s) = self.cluster.speaking(node, p.speaker, key, now) else {
+            return;
+        };
+        if let Some(old) = s.moved_from {
+            self.convs.remove_speaker(old, s.id);
+        }
+        let level = p.level.and_then(|l| i8::try_from(l).ok());
+        let payload: Arc<[u8]> = Arc::from(p.payload);
+        let Some(heard) = self.convs.on_packet(key, s.id, level, now) else {
+            return;
+        };
+        let ext = ExtensionValues {
+            audio_level: level,
+            voice_activity: p.voice_activity,
+            ..Default::default()
+        };
+        let fwd = Forward {
+            incoming: Incoming {
+                speaker: s.id,
+                ssrc: p.ssrc,
+                seq: p.seq,
+                timestamp: p.timestamp,
+                marker: p.marker,
+            },
+            csrc: p.csrc,
+            ext: &ext,
+            payload: &payload,
+        };
+        forward::deliver(
+            heard.listeners,
+            &fwd,
+            now,
+            &mut self.peers,
+            &mut self.timers,
+            &mut self.out,
+            &mut self.stats,
+        );
+    }
+}
+
+/// The relayed form of a local speaker's admitted packet.
+pub(super) fn relayed(
+    conversation: String,
+    speaker: SpeakerId,
+    csrc: u32,
+    fwd: &Incoming,
+    ext: &ExtensionValues,
+    payload: &[u8],
+) -> RelayedPacket {
+    RelayedPacket {
+        conversation,
+        speaker: speaker.0,
+        csrc,
+        ssrc: fwd.ssrc,
+        seq: fwd.seq,
+        timestamp: fwd.timestamp,
+        marker: fwd.marker,
+        level: ext.audio_level.map(i32::from),
+        voice_activity: ext.voice_activity,
+        payload: payload.to_vec(),
+    }
+}

@@ -1,0 +1,400 @@
+//! Many processes, one SFU: two beep-sfu nodes on loopback sharing
+//! conversations through a real `nats-server`, with str0m clients on each.
+
+#![allow(deprecated)] // the synchronous `nats` crate, used here as a subscriber
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use prost::Message as _;
+
+use beep_sfu::config::Config;
+use beep_sfu::proto::Bite;
+use beep_sfu::server::Server;
+use beep_sfu::sfu::speaker_csrc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_beep-sfu");
+
+/// A subject prefix of its own per test, so tests sharing nothing but the
+/// machine never hear each other.
+fn prefix(test: &str) -> String {
+    format!("t{}.{test}", std::process::id())
+}
+
+fn node_config(nats: &NatsServer, prefix: &str, node: &str) -> Config {
+    let mut c = test_config(true, "");
+    c.nats = Some(nats.url());
+    c.node_id = node.into();
+    c.cluster_subject = Some(prefix.into());
+    c
+}
+
+fn start_node(nats: &NatsServer, prefix: &str, node: &str) -> Server {
+    init_log();
+    Server::start(&node_config(nats, prefix, node)).expect("node starts")
+}
+
+/// How many nodes `/healthz` says this one sees, itself included.
+fn cluster_nodes(http: SocketAddr) -> i64 {
+    let (_, body) = get(http, "/healthz");
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["cluster_nodes"].as_i64())
+        .unwrap_or(-1)
+}
+
+fn see_each_other(a: SocketAddr, b: SocketAddr) {
+    assert!(
+        wait_for(Duration::from_secs(10), || cluster_nodes(a) == 2
+            && cluster_nodes(b) == 2),
+        "the nodes did not see each other: {} and {}",
+        cluster_nodes(a),
+        cluster_nodes(b)
+    );
+}
+
+/// Signals each peer to its own node and waits until all are connected.
+fn connect_to(pairs: &mut [(&mut TestPeer, SocketAddr)]) {
+    for (p, http) in pairs.iter_mut() {
+        p.signal(*http, OfferStyle::Raw)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.name));
+    }
+    let mut peers: Vec<&mut TestPeer> = pairs.iter_mut().map(|(p, _)| &mut **p).collect();
+    assert!(
+        pump_until(&mut peers, Duration::from_secs(20), |ps| ps
+            .iter()
+            .all(|p| p.connected)),
+        "peers did not connect"
+    );
+}
+
+/// Sends loud packets from every talker (numbered from `from`) until each
+/// listener has heard each expected speaker, or 10 s pass.
+fn talk_until_heard(
+    peers: &mut [&mut TestPeer],
+    talkers: &[(usize, u8)],
+    expect: &[(usize, u8)],
+    from: u32,
+) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut n = from;
+    while Instant::now() < end {
+        for &(i, sender) in talkers {
+            peers[i].send(&payload(sender, n), -20);
+        }
+        n += 1;
+        pump_for(peers, Duration::from_millis(20));
+        if expect
+            .iter()
+            .all(|&(i, sender)| heard(peers[i]).contains_key(&sender))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Sends `count` numbered packets from each talker at the real pace and
+/// returns, per listener, the packets (by number) heard from `sender`.
+fn talk(peers: &mut [&mut TestPeer], talkers: &[(usize, u8)], from: u32, count: u32) {
+    for n in from..from + count {
+        for &(i, sender) in talkers {
+            peers[i].send(&payload(sender, n), -20);
+        }
+        pump_for(peers, Duration::from_millis(20));
+    }
+    pump_for(peers, Duration::from_millis(500));
+}
+
+/// Checks that `p` heard `sender`'s packets `from..from+count` exactly once
+/// each, in order, byte for byte, each carrying `userid`'s CSRC.
+fn heard_exactly(p: &TestPeer, sender: u8, userid: &str, from: u32, count: u32) {
+    let got: Vec<&Got> = p
+        .received
+        .iter()
+        .filter(|g| g.payload.first() == Some(&sender))
+        .filter(|g| {
+            let n = u32::from_be_bytes([g.payload[1], g.payload[2], g.payload[3], g.payload[4]]);
+            (from..from + count).contains(&n)
+        })
+        .collect();
+    let numbers: Vec<u32> = got
+        .iter()
+        .map(|g| u32::from_be_bytes([g.payload[1], g.payload[2], g.payload[3], g.payload[4]]))
+        .collect();
+    assert_eq!(
+        numbers,
+        (from..from + count).collect::<Vec<_>>(),
+        "{} heard {sender}'s packets",
+        p.name
+    );
+    for (g, n) in got.iter().zip(from..) {
+        assert_eq!(g.payload, payload(sender, n), "byte-exact");
+        assert_eq!(g.csrc, vec![speaker_csrc(userid)], "the speaker's CSRC");
+    }
+}
+
+#[test]
+fn a_user_on_each_node_hears_the_other_byte_exact_and_joins_apply_on_the_other_node() {
+    let nats = NatsServer::start();
+    let p = prefix("pair");
+    let a = start_node(&nats, &p, "a");
+    let b = start_node(&nats, &p, "b");
+    let (ha, hb) = (a.http_addr(), b.http_addr());
+    see_each_other(ha, hb);
+    let mut alice = TestPeer::new("alice", "a1");
+    let mut bob = TestPeer::new("bob", "b1");
+    connect_to(&mut [(&mut alice, ha), (&mut bob, hb)]);
+    // Each join is posted to the node the user is NOT connected to.
+    assert_eq!(join(hb, &alice.claim, "room").0, 200);
+    assert_eq!(join(ha, &bob.claim, "room").0, 200);
+    let peers = &mut [&mut alice, &mut bob];
+    assert!(
+        talk_until_heard(peers, &[(0, 1), (1, 2)], &[(1, 1), (0, 2)], 0),
+        "cross-node audio never arrived"
+    );
+    talk(peers, &[(0, 1), (1, 2)], 1000, 50);
+    heard_exactly(&bob, 1, "alice", 1000, 50);
+    heard_exactly(&alice, 2, "bob", 1000, 50);
+    assert!(!heard(&alice).contains_key(&1), "alice never hears herself");
+    assert!(metric(ha, "beep_sfu_relay_packets_out_total").unwrap_or(0.0) >= 50.0);
+    assert!(metric(hb, "beep_sfu_relay_packets_in_total").unwrap_or(0.0) >= 50.0);
+    assert_eq!(metric(hb, "beep_sfu_remote_speakers"), Some(1.0));
+}
+
+#[test]
+fn a_user_who_joins_on_one_node_then_connects_to_the_other_lands_in_the_conversation() {
+    let nats = NatsServer::start();
+    let p = prefix("later");
+    let a = start_node(&nats, &p, "a");
+    let b = start_node(&nats, &p, "b");
+    let (ha, hb) = (a.http_addr(), b.http_addr());
+    see_each_other(ha, hb);
+    // Carol joins on B with no client anywhere yet, then connects to A.
+    assert_eq!(join(hb, &claim("carol", "c1"), "room").0, 200);
+    let mut dave = TestPeer::new("dave", "d1");
+    let mut carol = TestPeer::new("carol", "c1");
+    connect_to(&mut [(&mut dave, ha)]);
+    assert_eq!(join(ha, &dave.claim, "room").0, 200);
+    connect_to(&mut [(&mut carol, ha)]);
+    let peers = &mut [&mut dave, &mut carol];
+    assert!(
+        talk_until_heard(peers, &[(0, 4), (1, 3)], &[(1, 4), (0, 3)], 0),
+        "carol did not land in the conversation she joined on the other node"
+    );
+}
+
+#[test]
+fn a_conversation_on_one_node_puts_no_media_on_nats_until_another_node_has_a_member() {
+    let nats = NatsServer::start();
+    let p = prefix("local");
+    let a = start_node(&nats, &p, "a");
+    let b = start_node(&nats, &p, "b");
+    let (ha, hb) = (a.http_addr(), b.http_addr());
+    see_each_other(ha, hb);
+    let watcher = nats::connect(nats.url()).expect("nats connects");
+    let media = watcher.subscribe(&format!("{p}.media.>")).unwrap();
+    let mut x = TestPeer::new("xavier", "x1");
+    let mut y = TestPeer::new("yara", "y1");
+    connect_to(&mut [(&mut x, ha), (&mut y, ha)]);
+    assert_eq!(join(ha, &x.claim, "local-room").0, 200);
+    assert_eq!(join(ha, &y.claim, "local-room").0, 200);
+    {
+        let peers = &mut [&mut x, &mut y];
+        assert!(talk_until_heard(
+            peers,
+            &[(0, 5), (1, 6)],
+            &[(1, 5), (0, 6)],
+            0
+        ));
+        talk(peers, &[(0, 5), (1, 6)], 100, 25);
+    }
+    assert!(
+        media.next_timeout(Duration::from_millis(500)).is_err(),
+        "media was published for a conversation that lives on one node"
+    );
+    assert_eq!(metric(ha, "beep_sfu_relay_packets_out_total"), Some(0.0));
+    // Positive control: a member on B makes A relay.
+    let mut z = TestPeer::new("zoe", "z1");
+    connect_to(&mut [(&mut z, hb)]);
+    assert_eq!(join(hb, &z.claim, "local-room").0, 200);
+    let peers = &mut [&mut x, &mut y, &mut z];
+    assert!(talk_until_heard(peers, &[(0, 5)], &[(2, 5)], 1000));
+    let msg = media
+        .next_timeout(Duration::from_secs(2))
+        .expect("media on NATS once the conversation spans two nodes");
+    assert_eq!(msg.subject, format!("{p}.media.b"));
+}
+
+#[test]
+fn every_bite_is_published_once_across_nodes() {
+    let nats = NatsServer::start();
+    let p = prefix("bites");
+    let a = start_node(&nats, &p, "a");
+    let b = start_node(&nats, &p, "b");
+    let (ha, hb) = (a.http_addr(), b.http_addr());
+    see_each_other(ha, hb);
+    let watcher = nats::connect(nats.url()).expect("nats connects");
+    let bites = watcher.subscribe("bite").unwrap();
+    let mut alice = TestPeer::new("alice", "a1");
+    let mut bob = TestPeer::new("bob", "b1");
+    connect_to(&mut [(&mut alice, ha), (&mut bob, hb)]);
+    assert_eq!(join(ha, &alice.claim, "bite-room").0, 200);
+    assert_eq!(join(hb, &bob.claim, "bite-room").0, 200);
+    let peers = &mut [&mut alice, &mut bob];
+    assert!(talk_until_heard(
+        peers,
+        &[(0, 1), (1, 2)],
+        &[(1, 1), (0, 2)],
+        0
+    ));
+    // Each speaker's spurt so far ends with a second of silence.
+    pump_for(peers, Duration::from_millis(1500));
+    let mut per_user: HashMap<String, u32> = HashMap::new();
+    while let Ok(m) = bites.next_timeout(Duration::from_millis(1500)) {
+        let bite = Bite::decode(&m.data[..]).expect("a Bite");
+        assert_eq!(bite.key, "bite-room");
+        *per_user
+            .entry(bite.client.expect("client").key)
+            .or_default() += 1;
+    }
+    assert_eq!(per_user.get("alice"), Some(&1), "{per_user:?}");
+    assert_eq!(per_user.get("bob"), Some(&1), "{per_user:?}");
+}
+
+#[test]
+fn nats_restarted_mid_call_keeps_local_audio_and_cross_node_audio_resumes() {
+    let mut nats = NatsServer::start();
+    let p = prefix("outage");
+    let a = start_node(&nats, &p, "a");
+    let b = start_node(&nats, &p, "b");
+    let (ha, hb) = (a.http_addr(), b.http_addr());
+    see_each_other(ha, hb);
+    let mut alice = TestPeer::new("alice", "a1");
+    let mut amy = TestPeer::new("amy", "a2");
+    let mut bob = TestPeer::new("bob", "b1");
+    connect_to(&mut [(&mut alice, ha), (&mut amy, ha), (&mut bob, hb)]);
+    for (peer, http) in [(&alice, ha), (&amy, ha), (&bob, hb)] {
+        assert_eq!(join(http, &peer.claim, "room").0, 200);
+    }
+    let peers = &mut [&mut alice, &mut amy, &mut bob];
+    assert!(talk_until_heard(peers, &[(0, 1)], &[(1, 1), (2, 1)], 0));
+    nats.kill();
+    assert!(wait_for(Duration::from_secs(10), || metric(
+        ha,
+        "beep_sfu_cluster_connected"
+    ) == Some(0.0)));
+    // Local audio goes on while NATS is away.
+    talk(peers, &[(0, 1)], 5000, 25);
+    heard_exactly(peers[1], 1, "alice", 5000, 25);
+    nats.restart();
+    // Cross-node audio comes back by itself.
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut n = 10_000;
+    let resumed = loop {
+        peers[0].send(&payload(1, n), -20);
+        n += 1;
+        pump_for(peers, Duration::from_millis(20));
+        if heard(peers[2])
+            .get(&1)
+            .is_some_and(|ns| ns.iter().any(|&k| k >= 10_000))
+        {
+            break true;
+        }
+        if Instant::now() > end {
+            break false;
+        }
+    };
+    assert!(
+        resumed,
+        "cross-node audio did not resume after NATS came back"
+    );
+}
+
+/// Starts the server binary as a cluster node; returns it and its HTTP address.
+fn spawn_node(nats: &NatsServer, prefix: &str, node: &str) -> (Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args([
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--tcp",
+            "none",
+            "--bites-dir",
+            "none",
+            "--nats",
+            &nats.url(),
+            "--node-id",
+            node,
+            "--cluster-subject",
+            prefix,
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("ready: http://").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("node ready")
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+#[test]
+fn a_killed_nodes_user_reconnects_to_another_node_and_is_heard_without_joining_again() {
+    let nats = NatsServer::start();
+    let p = prefix("kill");
+    let a = start_node(&nats, &p, "a");
+    let (mut b, hb) = spawn_node(&nats, &p, "b");
+    let ha = a.http_addr();
+    see_each_other(ha, hb);
+    let mut alice = TestPeer::new("alice", "a1");
+    let mut bob = TestPeer::new("bob", "b1");
+    connect_to(&mut [(&mut alice, ha), (&mut bob, hb)]);
+    assert_eq!(join(ha, &alice.claim, "room").0, 200);
+    assert_eq!(join(hb, &bob.claim, "room").0, 200);
+    {
+        let peers = &mut [&mut alice, &mut bob];
+        assert!(talk_until_heard(
+            peers,
+            &[(0, 1), (1, 2)],
+            &[(1, 1), (0, 2)],
+            0
+        ));
+    }
+    b.kill().unwrap(); // SIGKILL: no goodbye
+    let _ = b.wait();
+    assert!(
+        wait_for(Duration::from_secs(8), || cluster_nodes(ha) == 1),
+        "node a still sees the dead node"
+    );
+    assert_eq!(metric(ha, "beep_sfu_remote_speakers"), Some(0.0));
+    // Bob's client reconnects to A, with no new join.
+    let mut bob2 = TestPeer::new("bob", "b2");
+    connect_to(&mut [(&mut bob2, ha)]);
+    let peers = &mut [&mut alice, &mut bob2];
+    assert!(
+        talk_until_heard(peers, &[(0, 1), (1, 2)], &[(1, 1), (0, 2)], 5000),
+        "bob was not back in his conversation on node a"
+    );
+}
