@@ -61,8 +61,8 @@ pub struct Args {
     #[arg(long, env = "NATS_BACKLOG_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub nats_backlog_bytes: usize,
 
-    /// Also write every bite as DIR/<conversation>/<start>-<userid>-<clientid>.ogg.
-    /// [default: none, or ./bites with --dev]
+    /// Also write every bite as DIR/<conversation>/<start>-<userid>-<clientid>.ogg;
+    /// "none" writes no files. [default: none, or ./bites with --dev]
     #[arg(long, env = "BITES_DIR")]
     pub bites_dir: Option<PathBuf>,
 
@@ -352,9 +352,11 @@ impl Config {
             .map(|o| o.trim().trim_end_matches('/').to_string())
             .filter(|o| !o.is_empty())
             .collect();
-        let bites_dir = a
-            .bites_dir
-            .or_else(|| a.dev.then(|| PathBuf::from("bites")));
+        let bites_dir = match a.bites_dir {
+            Some(d) if d.as_os_str() == "none" => None,
+            Some(d) => Some(d),
+            None => a.dev.then(|| PathBuf::from("bites")),
+        };
         let spool_dir = match a.spool_dir {
             Some(d) if d.as_os_str() == "none" => None,
             Some(d) => Some(d),
@@ -514,6 +516,8 @@ mod tests {
         let c = args(&["--udp", "127.0.0.1:1"]).unwrap();
         assert_eq!(c.nats.as_deref(), Some("nats://localhost:4222"));
         assert_eq!(c.bites_dir, None);
+        let c = args(&["--dev", "--bites-dir", "none"]).unwrap();
+        assert_eq!(c.bites_dir, None, "none writes no files, even in --dev");
         assert_eq!(c.voiced_loudness, 67.0);
     }
 

@@ -398,3 +398,35 @@ fn a_killed_nodes_user_reconnects_to_another_node_and_is_heard_without_joining_a
         "bob was not back in his conversation on node a"
     );
 }
+
+#[test]
+fn malformed_cluster_messages_are_counted_and_change_nothing() {
+    let nats = NatsServer::start();
+    let p = prefix("junk");
+    let a = start_node(&nats, &p, "a");
+    let ha = a.http_addr();
+    assert!(wait_for(Duration::from_secs(10), || metric(
+        ha,
+        "beep_sfu_cluster_connected"
+    ) == Some(1.0)));
+    let junk = nats::connect(nats.url()).expect("nats connects");
+    for subject in ["heartbeat", "join", "media.a"] {
+        junk.publish(&format!("{p}.{subject}"), [0xff, 0xff, 0xff, 0x01])
+            .unwrap();
+    }
+    junk.flush().unwrap();
+    let malformed = || {
+        let (_, body) = get(ha, "/metrics");
+        body.lines()
+            .filter(|l| l.starts_with("beep_sfu_cluster_dropped_total") && l.contains("malformed"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || malformed() == 3.0),
+        "malformed messages counted: {}",
+        malformed()
+    );
+    assert_eq!(cluster_nodes(ha), 1, "junk made no node appear");
+    assert_eq!(get(ha, "/healthz").0, 200);
+}

@@ -205,3 +205,107 @@ pub(super) fn relayed(
         payload: payload.to_vec(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sfu::{Request, SfuConfig};
+    use std::time::Duration;
+
+    fn sfu() -> Sfu {
+        Sfu::new(SfuConfig::new("127.0.0.1:50000".parse().unwrap()))
+    }
+
+    fn member(userid: &str, conversation: &str, stamp_ms: u64) -> Member {
+        Member {
+            userid: userid.into(),
+            conversation: conversation.into(),
+            stamp_ms,
+        }
+    }
+
+    #[test]
+    fn a_local_join_is_announced_and_a_remote_one_is_not_echoed() {
+        let t0 = Instant::now();
+        let mut s = sfu();
+        s.handle_request(
+            t0,
+            Request::Join {
+                userid: "a".into(),
+                conversation: "x".into(),
+            },
+        );
+        let joined: Vec<_> = std::iter::from_fn(|| s.poll_event())
+            .filter_map(|e| match e {
+                SfuEvent::Joined(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(joined.len(), 1);
+        assert_eq!(
+            (joined[0].userid.as_str(), joined[0].conversation.as_str()),
+            ("a", "x")
+        );
+        s.handle_cluster(t0, ClusterInput::Join(member("b", "x", 1)));
+        assert!(
+            std::iter::from_fn(|| s.poll_event()).all(|e| !matches!(e, SfuEvent::Joined(_))),
+            "a join from another node is not broadcast again"
+        );
+        assert_eq!(s.snapshot().conversations, 1);
+    }
+
+    #[test]
+    fn an_older_remote_join_does_not_undo_a_newer_local_one() {
+        let t0 = Instant::now();
+        let mut s = sfu();
+        s.handle_request(
+            t0,
+            Request::Join {
+                userid: "a".into(),
+                conversation: "new".into(),
+            },
+        );
+        s.handle_cluster(t0, ClusterInput::Join(member("a", "old", 1)));
+        assert_eq!(
+            s.snapshot().conversations,
+            1,
+            "the older join left nothing behind"
+        );
+        assert_eq!(s.members.conversation("a"), s.convs.key("new"));
+    }
+
+    #[test]
+    fn a_node_that_falls_silent_is_dropped_by_the_core_timer() {
+        let t0 = Instant::now();
+        let mut s = sfu();
+        s.handle_cluster(
+            t0,
+            ClusterInput::Heartbeat {
+                node: "b".into(),
+                conversations: vec!["x".into()],
+                users: vec![],
+            },
+        );
+        assert_eq!(s.snapshot().cluster_nodes, 1);
+        let due = s.poll_timeout().expect("the cluster timer is armed");
+        assert!(due <= t0 + Duration::from_secs(3));
+        s.handle_timeout(t0 + Duration::from_secs(3));
+        assert_eq!(s.snapshot().cluster_nodes, 0);
+        s.handle_cluster(t0, ClusterInput::Goodbye { node: "c".into() });
+        assert_eq!(
+            s.snapshot().cluster_nodes,
+            0,
+            "goodbye from an unknown node"
+        );
+    }
+
+    #[test]
+    fn presence_lists_only_users_with_a_client_here() {
+        let t0 = Instant::now();
+        let mut s = sfu();
+        s.handle_cluster(t0, ClusterInput::Join(member("remote", "x", 5)));
+        let p = s.presence();
+        assert!(p.users.is_empty(), "{p:?}");
+        assert!(p.conversations.is_empty(), "no local member of x");
+    }
+}

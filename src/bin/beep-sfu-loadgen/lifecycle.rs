@@ -89,7 +89,7 @@ fn signal_wave(w: &Wave, retries: &Arc<Reasons>) -> Receiver<Result<WebRtcPartic
     let room_size = w.a.shape.room_size.max(1) as u32;
     for _ in 0..w.threads.max(1) {
         let (tx, next, retries) = (tx.clone(), next.clone(), retries.clone());
-        let (server, bind_ip, tag) = (w.a.server, w.a.shape.bind_ip, w.tag.to_string());
+        let (a, bind_ip, tag) = (w.a.clone(), w.a.shape.bind_ip, w.tag.to_string());
         thread::spawn(move || loop {
             let i = next.fetch_add(1, Ordering::SeqCst);
             if i >= end {
@@ -97,7 +97,11 @@ fn signal_wave(w: &Wave, retries: &Arc<Reasons>) -> Receiver<Result<WebRtcPartic
             }
             let user = format!("load-{tag}-u{i}");
             let room = format!("load-{tag}-room-{}", i / room_size);
-            let r = signal_one(i, server, &user, &room, slots, bind_ip, &retries);
+            let server = a.http_of(i as usize);
+            let r = signal_one(i, server, &user, &room, slots, bind_ip, &retries).map(|mut p| {
+                p.placement = a.placement();
+                p
+            });
             if tx.send(r).is_err() {
                 return;
             }
@@ -160,7 +164,7 @@ struct WaveResult {
 /// participant already handed over, until all have connected or failed.
 fn arrive(d: &mut Driver, ps: &mut Vec<WebRtcParticipant>, w: &Wave) -> Result<WaveResult, String> {
     let start = Instant::now();
-    let cpu0 = w.a.server_pid.and_then(probe::cpu_seconds);
+    let cpu0 = w.a.cpu();
     let retries = Arc::new(Reasons::default());
     let failed = Reasons::default();
     let rx = signal_wave(w, &retries);
@@ -217,7 +221,7 @@ fn arrive(d: &mut Driver, ps: &mut Vec<WebRtcParticipant>, w: &Wave) -> Result<W
         .filter_map(|p| p.connected_at.map(|c| (c - p.started).as_secs_f64() * 1e3))
         .collect();
     setup.sort_by(f64::total_cmp);
-    let cpu1 = w.a.server_pid.and_then(probe::cpu_seconds);
+    let cpu1 = w.a.cpu();
     Ok(WaveResult {
         connected,
         failed: failed.take(),
@@ -297,28 +301,34 @@ struct Resources {
 
 fn resources(a: &RunArgs) -> Resources {
     Resources {
-        rss_kib: a.server_pid.and_then(probe::rss_bytes).map(|b| b / 1024),
-        fds: a.server_pid.and_then(probe::fd_count),
-        peers: probe::metric(a.server, "beep_sfu_peers"),
-        conversations: probe::metric(a.server, "beep_sfu_conversations"),
+        rss_kib: a.rss().map(|b| b / 1024),
+        fds: a.server_pid.first().and_then(|p| probe::fd_count(*p)),
+        peers: a.metric("beep_sfu_peers"),
+        conversations: a.metric("beep_sfu_conversations"),
     }
 }
 
 /// Waits (up to `limit`) until the server has no peers and no
-/// conversations left (the users' grace periods have run out), then two
-/// seconds more so the loop's once-a-second heap check has run.
+/// conversations left (the users' grace periods have run out), then until
+/// the server has given the heap back once since (its trims are spaced by
+/// 30 s; 35 s at most).
 fn wait_drained(a: &RunArgs, limit: Duration) -> f64 {
     let start = Instant::now();
+    let trims = || a.metric("beep_sfu_heap_trim_seconds_count");
+    let trims_before = trims();
     while start.elapsed() < limit {
-        let peers = probe::metric(a.server, "beep_sfu_peers");
-        let convs = probe::metric(a.server, "beep_sfu_conversations");
+        let peers = a.metric("beep_sfu_peers");
+        let convs = a.metric("beep_sfu_conversations");
         if peers == Some(0.0) && convs == Some(0.0) {
             break;
         }
         thread::sleep(Duration::from_millis(500));
     }
     let waited = start.elapsed().as_secs_f64();
-    thread::sleep(Duration::from_secs(2));
+    let trimmed = Instant::now();
+    while trimmed.elapsed() < Duration::from_secs(35) && trims() == trims_before {
+        thread::sleep(Duration::from_millis(500));
+    }
     waited
 }
 
@@ -358,12 +368,13 @@ pub fn churn(a: &RunArgs, threads: usize, cycles: u32, drain_secs: u64) -> Resul
             "-".into()
         };
         eprintln!(
-            "cycle {}: {} connected, {} failed, {} retries, within {:.1} s, loss {loss}",
+            "cycle {}: {} connected, {} failed, {} retries, within {:.1} s, loss {loss}, server RSS {} KiB",
             c + 1,
             r.connected,
             total(&r.failed),
             total(&r.retries),
-            r.all_within_s
+            r.all_within_s,
+            a.rss().map_or("-".into(), |b| (b / 1024).to_string())
         );
         for (k, p) in ps.iter_mut().enumerate() {
             if k % 2 == 0 {

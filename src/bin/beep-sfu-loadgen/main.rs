@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 use mio::{Events, Interest, Poll, Token};
 use serde_json::{json, Value};
 
-use participant::{Tally, UdpParticipant, WebRtcParticipant, Window};
+use participant::{Placement, Tally, UdpParticipant, WebRtcParticipant, Window};
 
 /// Packets per second per talker (20 ms Opus frames).
 const PPS: u64 = 50;
@@ -135,14 +135,26 @@ struct Shape {
     json: Option<std::path::PathBuf>,
 }
 
+/// How participants are placed on the nodes of a cluster.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Spread {
+    /// Members of one room alternate between nodes (everything crosses).
+    Members,
+    /// Whole rooms alternate between nodes (nothing crosses).
+    Rooms,
+}
+
 #[derive(Args, Clone)]
 struct RunArgs {
-    /// The server's HTTP address.
+    /// The server's HTTP address; repeat it for each node of a cluster.
     #[arg(long, default_value = "127.0.0.1:8080")]
-    server: SocketAddr,
-    /// The server's pid (for its CPU and RSS).
+    server: Vec<SocketAddr>,
+    /// The server's pid (for its CPU and RSS); repeat it for each node.
     #[arg(long)]
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
+    /// With several --server: how participants are spread over the nodes.
+    #[arg(long, value_enum, default_value_t = Spread::Members)]
+    spread: Spread,
     /// Audio m-lines each participant offers (slots it can hear at once);
     /// default: room size − 1, so everyone hears everyone.
     #[arg(long)]
@@ -153,6 +165,48 @@ struct RunArgs {
     tcp_share: f64,
     #[command(flatten)]
     shape: Shape,
+}
+
+impl RunArgs {
+    /// Where participants are placed over the nodes.
+    fn placement(&self) -> Placement {
+        Placement {
+            nodes: self.server.len(),
+            room_size: self.shape.room_size,
+            by_room: self.spread == Spread::Rooms,
+        }
+    }
+
+    /// Participant `i`'s node's HTTP address.
+    fn http_of(&self, i: usize) -> SocketAddr {
+        self.server[self.placement().node_of(i as u32) % self.server.len()]
+    }
+
+    /// CPU seconds of every node, summed (`None` without pids).
+    fn cpu(&self) -> Option<f64> {
+        sum(self.server_pid.iter().map(|p| probe::cpu_seconds(*p)))
+    }
+
+    /// RSS of every node, summed.
+    fn rss(&self) -> Option<u64> {
+        let v: Option<Vec<u64>> = self
+            .server_pid
+            .iter()
+            .map(|p| probe::rss_bytes(*p))
+            .collect();
+        v.filter(|v| !v.is_empty()).map(|v| v.iter().sum())
+    }
+
+    /// A metric family summed over every node.
+    fn metric(&self, name: &str) -> Option<f64> {
+        sum(self.server.iter().map(|s| probe::metric(*s, name)))
+    }
+}
+
+/// The sum, if every part is known and there is at least one.
+fn sum(parts: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Option<Vec<f64>> = parts.collect();
+    v.filter(|v| !v.is_empty()).map(|v| v.iter().sum())
 }
 
 fn main() {
@@ -300,6 +354,12 @@ struct Outcome {
     rss_per_participant_kib: Option<f64>,
     /// The server's RSS at the end of the window.
     rss_kib: Option<f64>,
+    /// Latency of packets whose sender is on another node (p50, p99).
+    cross_ms: Option<(f64, f64)>,
+    /// Latency of packets whose sender is on the listener's node.
+    same_ms: Option<(f64, f64)>,
+    /// Packets received from other nodes per second (all nodes).
+    relay_pps_in: Option<f64>,
 }
 
 fn percentile(sorted: &[u32], q: f64) -> f64 {
@@ -318,7 +378,7 @@ fn talk_fn(shape: &Shape) -> impl Fn(usize) -> bool {
 fn run(a: &RunArgs) -> Result<Outcome, String> {
     let mut d = Driver::new()?;
     let mut ps = Vec::new();
-    let idle_rss = a.server_pid.and_then(probe::rss_bytes);
+    let idle_rss = a.rss();
     let tag = lifecycle::run_tag();
     add_participants(&mut d, &mut ps, a, a.shape.participants, &tag)?;
     let o = measure(&mut d, &mut ps, a, idle_rss);
@@ -329,7 +389,7 @@ fn run(a: &RunArgs) -> Result<Outcome, String> {
 fn ramp(a: &RunArgs, step: usize, max: usize) -> Result<(), String> {
     let mut d = Driver::new()?;
     let mut ps: Vec<WebRtcParticipant> = Vec::new();
-    let idle_rss = a.server_pid.and_then(probe::rss_bytes);
+    let idle_rss = a.rss();
     let mut results = Vec::new();
     let mut last_good = None;
     let tag = lifecycle::run_tag();
@@ -382,8 +442,9 @@ fn add_participants(
         let user = format!("load-{tag}-u{i}");
         let tcp = (i as f64) < a.tcp_share.clamp(0.0, 1.0) * a.shape.participants as f64;
         let mut p =
-            WebRtcParticipant::signal(i as u32, a.server, &user, slots, a.shape.bind_ip, tcp)
+            WebRtcParticipant::signal(i as u32, a.http_of(i), &user, slots, a.shape.bind_ip, tcp)
                 .map_err(|e| format!("participant {i}: {e}"))?;
+        p.placement = a.placement();
         d.register(&mut p, i)?;
         ps.push(p);
         // Keep everyone flowing while this one connects.
@@ -398,7 +459,7 @@ fn add_participants(
             return Err(format!("participant {i} did not connect within 10 s"));
         }
         WebRtcParticipant::join(
-            a.server,
+            a.http_of(i),
             &user,
             i as u32,
             &format!("load-{tag}-room-{room}"),
@@ -426,20 +487,22 @@ fn measure(
         from_ns: d.ns(start),
         to_ns: d.ns(end),
     });
-    let cpu0 = a.server_pid.and_then(probe::cpu_seconds);
+    let cpu0 = a.cpu();
     let gen0 = probe::cpu_seconds(std::process::id());
-    let in0 = probe::metric(a.server, "beep_sfu_rtp_packets_in_total");
-    let out0 = probe::metric(a.server, "beep_sfu_forwarded_packets_total");
+    let in0 = a.metric("beep_sfu_rtp_packets_in_total");
+    let out0 = a.metric("beep_sfu_forwarded_packets_total");
+    let relay0 = a.metric("beep_sfu_relay_packets_in_total");
     d.drive(ps, end, &talk);
-    let cpu1 = a.server_pid.and_then(probe::cpu_seconds);
+    let cpu1 = a.cpu();
     let gen1 = probe::cpu_seconds(std::process::id());
-    let in1 = probe::metric(a.server, "beep_sfu_rtp_packets_in_total");
-    let out1 = probe::metric(a.server, "beep_sfu_forwarded_packets_total");
+    let in1 = a.metric("beep_sfu_rtp_packets_in_total");
+    let out1 = a.metric("beep_sfu_forwarded_packets_total");
+    let relay1 = a.metric("beep_sfu_relay_packets_in_total");
     let elapsed = start.elapsed().as_secs_f64();
     // Let packets sent at the end of the window arrive.
     d.drive(ps, Instant::now() + Duration::from_millis(500), &talk);
     d.window = None;
-    let rss = a.server_pid.and_then(probe::rss_bytes);
+    let rss = a.rss();
 
     let mut setup: Vec<f64> = ps
         .iter()
@@ -471,7 +534,37 @@ fn measure(
     );
     o.generator_cpu_percent = gen1.zip(gen0).map(|(b, a)| (b - a) / elapsed * 100.0);
     o.rss_kib = rss.map(|r| r as f64 / 1024.0);
+    if a.server.len() > 1 {
+        let (mut cross, mut all): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
+        for p in ps.iter() {
+            cross.extend_from_slice(&p.tally.cross_latencies_us);
+            all.extend_from_slice(&p.tally.latencies_us);
+        }
+        let mut same = multiset_minus(all, &cross);
+        cross.sort_unstable();
+        same.sort_unstable();
+        let p = |v: &[u32]| (!v.is_empty()).then(|| (percentile(v, 0.5), percentile(v, 0.99)));
+        o.cross_ms = p(&cross);
+        o.same_ms = p(&same);
+        o.relay_pps_in = relay1.zip(relay0).map(|(b, a)| (b - a) / elapsed);
+    }
     Ok(o)
+}
+
+/// `all` without one occurrence of each value in `remove`.
+fn multiset_minus(mut all: Vec<u32>, remove: &[u32]) -> Vec<u32> {
+    let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for v in remove {
+        *counts.entry(*v).or_default() += 1;
+    }
+    all.retain(|v| match counts.get_mut(v) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            false
+        }
+        _ => true,
+    });
+    all
 }
 
 /// Members per room when `n` participants fill rooms of `size` in order.
@@ -539,6 +632,9 @@ fn summarise(
             .unwrap_or(0.0),
         rss_per_participant_kib: rss_kib,
         rss_kib: None,
+        cross_ms: None,
+        same_ms: None,
+        relay_pps_in: None,
     }
 }
 
@@ -636,6 +732,16 @@ fn report(results: &[Outcome], json_path: Option<&std::path::Path>) {
             opt(o.generator_cpu_percent, 1),
         );
     }
+    for o in results {
+        if let (Some(c), Some(sm)) = (o.cross_ms, o.same_ms) {
+            println!(
+                "  per path (P={}): same node p50/p99 {:.2}/{:.2} ms, cross node {:.2}/{:.2} ms, relayed in {:.0} pps",
+                o.participants, sm.0, sm.1, c.0, c.1, o.relay_pps_in.unwrap_or(0.0)
+            );
+        } else if let Some(c) = o.cross_ms {
+            println!("  cross node p50/p99 {:.2}/{:.2} ms", c.0, c.1);
+        }
+    }
     if let Some(path) = json_path {
         let v: Vec<Value> = results
             .iter()
@@ -649,6 +755,8 @@ fn report(results: &[Outcome], json_path: Option<&std::path::Path>) {
                     "setup_ms_p50": o.setup_ms_p50, "setup_ms_max": o.setup_ms_max,
                     "rss_per_participant_kib": o.rss_per_participant_kib,
                     "generator_cpu_percent": o.generator_cpu_percent, "rss_kib": o.rss_kib,
+                    "cross_ms_p50_p99": o.cross_ms, "same_ms_p50_p99": o.same_ms,
+                    "relay_pps_in": o.relay_pps_in,
                 })
             })
             .collect();

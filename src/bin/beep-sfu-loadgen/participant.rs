@@ -25,6 +25,31 @@ pub struct Tally {
     pub received_in_window: u64,
     /// One-way latencies (µs) of packets sent inside the window.
     pub latencies_us: Vec<u32>,
+    /// The subset of those whose sender is on another node of a cluster.
+    pub cross_latencies_us: Vec<u32>,
+}
+
+/// Which node of a cluster participant `i` is on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement {
+    /// Nodes (1 or 0: a single server).
+    pub nodes: usize,
+    /// Members per room.
+    pub room_size: usize,
+    /// Whole rooms per node, instead of alternating members.
+    pub by_room: bool,
+}
+
+impl Placement {
+    /// The node of participant `i`.
+    pub fn node_of(&self, i: u32) -> usize {
+        let (i, n) = (i as usize, self.nodes.max(1));
+        if self.by_room {
+            (i / self.room_size.max(1)) % n
+        } else {
+            i % n
+        }
+    }
 }
 
 /// The measurement window, as offsets from the run's epoch.
@@ -63,14 +88,23 @@ pub fn parse(p: &[u8]) -> Option<(u32, u64)> {
     Some((sender, sent))
 }
 
-fn record(tally: &mut Tally, window: Option<Window>, epoch: Instant, now: Instant, sent_ns: u64) {
+fn record(
+    tally: &mut Tally,
+    window: Option<Window>,
+    epoch: Instant,
+    now: Instant,
+    sent_ns: u64,
+    cross: bool,
+) {
     if let Some(w) = window {
         if w.contains(sent_ns) {
             tally.received_in_window += 1;
             let now_ns = now.duration_since(epoch).as_nanos() as u64;
-            tally
-                .latencies_us
-                .push((now_ns.saturating_sub(sent_ns) / 1000) as u32);
+            let us = (now_ns.saturating_sub(sent_ns) / 1000) as u32;
+            tally.latencies_us.push(us);
+            if cross {
+                tally.cross_latencies_us.push(us);
+            }
         }
     }
 }
@@ -91,6 +125,8 @@ pub struct WebRtcParticipant {
     /// What it measured.
     pub tally: Tally,
     buf: Vec<u8>,
+    /// Where everyone is, for telling cross-node packets apart.
+    pub placement: Placement,
 }
 
 /// How a participant reaches the server: its own UDP socket, or one ICE-TCP
@@ -225,6 +261,7 @@ impl WebRtcParticipant {
             connected_at: None,
             tally: Tally::default(),
             buf: vec![0; 2048],
+            placement: Placement::default(),
         })
     }
 
@@ -331,8 +368,10 @@ impl WebRtcParticipant {
                 },
                 ClientOutput::Connected => self.connected_at = Some(now),
                 ClientOutput::Rtp(_, p) => {
-                    if let Some((_, sent)) = parse(&p.payload) {
-                        record(&mut self.tally, window, epoch, now, sent);
+                    if let Some((sender, sent)) = parse(&p.payload) {
+                        let pl = self.placement;
+                        let cross = pl.node_of(sender) != pl.node_of(self.id);
+                        record(&mut self.tally, window, epoch, now, sent, cross);
                     }
                 }
             }
@@ -409,7 +448,7 @@ impl UdpParticipant {
                     let now = Instant::now();
                     if n >= 20 {
                         if let Some((_, sent)) = parse(&self.buf[20..n]) {
-                            record(&mut self.tally, window, epoch, now, sent);
+                            record(&mut self.tally, window, epoch, now, sent, false);
                         }
                     }
                 }
