@@ -56,6 +56,7 @@ mod command;
 pub mod config;
 mod http;
 pub mod metrics;
+mod nats_connect;
 mod net;
 mod ogg_opus;
 mod permissions;

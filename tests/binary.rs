@@ -1,10 +1,11 @@
 //! The `beep-sfu` binary as an operator runs it: bad flags fail at start with
 //! one line naming the flag, and SIGTERM stops it cleanly with exit 0.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_beep-sfu");
@@ -51,35 +52,16 @@ fn invalid_values_fail_at_start_with_one_line_naming_the_flag() {
 #[test]
 fn sigterm_stops_the_server_cleanly() {
     let dir = std::env::temp_dir().join(format!("beep-sfu-bin-{}", std::process::id()));
-    let mut child = Command::new(BIN)
-        .args([
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--udp",
-            "127.0.0.1:0",
-            "--bites-dir",
-        ])
-        .arg(&dir)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("ready: http://").nth(1) {
-                let _ = tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr: SocketAddr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("server ready")
-        .parse()
-        .unwrap();
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let (mut child, addr) = common::spawn_binary(&[
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--udp",
+        "127.0.0.1:0",
+        "--bites-dir",
+        &dir_arg,
+    ]);
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
     let mut resp = String::new();

@@ -6,10 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,8 +16,6 @@ use beep_sfu::config::Config;
 use beep_sfu::proto::Bite;
 use beep_sfu::server::Server;
 use beep_sfu::sfu::speaker_csrc;
-
-const BIN: &str = env!("CARGO_BIN_EXE_beep-sfu");
 
 /// A subject prefix of its own per test, so tests sharing nothing but the
 /// machine never hear each other.
@@ -319,45 +314,25 @@ fn nats_restarted_mid_call_keeps_local_audio_and_cross_node_audio_resumes() {
 }
 
 /// Starts the server binary as a cluster node; returns it and its HTTP address.
-fn spawn_node(nats: &NatsServer, prefix: &str, node: &str) -> (Child, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args([
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--udp",
-            "127.0.0.1:0",
-            "--tcp",
-            "none",
-            "--bites-dir",
-            "none",
-            "--nats",
-            &nats.url(),
-            "--node-id",
-            node,
-            "--cluster-subject",
-            prefix,
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("ready: http://").nth(1) {
-                let _ = tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("node ready")
-        .parse()
-        .unwrap();
-    (child, addr)
+fn spawn_node(nats: &NatsServer, prefix: &str, node: &str) -> (std::process::Child, SocketAddr) {
+    let url = nats.url();
+    spawn_binary(&[
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--udp",
+        "127.0.0.1:0",
+        "--tcp",
+        "none",
+        "--bites-dir",
+        "none",
+        "--nats",
+        &url,
+        "--node-id",
+        node,
+        "--cluster-subject",
+        prefix,
+    ])
 }
 
 #[test]

@@ -22,10 +22,8 @@
 
 mod publisher;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{info, warn};
@@ -33,6 +31,7 @@ use prost::Message;
 
 use crate::command::LoopHandle;
 use crate::metrics::Metrics;
+use crate::nats_connect::{self, Connecting, Dial};
 use crate::proto::cluster::{Heartbeat, Join, MediaBatch};
 use crate::sfu::{ClusterInput, Member, Presence, RelayedPacket};
 
@@ -140,42 +139,26 @@ impl ClusterSide {
     /// the publisher thread; `handle` wakes the loop when input arrives.
     /// The returned thread ends after the goodbye is sent.
     pub fn start(self, handle: LoopHandle) -> std::io::Result<JoinHandle<()>> {
-        let connected = Arc::new(AtomicBool::new(false));
-        let (conn_tx, conn_rx) = crossbeam_channel::bounded(1);
-        let (url, m_down, m_up) = (
-            self.config.url.clone(),
-            self.metrics.clone(),
-            self.metrics.clone(),
-        );
-        let (down, up) = (connected.clone(), connected.clone());
-        thread::Builder::new()
-            .name("cluster-connect".into())
-            .spawn(move || {
-                let opts = nats::Options::new()
-                    .with_name("beep-sfu cluster")
-                    .retry_on_failed_connect()
-                    .max_reconnects(None)
-                    .reconnect_buffer_size(1 << 20)
-                    .reconnect_delay_callback(|n| {
-                        Duration::from_millis((100 * n as u64).min(1000))
-                    })
-                    .disconnect_callback(move || {
-                        down.store(false, Ordering::SeqCst);
-                        m_down.cluster_connected.set(0);
-                        warn!("cluster: NATS connection lost; local calls go on, cross-node audio stops until it is back");
-                    })
-                    .reconnect_callback(move || {
-                        up.store(true, Ordering::SeqCst);
-                        m_up.cluster_connected.set(1);
-                        info!("cluster: NATS reconnected; cross-node audio resumes");
-                    });
-                match opts.connect(url.as_str()) {
-                    Ok(c) => {
-                        let _ = conn_tx.send(c);
-                    }
-                    Err(e) => warn!("cluster: cannot connect to NATS at {url}: {e}"),
-                }
-            })?;
+        let (m_down, m_up) = (self.metrics.clone(), self.metrics.clone());
+        let Connecting {
+            conn: conn_rx,
+            connected,
+        } = nats_connect::start(Dial {
+            thread: "cluster-connect",
+            client: "beep-sfu cluster",
+            url: self.config.url.clone(),
+            // Media is never worth buffering across an outage; joins wait
+            // in the publisher's own queue.
+            reconnect_buffer: Some(1 << 20),
+            on_down: move || {
+                m_down.cluster_connected.set(0);
+                warn!("cluster: NATS connection lost; local calls go on, cross-node audio stops until it is back");
+            },
+            on_up: move || {
+                m_up.cluster_connected.set(1);
+                info!("cluster: NATS reconnected; cross-node audio resumes");
+            },
+        });
         let side = self;
         thread::Builder::new()
             .name("cluster-publish".into())

@@ -28,7 +28,10 @@ pub(crate) enum Dropped {
 /// The peers and their routes.
 #[derive(Default)]
 pub(crate) struct PeerTable {
-    peers: HashMap<PeerId, Peer>,
+    /// Boxed: a `Peer` is about 10 KB (its `Rtc` inline), and a map of
+    /// inline peers keeps a table sized for the peak forever (20 MB after
+    /// 1,000 peers came and went) in one block glibc cannot give back.
+    peers: HashMap<PeerId, Box<Peer>>,
     demux: Demux,
     connected: usize,
     next_id: u64,
@@ -58,12 +61,12 @@ impl PeerTable {
 
     /// A peer by id.
     pub fn get(&self, id: PeerId) -> Option<&Peer> {
-        self.peers.get(&id)
+        self.peers.get(&id).map(|p| &**p)
     }
 
     /// A peer by id, to change.
     pub fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer> {
-        self.peers.get_mut(&id)
+        self.peers.get_mut(&id).map(|p| &mut **p)
     }
 
     /// Every peer's id (for shutdown).
@@ -74,7 +77,7 @@ impl PeerTable {
     /// Adds a peer and routes STUN for its ufrag to it.
     pub fn insert(&mut self, peer: Peer) {
         self.demux.add_ufrag(peer.ufrag().to_string(), peer.id());
-        self.peers.insert(peer.id(), peer);
+        self.peers.insert(peer.id(), Box::new(peer));
     }
 
     /// Marks a peer connected; true the first time.
@@ -86,12 +89,16 @@ impl PeerTable {
         first
     }
 
-    /// Removes a peer with its routes.
-    pub fn remove(&mut self, id: PeerId) -> Option<Peer> {
+    /// Removes a peer with its routes. The table shrinks once it is a
+    /// quarter full, so a peak's table is not kept for good.
+    pub fn remove(&mut self, id: PeerId) -> Option<Box<Peer>> {
         let peer = self.peers.remove(&id)?;
         self.demux.forget(id, peer.ufrag(), peer.addrs());
         if peer.is_connected() {
             self.connected -= 1;
+        }
+        if self.peers.capacity() > 64 && self.peers.len() * 4 < self.peers.capacity() {
+            self.peers.shrink_to(self.peers.len() * 2);
         }
         Some(peer)
     }

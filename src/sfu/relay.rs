@@ -216,6 +216,16 @@ mod tests {
         Sfu::new(SfuConfig::new("127.0.0.1:50000".parse().unwrap()))
     }
 
+    fn join_here(s: &mut Sfu, now: Instant, userid: &str, conversation: &str) {
+        s.handle_request(
+            now,
+            Request::Join {
+                userid: userid.into(),
+                conversation: conversation.into(),
+            },
+        );
+    }
+
     fn member(userid: &str, conversation: &str, stamp_ms: u64) -> Member {
         Member {
             userid: userid.into(),
@@ -228,13 +238,7 @@ mod tests {
     fn a_local_join_is_announced_and_a_remote_one_is_not_echoed() {
         let t0 = Instant::now();
         let mut s = sfu();
-        s.handle_request(
-            t0,
-            Request::Join {
-                userid: "a".into(),
-                conversation: "x".into(),
-            },
-        );
+        join_here(&mut s, t0, "a", "x");
         let joined: Vec<_> = std::iter::from_fn(|| s.poll_event())
             .filter_map(|e| match e {
                 SfuEvent::Joined(m) => Some(m),
@@ -258,13 +262,7 @@ mod tests {
     fn an_older_remote_join_does_not_undo_a_newer_local_one() {
         let t0 = Instant::now();
         let mut s = sfu();
-        s.handle_request(
-            t0,
-            Request::Join {
-                userid: "a".into(),
-                conversation: "new".into(),
-            },
-        );
+        join_here(&mut s, t0, "a", "new");
         s.handle_cluster(t0, ClusterInput::Join(member("a", "old", 1)));
         assert_eq!(
             s.snapshot().conversations,
@@ -278,14 +276,12 @@ mod tests {
     fn a_node_that_falls_silent_is_dropped_by_the_core_timer() {
         let t0 = Instant::now();
         let mut s = sfu();
-        s.handle_cluster(
-            t0,
-            ClusterInput::Heartbeat {
-                node: "b".into(),
-                conversations: vec!["x".into()],
-                users: vec![],
-            },
-        );
+        let heartbeat = ClusterInput::Heartbeat {
+            node: "b".into(),
+            conversations: vec!["x".into()],
+            users: vec![],
+        };
+        s.handle_cluster(t0, heartbeat);
         assert_eq!(s.snapshot().cluster_nodes, 1);
         let due = s.poll_timeout().expect("the cluster timer is armed");
         assert!(due <= t0 + Duration::from_secs(3));

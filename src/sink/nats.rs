@@ -27,6 +27,7 @@ use log::{debug, info, warn};
 use prost::Message;
 
 use crate::metrics::Metrics;
+use crate::nats_connect::{self, Connecting, Dial};
 use crate::proto::{Bite, Client, Store};
 use crate::sfu::FinishedBite;
 
@@ -148,40 +149,24 @@ pub struct NatsPublisher {
 impl NatsPublisher {
     /// Starts connecting in the background; returns at once.
     pub fn start(config: NatsConfig, metrics: Arc<Metrics>) -> Self {
-        let connected = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let url = config.url.clone();
-        let (on_down, on_up) = (connected.clone(), connected.clone());
         let (m_down, m_up) = (metrics.clone(), metrics.clone());
-        let spawned =
-            thread::Builder::new()
-                .name("nats-connect".into())
-                .spawn(move || {
-                    let opts = nats::Options::new()
-                .with_name("beep-sfu")
-                .retry_on_failed_connect()
-                .max_reconnects(None)
-                .reconnect_delay_callback(|n| Duration::from_millis((100 * n as u64).min(2000)))
-                .disconnect_callback(move || {
-                    on_down.store(false, Ordering::SeqCst);
-                    m_down.nats_connected.set(0);
-                    warn!("NATS connection lost; keeping bites in the backlog until it is back");
-                })
-                .reconnect_callback(move || {
-                    on_up.store(true, Ordering::SeqCst);
-                    m_up.nats_connected.set(1);
-                    info!("NATS reconnected");
-                });
-                    match opts.connect(url.as_str()) {
-                        Ok(c) => {
-                            let _ = tx.send(c);
-                        }
-                        Err(e) => warn!("NATS {url}: {e}; bites will only be counted as dropped"),
-                    }
-                });
-        if let Err(e) = spawned {
-            warn!("cannot start the NATS connector: {e}");
-        }
+        let Connecting {
+            conn: rx,
+            connected,
+        } = nats_connect::start(Dial {
+            thread: "nats-connect",
+            client: "beep-sfu",
+            url: config.url.clone(),
+            reconnect_buffer: None,
+            on_down: move || {
+                m_down.nats_connected.set(0);
+                warn!("NATS connection lost; keeping bites in the backlog until it is back");
+            },
+            on_up: move || {
+                m_up.nats_connected.set(1);
+                info!("NATS reconnected");
+            },
+        });
         info!(
             "publishing bites to NATS {} (subjects {}, {})",
             config.url, config.bite_subject, config.store_subject

@@ -665,6 +665,37 @@ fn rand_suffix() -> u64 {
     h.finish()
 }
 
+/// Starts the server binary with `args` (stderr read for its "ready" line,
+/// then logged through at `RUST_LOG=info`); returns it and its HTTP address.
+pub fn spawn_binary(args: &[&str]) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_beep-sfu"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line.split("ready: http://").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("server ready")
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
 /// Waits until `f` holds, up to `timeout`.
 pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
