@@ -55,6 +55,33 @@ fn see_each_other(a: SocketAddr, b: SocketAddr) {
     );
 }
 
+/// NATS and two nodes `a` and `b` that see each other.
+struct Pair {
+    nats: NatsServer,
+    prefix: String,
+    _a: Server,
+    _b: Server,
+    ha: SocketAddr,
+    hb: SocketAddr,
+}
+
+fn two_nodes(test: &str) -> Pair {
+    let nats = NatsServer::start();
+    let prefix = prefix(test);
+    let a = start_node(&nats, &prefix, "a");
+    let b = start_node(&nats, &prefix, "b");
+    let (ha, hb) = (a.http_addr(), b.http_addr());
+    see_each_other(ha, hb);
+    Pair {
+        nats,
+        prefix,
+        _a: a,
+        _b: b,
+        ha,
+        hb,
+    }
+}
+
 /// Signals each peer to its own node and waits until all are connected.
 fn connect_to(pairs: &mut [(&mut TestPeer, SocketAddr)]) {
     for (p, http) in pairs.iter_mut() {
@@ -138,12 +165,8 @@ fn heard_exactly(p: &TestPeer, sender: u8, userid: &str, from: u32, count: u32) 
 
 #[test]
 fn a_user_on_each_node_hears_the_other_byte_exact_and_joins_apply_on_the_other_node() {
-    let nats = NatsServer::start();
-    let p = prefix("pair");
-    let a = start_node(&nats, &p, "a");
-    let b = start_node(&nats, &p, "b");
-    let (ha, hb) = (a.http_addr(), b.http_addr());
-    see_each_other(ha, hb);
+    let pair = two_nodes("pair");
+    let (ha, hb) = (pair.ha, pair.hb);
     let mut alice = TestPeer::new("alice", "a1");
     let mut bob = TestPeer::new("bob", "b1");
     connect_to(&mut [(&mut alice, ha), (&mut bob, hb)]);
@@ -166,12 +189,8 @@ fn a_user_on_each_node_hears_the_other_byte_exact_and_joins_apply_on_the_other_n
 
 #[test]
 fn a_user_who_joins_on_one_node_then_connects_to_the_other_lands_in_the_conversation() {
-    let nats = NatsServer::start();
-    let p = prefix("later");
-    let a = start_node(&nats, &p, "a");
-    let b = start_node(&nats, &p, "b");
-    let (ha, hb) = (a.http_addr(), b.http_addr());
-    see_each_other(ha, hb);
+    let pair = two_nodes("later");
+    let (ha, hb) = (pair.ha, pair.hb);
     // Carol joins on B with no client anywhere yet, then connects to A.
     assert_eq!(join(hb, &claim("carol", "c1"), "room").0, 200);
     let mut dave = TestPeer::new("dave", "d1");
@@ -188,13 +207,10 @@ fn a_user_who_joins_on_one_node_then_connects_to_the_other_lands_in_the_conversa
 
 #[test]
 fn a_conversation_on_one_node_puts_no_media_on_nats_until_another_node_has_a_member() {
-    let nats = NatsServer::start();
-    let p = prefix("local");
-    let a = start_node(&nats, &p, "a");
-    let b = start_node(&nats, &p, "b");
-    let (ha, hb) = (a.http_addr(), b.http_addr());
-    see_each_other(ha, hb);
-    let watcher = nats::connect(nats.url()).expect("nats connects");
+    let pair = two_nodes("local");
+    let (ha, hb) = (pair.ha, pair.hb);
+    let watcher = nats::connect(pair.nats.url()).expect("nats connects");
+    let p = &pair.prefix;
     let media = watcher.subscribe(&format!("{p}.media.>")).unwrap();
     let mut x = TestPeer::new("xavier", "x1");
     let mut y = TestPeer::new("yara", "y1");
@@ -230,13 +246,9 @@ fn a_conversation_on_one_node_puts_no_media_on_nats_until_another_node_has_a_mem
 
 #[test]
 fn every_bite_is_published_once_across_nodes() {
-    let nats = NatsServer::start();
-    let p = prefix("bites");
-    let a = start_node(&nats, &p, "a");
-    let b = start_node(&nats, &p, "b");
-    let (ha, hb) = (a.http_addr(), b.http_addr());
-    see_each_other(ha, hb);
-    let watcher = nats::connect(nats.url()).expect("nats connects");
+    let pair = two_nodes("bites");
+    let (ha, hb) = (pair.ha, pair.hb);
+    let watcher = nats::connect(pair.nats.url()).expect("nats connects");
     let bites = watcher.subscribe("bite").unwrap();
     let mut alice = TestPeer::new("alice", "a1");
     let mut bob = TestPeer::new("bob", "b1");
@@ -266,12 +278,8 @@ fn every_bite_is_published_once_across_nodes() {
 
 #[test]
 fn nats_restarted_mid_call_keeps_local_audio_and_cross_node_audio_resumes() {
-    let mut nats = NatsServer::start();
-    let p = prefix("outage");
-    let a = start_node(&nats, &p, "a");
-    let b = start_node(&nats, &p, "b");
-    let (ha, hb) = (a.http_addr(), b.http_addr());
-    see_each_other(ha, hb);
+    let mut pair = two_nodes("outage");
+    let (ha, hb) = (pair.ha, pair.hb);
     let mut alice = TestPeer::new("alice", "a1");
     let mut amy = TestPeer::new("amy", "a2");
     let mut bob = TestPeer::new("bob", "b1");
@@ -281,7 +289,7 @@ fn nats_restarted_mid_call_keeps_local_audio_and_cross_node_audio_resumes() {
     }
     let peers = &mut [&mut alice, &mut amy, &mut bob];
     assert!(talk_until_heard(peers, &[(0, 1)], &[(1, 1), (2, 1)], 0));
-    nats.kill();
+    pair.nats.kill();
     assert!(wait_for(Duration::from_secs(10), || metric(
         ha,
         "beep_sfu_cluster_connected"
@@ -289,7 +297,7 @@ fn nats_restarted_mid_call_keeps_local_audio_and_cross_node_audio_resumes() {
     // Local audio goes on while NATS is away.
     talk(peers, &[(0, 1)], 5000, 25);
     heard_exactly(peers[1], 1, "alice", 5000, 25);
-    nats.restart();
+    pair.nats.restart();
     // Cross-node audio comes back by itself.
     let end = Instant::now() + Duration::from_secs(20);
     let mut n = 10_000;
