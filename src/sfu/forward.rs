@@ -31,14 +31,7 @@ impl Sfu {
             None => return,
         };
         if let Err(refused) = admitted {
-            let s = &mut self.stats;
-            match refused {
-                Refused::NotSource => s.dropped_not_source += 1,
-                Refused::NotOpus => s.dropped_not_opus += 1,
-                Refused::Over(Overrun::Packets) => s.dropped_over_packet_rate += 1,
-                Refused::Over(Overrun::Bytes) => s.dropped_over_byte_rate += 1,
-                Refused::Over(Overrun::TooBig) => s.dropped_payload_too_big += 1,
-            }
+            count_refused(&mut self.stats, refused);
             return;
         }
         let level = pkt.header.ext_vals.audio_level;
@@ -101,6 +94,17 @@ impl Sfu {
                 self.relay_out(to, packet);
             }
         }
+    }
+}
+
+/// Counts a packet the peer's admission refused, by reason.
+fn count_refused(s: &mut CoreStats, refused: Refused) {
+    match refused {
+        Refused::NotSource => s.dropped_not_source += 1,
+        Refused::NotOpus => s.dropped_not_opus += 1,
+        Refused::Over(Overrun::Packets) => s.dropped_over_packet_rate += 1,
+        Refused::Over(Overrun::Bytes) => s.dropped_over_byte_rate += 1,
+        Refused::Over(Overrun::TooBig) => s.dropped_payload_too_big += 1,
     }
 }
 
