@@ -321,10 +321,21 @@ fn nats_restarted_mid_call_keeps_local_audio_and_cross_node_audio_resumes() {
     );
 }
 
+/// A node run as the binary; killed when dropped, so a failing test leaves
+/// no process behind.
+struct BinaryNode(std::process::Child);
+
+impl Drop for BinaryNode {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the server binary as a cluster node; returns it and its HTTP address.
-fn spawn_node(nats: &NatsServer, prefix: &str, node: &str) -> (std::process::Child, SocketAddr) {
+fn spawn_node(nats: &NatsServer, prefix: &str, node: &str) -> (BinaryNode, SocketAddr) {
     let url = nats.url();
-    spawn_binary(&[
+    let (child, addr) = spawn_binary(&[
         "--dev",
         "--listen",
         "127.0.0.1:0",
@@ -340,7 +351,8 @@ fn spawn_node(nats: &NatsServer, prefix: &str, node: &str) -> (std::process::Chi
         node,
         "--cluster-subject",
         prefix,
-    ])
+    ]);
+    (BinaryNode(child), addr)
 }
 
 #[test]
@@ -365,8 +377,8 @@ fn a_killed_nodes_user_reconnects_to_another_node_and_is_heard_without_joining_a
             0
         ));
     }
-    b.kill().unwrap(); // SIGKILL: no goodbye
-    let _ = b.wait();
+    b.0.kill().unwrap(); // SIGKILL: no goodbye
+    let _ = b.0.wait();
     assert!(
         wait_for(Duration::from_secs(8), || cluster_nodes(ha) == 1),
         "node a still sees the dead node"
