@@ -286,24 +286,7 @@ impl Config {
                 ));
             }
         }
-        let node_id = a
-            .node_id
-            .clone()
-            .unwrap_or_else(crate::cluster::default_node_id);
-        if !crate::cluster::valid_node_id(&node_id) {
-            return Err(format!(
-                "--node-id: {node_id:?} must be letters, digits, '-' or '_' (it is a NATS subject token)"
-            ));
-        }
-        let cluster_subject = match a.cluster_subject.trim() {
-            "" | "none" => None,
-            p if p.split('.').all(crate::cluster::valid_node_id) => Some(p.to_string()),
-            p => {
-                return Err(format!(
-                    "--cluster-subject: {p:?} must be dot-separated tokens of letters, digits, '-' or '_'"
-                ))
-            }
-        };
+        let (node_id, cluster_subject) = cluster_settings(&a)?;
         for (flag, subject) in [
             ("--bite-subject", &a.bite_subject),
             ("--store-subject", &a.store_subject),
@@ -403,6 +386,30 @@ impl Config {
             .map(|ip| SocketAddr::new(*ip, self.udp.port()))
             .collect()
     }
+}
+
+/// This node's id and the cluster's subject prefix (`None`: alone),
+/// validated as NATS subject tokens.
+fn cluster_settings(a: &Args) -> Result<(String, Option<String>), String> {
+    let node_id = a
+        .node_id
+        .clone()
+        .unwrap_or_else(crate::cluster::default_node_id);
+    if !crate::cluster::valid_node_id(&node_id) {
+        return Err(format!(
+        "--node-id: {node_id:?} must be letters, digits, '-' or '_' (it is a NATS subject token)"
+        ));
+    }
+    let cluster_subject = match a.cluster_subject.trim() {
+        "" | "none" => None,
+        p if p.split('.').all(crate::cluster::valid_node_id) => Some(p.to_string()),
+        p => {
+            return Err(format!(
+            "--cluster-subject: {p:?} must be dot-separated tokens of letters, digits, '-' or '_'"
+        ))
+        }
+    };
+    Ok((node_id, cluster_subject))
 }
 
 /// Parses `HOST:PORT`, `IP:PORT`, `[v6]:PORT` or Go-style `:PORT` (all interfaces).
@@ -523,6 +530,12 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_flag() {
+        assert!(args(&["--node-id", "a.b"])
+            .unwrap_err()
+            .starts_with("--node-id"));
+        assert!(args(&["--cluster-subject", "beep.*"])
+            .unwrap_err()
+            .starts_with("--cluster-subject"));
         assert!(args(&["--listen", "what"])
             .unwrap_err()
             .starts_with("--listen"));
