@@ -3,6 +3,10 @@
 //!
 //! - `forward/fanout_N`: one SRTP datagram from a speaker in, N SRTP
 //!   datagrams out (decrypt, speaker selection, slot rewrite, encrypt);
+//! - `rotating/P`: P participants in conversations of 4, everyone talking
+//!   and hearing the 3 others, one packet from each in turn: the load
+//!   generator's access pattern, so P = 4 against P = 200 shows what a large
+//!   working set (cache misses, not instructions) costs;
 //! - `crypto_floor/*_fanout_N`: the AES-GCM open + N seals alone on the same
 //!   packet size, with aws-lc-rs (str0m's backend), the floor forwarding
 //!   cannot go below;
@@ -12,6 +16,7 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +76,36 @@ fn conversation(fanout: usize, resident: usize) -> (Harness, usize) {
     (h, speaker)
 }
 
+/// Packets in through the timed functions, printed after each group: with
+/// callgrind's instruction total for that function it gives instructions
+/// per packet exactly.
+static TIMED_PACKETS: AtomicU64 = AtomicU64::new(0);
+
+/// Prints and resets [`TIMED_PACKETS`].
+fn report_timed(name: &str) {
+    eprintln!(
+        "{name}: {} packets through the timed function",
+        TIMED_PACKETS.swap(0, Relaxed)
+    );
+}
+
+/// The timed part of a `forward/*` iteration: every datagram into the core
+/// and every transmit out. A function of its own (never inlined) so that
+/// callgrind can count exactly this: `--toggle-collect='*forward_batch*'`.
+#[inline(never)]
+fn forward_batch(h: &mut Harness, source: std::net::SocketAddr, datagrams: &[Vec<u8>]) -> usize {
+    TIMED_PACKETS.fetch_add(datagrams.len() as u64, Relaxed);
+    let now = h.now;
+    let mut out = 0usize;
+    for d in datagrams {
+        h.sfu.handle_datagram(now, source, d);
+        while let Some(t) = h.sfu.poll_transmit() {
+            out += t.contents.len();
+        }
+    }
+    out
+}
+
 fn forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("forward");
     for (fanout, resident) in [(1usize, 0usize), (3, 0), (10, 0), (3, 200)] {
@@ -101,15 +136,8 @@ fn forward(c: &mut Criterion) {
                         datagrams.len() as u64 >= chunk,
                         "the speaker produced its packets"
                     );
-                    let now = h.now;
                     let t = Instant::now();
-                    let mut out = 0usize;
-                    for d in &datagrams {
-                        h.sfu.handle_datagram(now, source, d);
-                        while let Some(t) = h.sfu.poll_transmit() {
-                            out += t.contents.len();
-                        }
-                    }
+                    let out = forward_batch(&mut h, source, &datagrams);
                     total += t.elapsed();
                     assert!(out > 0, "the core sent the forwarded packets");
                     black_box(out);
@@ -124,8 +152,112 @@ fn forward(c: &mut Criterion) {
             h.sfu.snapshot().stats.forwarded > 0,
             "the bench must forward (fanout {fanout})"
         );
+        report_timed(&format!("forward/{fanout}/{resident}"));
     }
     g.finish();
+}
+
+/// P participants in conversations of 4, all talking, each with 3 slots.
+fn everyone_talking(participants: usize) -> Harness {
+    let mut config = SfuConfig::new("10.0.0.1:5000".parse().unwrap());
+    config.budget = BudgetConfig {
+        packets_per_sec: 1e9,
+        packet_burst: 1e9,
+        bytes_per_sec: 1e12,
+        byte_burst: 1e12,
+        ..BudgetConfig::default()
+    };
+    let mut h = Harness::with_config(config);
+    for i in 0..participants {
+        // One send-receive m-line and two receive-only: three slots.
+        h.add_client(&format!("talker{i}"), "t", true, 2);
+    }
+    h.connect_all();
+    for i in 0..participants {
+        h.join(i, &format!("room-{}", i / 4));
+    }
+    for n in 0..5 {
+        for i in 0..participants {
+            h.send(i, &payload(n), -20);
+        }
+        h.step(Duration::from_millis(20));
+    }
+    h
+}
+
+fn rotating(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rotating");
+    g.sample_size(20);
+    for participants in [4usize, 200] {
+        let mut h = everyone_talking(participants);
+        let mut n = 1000u32;
+        // Each packet in is forwarded to the 3 others.
+        g.throughput(Throughput::Elements(3));
+        g.bench_function(BenchmarkId::from_parameter(participants), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                let mut processed = 0u64;
+                while left > 0 {
+                    // One 20 ms round: every participant sends one packet.
+                    let rounds = (left as usize).div_ceil(participants).min(20);
+                    let mut datagrams = Vec::with_capacity(rounds * participants);
+                    for _ in 0..rounds {
+                        h.now += Duration::from_millis(20);
+                        n += 1;
+                        for i in 0..participants {
+                            for d in h.produce(i, &payload(n), -20) {
+                                datagrams.push((h.clients[i].addr, d));
+                            }
+                        }
+                    }
+                    left = left.saturating_sub((rounds * participants) as u64);
+                    processed += (rounds * participants) as u64;
+                    let mut stun = Vec::new();
+                    let t = Instant::now();
+                    let out = rotate_batch(&mut h, &datagrams, &mut stun);
+                    total += t.elapsed();
+                    // Untimed: the core's ICE consent checks reach their
+                    // clients (most simulated time passes in the timed part).
+                    for (from, to, d) in stun {
+                        h.deliver(from, to, &d);
+                    }
+                    assert!(out > 0, "the core sent the forwarded packets");
+                    black_box(out);
+                    h.step(Duration::from_millis(1));
+                }
+                // Whole rounds may overshoot `iters`: scale to what was asked.
+                total.mul_f64(iters as f64 / processed.max(1) as f64)
+            })
+        });
+        assert!(h.sfu.snapshot().stats.forwarded > 0);
+        report_timed(&format!("rotating/{participants}"));
+    }
+    g.finish();
+}
+
+/// The timed part of a `rotating/*` iteration (never inlined, for
+/// callgrind's `--toggle-collect='*rotate_batch*'`).
+#[inline(never)]
+fn rotate_batch(
+    h: &mut Harness,
+    datagrams: &[(SocketAddr, Vec<u8>)],
+    stun: &mut Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
+) -> usize {
+    TIMED_PACKETS.fetch_add(datagrams.len() as u64, Relaxed);
+    let now = h.now;
+    let mut out = 0usize;
+    for (source, d) in datagrams {
+        h.sfu.handle_datagram(now, *source, d);
+        while let Some(t) = h.sfu.poll_transmit() {
+            out += t.contents.len();
+            // RFC 7983: a first byte below 4 is STUN.
+            if t.contents.first().is_some_and(|b| *b < 4) {
+                stun.push((t.source, t.destination, t.contents.to_vec()));
+            }
+        }
+    }
+    out
 }
 
 fn crypto_floor(c: &mut Criterion) {
@@ -316,6 +448,7 @@ fn conversation_bench(c: &mut Criterion) {
 criterion_group!(
     benches,
     forward,
+    rotating,
     crypto_floor,
     demux_bench,
     timer_bench,

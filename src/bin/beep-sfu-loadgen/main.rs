@@ -670,6 +670,9 @@ fn baseline(relay: SocketAddr, relay_pid: Option<u32>, shape: &Shape) -> Result<
     let gen1 = probe::cpu_seconds(std::process::id());
     let elapsed = start.elapsed().as_secs_f64();
     d.drive(&mut ps, Instant::now() + Duration::from_millis(500), &talk);
+    for p in &ps {
+        p.leave();
+    }
     let tallies: Vec<Tally> = ps.iter().map(|p| p.tally.clone()).collect();
     let sent: f64 = tallies.iter().map(|t| t.sent_in_window as f64).sum();
     let received: f64 = tallies.iter().map(|t| t.received_in_window as f64).sum();

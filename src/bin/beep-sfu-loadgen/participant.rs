@@ -426,8 +426,17 @@ impl UdpParticipant {
             buf: vec![0; 2048],
         };
         // A registration datagram (seq u32::MAX is not forwarded by the relay).
-        p.socket.send_to(&p.datagram(u32::MAX, 0), relay)?;
+        p.socket
+            .send_to(&p.datagram(crate::relay::REGISTER, 0), relay)?;
         Ok(p)
+    }
+
+    /// Tells the relay this participant is gone, so a later run's packets
+    /// are not also sent to this run's closed sockets.
+    pub fn leave(&self) {
+        let _ = self
+            .socket
+            .send_to(&self.datagram(crate::relay::LEAVE, 0), self.relay);
     }
 
     fn datagram(&self, seq: u32, sent_ns: u64) -> Vec<u8> {
@@ -467,7 +476,7 @@ impl UdpParticipant {
             self.tally.sent_in_window += 1;
         }
         let d = self.datagram(self.seq, sent_ns);
-        self.seq = self.seq.wrapping_add(1) % (u32::MAX - 1);
+        self.seq = self.seq.wrapping_add(1) % crate::relay::LEAVE;
         let _ = self.socket.send_to(&d, self.relay);
     }
 }

@@ -6,6 +6,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 
+/// The sequence number of a registration datagram (not forwarded).
+pub const REGISTER: u32 = u32::MAX;
+/// The sequence number of a leave datagram: the sender is removed from its
+/// group. Without it a second run against the same relay would also be sent
+/// to the first run's closed sockets, and the floor would look dearer.
+pub const LEAVE: u32 = u32::MAX - 1;
+
 /// Serves forever.
 pub fn serve(listen: SocketAddr) -> io::Result<()> {
     let socket = UdpSocket::bind(listen)?;
@@ -20,11 +27,15 @@ pub fn serve(listen: SocketAddr) -> io::Result<()> {
         let group = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
         let seq = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
         let members = groups.entry(group).or_default();
+        if seq == LEAVE {
+            members.retain(|m| *m != from);
+            continue;
+        }
         if !members.contains(&from) {
             members.push(from);
         }
-        if seq == u32::MAX {
-            continue; // registration only
+        if seq == REGISTER {
+            continue;
         }
         for to in members.iter().filter(|m| **m != from) {
             let _ = socket.send_to(&buf[..n], to);

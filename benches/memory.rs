@@ -1,0 +1,182 @@
+//! What the core holds and allocates, counted exactly by a counting global
+//! allocator (so the figures repeat to the byte on this noisy machine):
+//!
+//! - heap the core holds per participant, P participants in conversations of
+//!   4, everyone talking and hearing the 3 others, after 9 s of talk
+//!   (measured by dropping the core: what its drop frees is what it held),
+//!   with the default 10 s bites and with bites cut at 20 ms, the
+//!   difference being the audio of the bites being assembled;
+//! - heap allocations per packet in and per forwarded packet on the
+//!   forwarding path.
+//!
+//! `cargo bench --bench memory`. Not timed: it prints a table.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use beep_sfu::sfu::{BiteConfig, BudgetConfig, Sfu, SfuConfig};
+use beep_sfu::testkit::Harness;
+
+/// The system allocator, counting calls and live bytes.
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: every call is forwarded unchanged to `System`; the counters are
+// only observed.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        LIVE.fetch_add(layout.size() as i64, Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        LIVE.fetch_add(layout.size() as i64, Relaxed);
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as i64, Relaxed);
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Opus-sized payload: 80 bytes, valid 20 ms TOC.
+fn payload(n: u32) -> Vec<u8> {
+    let mut p = vec![0x5A; 80];
+    p[0] = 0xF8;
+    p[1..5].copy_from_slice(&n.to_be_bytes());
+    p
+}
+
+fn config(bites: BiteConfig) -> SfuConfig {
+    let mut config = SfuConfig::new("10.0.0.1:5000".parse().unwrap());
+    config.bites = bites;
+    // Everyone talks faster than a real client only in the allocation
+    // count below; lift the budget so nothing is refused.
+    config.budget = BudgetConfig {
+        packets_per_sec: 1e9,
+        packet_burst: 1e9,
+        bytes_per_sec: 1e12,
+        byte_burst: 1e12,
+        ..BudgetConfig::default()
+    };
+    config
+}
+
+/// P participants in conversations of 4, all talking, each with 3 slots,
+/// after `secs` of simulated talk in real-time 20 ms rounds.
+fn everyone_talking(participants: usize, bites: BiteConfig, secs: u32) -> Harness {
+    let mut h = Harness::with_config(config(bites));
+    for i in 0..participants {
+        h.add_client(&format!("talker{i}"), "t", true, 2);
+    }
+    h.connect_all();
+    for i in 0..participants {
+        h.join(i, &format!("room-{}", i / 4));
+    }
+    for n in 0..secs * 50 {
+        for i in 0..participants {
+            h.send(i, &payload(n), -20);
+        }
+        h.step(Duration::from_millis(20));
+    }
+    h
+}
+
+/// Bytes the core holds: what dropping it frees.
+fn core_heap(h: &mut Harness, bites: BiteConfig) -> i64 {
+    let empty = Sfu::new(config(bites));
+    let before = LIVE.load(Relaxed);
+    drop(std::mem::replace(&mut h.sfu, empty));
+    before - LIVE.load(Relaxed)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse. MEMORY_ONLY=P
+    // builds P participants, frees everything but the core and exits with
+    // the core alive: under `valgrind --tool=dhat` the bytes live at exit
+    // ("eb") are exactly the core's, by allocation site.
+    if let Some(p) = std::env::var("MEMORY_ONLY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        let mut h = everyone_talking(p, BiteConfig::default(), 9);
+        h.clients.clear();
+        h.events.clear();
+        h.events.shrink_to_fit();
+        println!("core heap: {} bytes live in all", LIVE.load(Relaxed));
+        std::process::exit(0);
+    }
+    let short = BiteConfig {
+        max_len: Duration::from_millis(20),
+        ..BiteConfig::default()
+    };
+    // Sizes of str0m's types that its per-peer queues hold by value.
+    println!(
+        "str0m types: Rtc {} B, Rtcp {} B, RtpPacket {} B",
+        std::mem::size_of::<str0m::Rtc>(),
+        std::mem::size_of::<str0m::rtp::rtcp::Rtcp>(),
+        std::mem::size_of::<str0m::rtp::RtpPacket>()
+    );
+    println!();
+    println!("| participants | bites | core heap | per participant |");
+    println!("|---|---|---|---|");
+    for participants in [4usize, 200] {
+        for (label, bites) in [
+            ("10 s (default)", BiteConfig::default()),
+            ("cut at 20 ms", short),
+        ] {
+            // 9 s: mid-way through a 10 s bite, so its audio is held.
+            let mut h = everyone_talking(participants, bites, 9);
+            let bytes = core_heap(&mut h, bites);
+            println!(
+                "| {participants} | {label} | {:.1} KiB | {:.1} KiB |",
+                bytes as f64 / 1024.0,
+                bytes as f64 / 1024.0 / participants as f64
+            );
+        }
+    }
+
+    // Allocations on the forwarding path: 200 participants, one 20 ms round
+    // of packets (each forwarded to 3), counted over 50 rounds.
+    let mut h = everyone_talking(200, BiteConfig::default(), 2);
+    let before_fwd = h.sfu.snapshot().stats.forwarded;
+    let (mut allocs, mut packets) = (0u64, 0u64);
+    for round in 0..50u32 {
+        h.now += Duration::from_millis(20);
+        let mut datagrams = Vec::new();
+        for i in 0..h.clients.len() {
+            for d in h.produce(i, &payload(1000 + round), -20) {
+                datagrams.push((h.clients[i].addr, d));
+            }
+        }
+        let now = h.now;
+        let a0 = ALLOCS.load(Relaxed);
+        for (source, d) in &datagrams {
+            h.sfu.handle_datagram(now, *source, d);
+            while h.sfu.poll_transmit().is_some() {}
+        }
+        allocs += ALLOCS.load(Relaxed) - a0;
+        packets += datagrams.len() as u64;
+        h.step(Duration::from_millis(1));
+    }
+    let forwarded = h.sfu.snapshot().stats.forwarded - before_fwd;
+    println!();
+    println!(
+        "forwarding path: {packets} packets in, {forwarded} forwarded, {allocs} allocations: \
+         {:.2} per packet in, {:.2} per forwarded packet",
+        allocs as f64 / packets as f64,
+        allocs as f64 / forwarded.max(1) as f64
+    );
+}
