@@ -74,12 +74,13 @@ fn config(bites: BiteConfig) -> SfuConfig {
     config
 }
 
-/// P participants in conversations of 4, all talking, each with 3 slots,
-/// after `secs` of simulated talk in real-time 20 ms rounds.
-fn everyone_talking(participants: usize, bites: BiteConfig, secs: u32) -> Harness {
+/// P participants in conversations of 4, all talking, each with `slots`
+/// slots, after `secs` of simulated talk in real-time 20 ms rounds.
+fn everyone_talking(participants: usize, slots: usize, bites: BiteConfig, secs: u32) -> Harness {
     let mut h = Harness::with_config(config(bites));
     for i in 0..participants {
-        h.add_client(&format!("talker{i}"), "t", true, 2);
+        // One send-receive m-line, the rest receive-only.
+        h.add_client(&format!("talker{i}"), "t", true, slots - 1);
     }
     h.connect_all();
     for i in 0..participants {
@@ -104,14 +105,19 @@ fn core_heap(h: &mut Harness, bites: BiteConfig) -> i64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse. MEMORY_ONLY=P
-    // builds P participants, frees everything but the core and exits with
+    // builds P participants (MEMORY_SLOTS slots each, default 3), frees
+    // everything but the core and exits with
     // the core alive: under `valgrind --tool=dhat` the bytes live at exit
     // ("eb") are exactly the core's, by allocation site.
     if let Some(p) = std::env::var("MEMORY_ONLY")
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        let mut h = everyone_talking(p, BiteConfig::default(), 9);
+        let slots = std::env::var("MEMORY_SLOTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        let mut h = everyone_talking(p, slots, BiteConfig::default(), 9);
         h.clients.clear();
         h.events.clear();
         h.events.shrink_to_fit();
@@ -130,18 +136,18 @@ fn main() {
         std::mem::size_of::<str0m::rtp::RtpPacket>()
     );
     println!();
-    println!("| participants | bites | core heap | per participant |");
-    println!("|---|---|---|---|");
-    for participants in [4usize, 200] {
+    println!("| participants | slots each | bites | core heap | per participant |");
+    println!("|---|---|---|---|---|");
+    for (participants, slots) in [(4usize, 3usize), (200, 3), (200, 1)] {
         for (label, bites) in [
             ("10 s (default)", BiteConfig::default()),
             ("cut at 20 ms", short),
         ] {
             // 9 s: mid-way through a 10 s bite, so its audio is held.
-            let mut h = everyone_talking(participants, bites, 9);
+            let mut h = everyone_talking(participants, slots, bites, 9);
             let bytes = core_heap(&mut h, bites);
             println!(
-                "| {participants} | {label} | {:.1} KiB | {:.1} KiB |",
+                "| {participants} | {slots} | {label} | {:.1} KiB | {:.1} KiB |",
                 bytes as f64 / 1024.0,
                 bytes as f64 / 1024.0 / participants as f64
             );
@@ -150,7 +156,7 @@ fn main() {
 
     // Allocations on the forwarding path: 200 participants, one 20 ms round
     // of packets (each forwarded to 3), counted over 50 rounds.
-    let mut h = everyone_talking(200, BiteConfig::default(), 2);
+    let mut h = everyone_talking(200, 3, BiteConfig::default(), 2);
     let before_fwd = h.sfu.snapshot().stats.forwarded;
     let (mut allocs, mut packets) = (0u64, 0u64);
     for round in 0..50u32 {
