@@ -104,7 +104,7 @@ fn core_heap(h: &mut Harness, bites: BiteConfig) -> i64 {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing to parse. MEMORY_ONLY=P
+    // MEMORY_ONLY=P
     // builds P participants (MEMORY_SLOTS slots each, default 3), frees
     // everything but the core and exits with
     // the core alive: under `valgrind --tool=dhat` the bytes live at exit
@@ -124,6 +124,14 @@ fn main() {
         println!("core heap: {} bytes live in all", LIVE.load(Relaxed));
         std::process::exit(0);
     }
+    // `cargo test --all-targets` runs this binary too, without `--bench`
+    // and in a debug build: there, only check that it works, small.
+    let full = std::env::args().any(|a| a == "--bench");
+    let shapes: &[(usize, usize)] = if full {
+        &[(4, 3), (200, 3), (200, 1)]
+    } else {
+        &[(4, 3)]
+    };
     let short = BiteConfig {
         max_len: Duration::from_millis(20),
         ..BiteConfig::default()
@@ -138,7 +146,7 @@ fn main() {
     println!();
     println!("| participants | slots each | bites | core heap | per participant |");
     println!("|---|---|---|---|---|");
-    for (participants, slots) in [(4usize, 3usize), (200, 3), (200, 1)] {
+    for &(participants, slots) in shapes {
         for (label, bites) in [
             ("10 s (default)", BiteConfig::default()),
             ("cut at 20 ms", short),
@@ -156,7 +164,7 @@ fn main() {
 
     // Allocations on the forwarding path: 200 participants, one 20 ms round
     // of packets (each forwarded to 3), counted over 50 rounds.
-    let mut h = everyone_talking(200, 3, BiteConfig::default(), 2);
+    let mut h = everyone_talking(if full { 200 } else { 8 }, 3, BiteConfig::default(), 2);
     let before_fwd = h.sfu.snapshot().stats.forwarded;
     let (mut allocs, mut packets) = (0u64, 0u64);
     for round in 0..50u32 {
