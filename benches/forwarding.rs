@@ -23,38 +23,22 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use beep_sfu::sfu::{BiteConfig, BudgetConfig, PeerId, SfuConfig, SpeakerConfig};
+use beep_sfu::sfu::{BiteConfig, PeerId, SpeakerConfig};
 use beep_sfu::testkit::internals::{
     self as demux, BiteAssembler, Demux, Owner, TimerHeap, TimerKey,
 };
 use beep_sfu::testkit::internals::{Conversations, SpeakerId};
+use beep_sfu::testkit::load::{everyone_talking, opus_payload as payload, unmetered_config};
 use beep_sfu::testkit::Harness;
 use str0m::net::Protocol;
-
-/// Opus-sized payload: 80 bytes, valid 20 ms TOC.
-fn payload(n: u32) -> Vec<u8> {
-    let mut p = vec![0x5A; 80];
-    p[0] = 0xF8;
-    p[1..5].copy_from_slice(&n.to_be_bytes());
-    p
-}
 
 /// A speaker and `fanout` single-slot listeners, connected and joined, the
 /// speaker already active; `resident` other connected peers sit in other
 /// conversations (their state competes for the caches, as on a busy server).
 fn conversation(fanout: usize, resident: usize) -> (Harness, usize) {
     // The speaker sends far faster than real time (one packet per 20 µs of
-    // simulated time): lift its media budget, which is still checked on
-    // every packet, so the forwarding path is what is measured.
-    let mut config = SfuConfig::new("10.0.0.1:5000".parse().unwrap());
-    config.budget = BudgetConfig {
-        packets_per_sec: 1e9,
-        packet_burst: 1e9,
-        bytes_per_sec: 1e12,
-        byte_burst: 1e12,
-        ..BudgetConfig::default()
-    };
-    let mut h = Harness::with_config(config);
+    // simulated time): no media budget in the way.
+    let mut h = Harness::with_config(unmetered_config());
     for i in 0..resident {
         h.add_client(&format!("resident{i}"), "r", true, 2);
     }
@@ -157,39 +141,11 @@ fn forward(c: &mut Criterion) {
     g.finish();
 }
 
-/// P participants in conversations of 4, all talking, each with 3 slots.
-fn everyone_talking(participants: usize) -> Harness {
-    let mut config = SfuConfig::new("10.0.0.1:5000".parse().unwrap());
-    config.budget = BudgetConfig {
-        packets_per_sec: 1e9,
-        packet_burst: 1e9,
-        bytes_per_sec: 1e12,
-        byte_burst: 1e12,
-        ..BudgetConfig::default()
-    };
-    let mut h = Harness::with_config(config);
-    for i in 0..participants {
-        // One send-receive m-line and two receive-only: three slots.
-        h.add_client(&format!("talker{i}"), "t", true, 2);
-    }
-    h.connect_all();
-    for i in 0..participants {
-        h.join(i, &format!("room-{}", i / 4));
-    }
-    for n in 0..5 {
-        for i in 0..participants {
-            h.send(i, &payload(n), -20);
-        }
-        h.step(Duration::from_millis(20));
-    }
-    h
-}
-
 fn rotating(c: &mut Criterion) {
     let mut g = c.benchmark_group("rotating");
     g.sample_size(20);
     for participants in [4usize, 200] {
-        let mut h = everyone_talking(participants);
+        let mut h = everyone_talking(unmetered_config(), participants, 3, 5);
         let mut n = 1000u32;
         // Each packet in is forwarded to the 3 others.
         g.throughput(Throughput::Elements(3));

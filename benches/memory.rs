@@ -11,96 +11,29 @@
 //!
 //! `cargo bench --bench memory`. Not timed: it prints a table.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use beep_sfu::sfu::{BiteConfig, BudgetConfig, Sfu, SfuConfig};
+use beep_sfu::sfu::{BiteConfig, Sfu, SfuConfig};
+use beep_sfu::testkit::load::{everyone_talking, opus_payload, unmetered_config, CountingAlloc};
 use beep_sfu::testkit::Harness;
 
-/// The system allocator, counting calls and live bytes.
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static LIVE: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: every call is forwarded unchanged to `System`; the counters are
-// only observed.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        LIVE.fetch_add(layout.size() as i64, Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        LIVE.fetch_add(layout.size() as i64, Relaxed);
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as i64, Relaxed);
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAlloc = CountingAlloc;
 
-/// Opus-sized payload: 80 bytes, valid 20 ms TOC.
-fn payload(n: u32) -> Vec<u8> {
-    let mut p = vec![0x5A; 80];
-    p[0] = 0xF8;
-    p[1..5].copy_from_slice(&n.to_be_bytes());
-    p
-}
-
+/// The core's configuration: no media budget, bites as given.
 fn config(bites: BiteConfig) -> SfuConfig {
-    let mut config = SfuConfig::new("10.0.0.1:5000".parse().unwrap());
-    config.bites = bites;
-    // Everyone talks faster than a real client only in the allocation
-    // count below; lift the budget so nothing is refused.
-    config.budget = BudgetConfig {
-        packets_per_sec: 1e9,
-        packet_burst: 1e9,
-        bytes_per_sec: 1e12,
-        byte_burst: 1e12,
-        ..BudgetConfig::default()
-    };
-    config
-}
-
-/// P participants in conversations of 4, all talking, each with `slots`
-/// slots, after `secs` of simulated talk in real-time 20 ms rounds.
-fn everyone_talking(participants: usize, slots: usize, bites: BiteConfig, secs: u32) -> Harness {
-    let mut h = Harness::with_config(config(bites));
-    for i in 0..participants {
-        // One send-receive m-line, the rest receive-only.
-        h.add_client(&format!("talker{i}"), "t", true, slots - 1);
+    SfuConfig {
+        bites,
+        ..unmetered_config()
     }
-    h.connect_all();
-    for i in 0..participants {
-        h.join(i, &format!("room-{}", i / 4));
-    }
-    for n in 0..secs * 50 {
-        for i in 0..participants {
-            h.send(i, &payload(n), -20);
-        }
-        h.step(Duration::from_millis(20));
-    }
-    h
 }
 
 /// Bytes the core holds: what dropping it frees.
 fn core_heap(h: &mut Harness, bites: BiteConfig) -> i64 {
     let empty = Sfu::new(config(bites));
-    let before = LIVE.load(Relaxed);
+    let before = CountingAlloc::live_bytes();
     drop(std::mem::replace(&mut h.sfu, empty));
-    before - LIVE.load(Relaxed)
+    before - CountingAlloc::live_bytes()
 }
 
 fn main() {
@@ -117,11 +50,14 @@ fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(3);
-        let mut h = everyone_talking(p, slots, BiteConfig::default(), 9);
+        let mut h = everyone_talking(config(BiteConfig::default()), p, slots, 9 * 50);
         h.clients.clear();
         h.events.clear();
         h.events.shrink_to_fit();
-        println!("core heap: {} bytes live in all", LIVE.load(Relaxed));
+        println!(
+            "core heap: {} bytes live in all",
+            CountingAlloc::live_bytes()
+        );
         std::process::exit(0);
     }
     // `cargo test --all-targets` runs this binary too, without `--bench`
@@ -152,7 +88,7 @@ fn main() {
             ("cut at 20 ms", short),
         ] {
             // 9 s: mid-way through a 10 s bite, so its audio is held.
-            let mut h = everyone_talking(participants, slots, bites, 9);
+            let mut h = everyone_talking(config(bites), participants, slots, 9 * 50);
             let bytes = core_heap(&mut h, bites);
             println!(
                 "| {participants} | {slots} | {label} | {:.1} KiB | {:.1} KiB |",
@@ -164,24 +100,29 @@ fn main() {
 
     // Allocations on the forwarding path: 200 participants, one 20 ms round
     // of packets (each forwarded to 3), counted over 50 rounds.
-    let mut h = everyone_talking(if full { 200 } else { 8 }, 3, BiteConfig::default(), 2);
+    let mut h = everyone_talking(
+        config(BiteConfig::default()),
+        if full { 200 } else { 8 },
+        3,
+        2 * 50,
+    );
     let before_fwd = h.sfu.snapshot().stats.forwarded;
     let (mut allocs, mut packets) = (0u64, 0u64);
     for round in 0..50u32 {
         h.now += Duration::from_millis(20);
         let mut datagrams = Vec::new();
         for i in 0..h.clients.len() {
-            for d in h.produce(i, &payload(1000 + round), -20) {
+            for d in h.produce(i, &opus_payload(1000 + round), -20) {
                 datagrams.push((h.clients[i].addr, d));
             }
         }
         let now = h.now;
-        let a0 = ALLOCS.load(Relaxed);
+        let a0 = CountingAlloc::allocations();
         for (source, d) in &datagrams {
             h.sfu.handle_datagram(now, *source, d);
             while h.sfu.poll_transmit().is_some() {}
         }
-        allocs += ALLOCS.load(Relaxed) - a0;
+        allocs += CountingAlloc::allocations() - a0;
         packets += datagrams.len() as u64;
         h.step(Duration::from_millis(1));
     }

@@ -8,71 +8,27 @@
 //! section 8). One allocation per forwarded packet in our code would add a
 //! third to the count and fail this test.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use beep_sfu::testkit::Harness;
-
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is forwarded unchanged to `System`; the counter is only
-// observed.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
+use beep_sfu::sfu::SfuConfig;
+use beep_sfu::testkit::load::{everyone_talking, opus_payload, CountingAlloc};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn payload(n: u32) -> Vec<u8> {
-    let mut p = vec![0x5A; 80];
-    p[0] = 0xF8;
-    p[1..5].copy_from_slice(&n.to_be_bytes());
-    p
-}
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 #[test]
 fn forwarding_allocates_only_what_str0m_does() {
-    // Two conversations of 4, everyone talking and hearing the 3 others.
-    let mut h = Harness::new();
-    for i in 0..8 {
-        h.add_client(&format!("talker{i}"), "t", true, 2);
-    }
-    h.connect_all();
-    for i in 0..8 {
-        h.join(i, &format!("room-{}", i / 4));
-    }
-    // Warm up: speakers selected, bites open, every queue at its size.
-    for n in 0..50 {
-        for i in 0..8 {
-            h.send(i, &payload(n), -20);
-        }
-        h.step(Duration::from_millis(20));
-    }
+    // Two conversations of 4, everyone talking and hearing the 3 others,
+    // warmed up: speakers selected, bites open, every queue at its size.
+    let config = SfuConfig::new("10.0.0.1:5000".parse().expect("an address"));
+    let mut h = everyone_talking(config, 8, 3, 50);
     let before = h.sfu.snapshot().stats;
     let (mut allocs, mut packets) = (0u64, 0u64);
     for n in 50..100 {
         h.now += Duration::from_millis(20);
         let mut datagrams = Vec::new();
         for i in 0..8 {
-            for d in h.produce(i, &payload(n), -20) {
+            for d in h.produce(i, &opus_payload(n), -20) {
                 datagrams.push((h.clients[i].addr, d));
             }
         }
@@ -83,11 +39,11 @@ fn forwarding_allocates_only_what_str0m_does() {
             // an RTCP report or an ICE check takes str0m's other paths.
             let rtp = d.first().is_some_and(|b| (128..=191).contains(b))
                 && d.get(1).is_some_and(|pt| !(192..=223).contains(pt));
-            let before = ALLOCS.load(Relaxed);
+            let before = CountingAlloc::allocations();
             h.sfu.handle_datagram(now, *source, d);
             while h.sfu.poll_transmit().is_some() {}
             if rtp {
-                allocs += ALLOCS.load(Relaxed) - before;
+                allocs += CountingAlloc::allocations() - before;
                 packets += 1;
             }
         }

@@ -2,12 +2,14 @@
 //! `_internal_test_exports` is the model): one Opus WebRTC client for every
 //! test, bench and the load generator ([`OpusClient`]), the in-memory
 //! [`Harness`] that wires such clients to the core, and the bench hooks
-//! into the core's internals ([`internals`]). The server binary never
+//! into the core's internals ([`internals`]), and what the benches and the
+//! allocation test build alike ([`load`]). The server binary never
 //! contains it.
 
 mod client;
 pub mod fuzz;
 mod harness;
+pub mod load;
 
 pub use crate::sfu::internals;
 pub use client::{ClientOutput, OpusClient};
