@@ -273,58 +273,9 @@ impl Config {
                 "--permissions-host: {permissions_host:?} must be an http:// URL (the service is reached inside the cluster)"
             ));
         }
-        let nats = match a.nats.as_deref().map(str::trim) {
-            Some("" | "none") => None,
-            Some(url) => Some(url.to_string()),
-            None if a.dev => None,
-            None => Some("nats://localhost:4222".to_string()),
-        };
-        if let Some(url) = &nats {
-            if !(url.starts_with("nats://") || url.starts_with("tls://") || url.contains(':')) {
-                return Err(format!(
-                    "--nats: {url:?} is not a NATS URL like nats://host:4222"
-                ));
-            }
-        }
+        let nats = nats_url(&a)?;
         let (node_id, cluster_subject) = cluster_settings(&a)?;
-        for (flag, subject) in [
-            ("--bite-subject", &a.bite_subject),
-            ("--store-subject", &a.store_subject),
-        ] {
-            if subject.is_empty() || subject.contains(char::is_whitespace) {
-                return Err(format!("{flag}: {subject:?} is not a NATS subject"));
-            }
-        }
-        if !(-127..=0).contains(&a.silence_dbov) {
-            return Err("--silence-dbov: must be between -127 and 0".into());
-        }
-        if a.bite_max_ms < 100 || a.bite_silence_ms == 0 {
-            return Err("--bite-max-ms must be at least 100 and --bite-silence-ms above 0".into());
-        }
-        if a.max_peers_per_user == 0 {
-            return Err("--max-peers-per-user: must be at least 1".into());
-        }
-        if a.max_peers == 0 {
-            return Err("--max-peers: must be at least 1".into());
-        }
-        if a.max_signalling == 0 {
-            return Err("--max-signalling: must be at least 1".into());
-        }
-        // Durations are bounded both ways: zero makes no sense, and a huge
-        // value would overflow `Instant + Duration` on the media loop.
-        for (flag, v, max) in [
-            ("--connect-timeout-secs", a.connect_timeout_secs, 600),
-            ("--idle-timeout-secs", a.idle_timeout_secs, 3_600),
-            ("--membership-grace-secs", a.membership_grace_secs, 86_400),
-            ("--permissions-timeout-ms", a.permissions_timeout_ms, 60_000),
-            ("--bite-silence-ms", a.bite_silence_ms, 10_000),
-            ("--bite-max-ms", a.bite_max_ms, 600_000),
-            ("--loop-stall-secs", a.loop_stall_secs, 3_600),
-        ] {
-            if v == 0 || v > max {
-                return Err(format!("{flag}: must be between 1 and {max}"));
-            }
-        }
+        check_limits(&a)?;
         let admin_listen = match a.admin_listen.as_deref().map(str::trim) {
             None | Some("" | "none") => None,
             Some(s) => Some(parse_addr(s).map_err(|e| format!("--admin-listen: {e}"))?),
@@ -335,17 +286,7 @@ impl Config {
             .map(|o| o.trim().trim_end_matches('/').to_string())
             .filter(|o| !o.is_empty())
             .collect();
-        let bites_dir = match a.bites_dir {
-            Some(d) if d.as_os_str() == "none" => None,
-            Some(d) => Some(d),
-            None => a.dev.then(|| PathBuf::from("bites")),
-        };
-        let spool_dir = match a.spool_dir {
-            Some(d) if d.as_os_str() == "none" => None,
-            Some(d) => Some(d),
-            None if a.dev => bites_dir.as_ref().map(|b| b.join("spool")),
-            None => None,
-        };
+        let (bites_dir, spool_dir) = storage_dirs(&a);
         Ok(Config {
             listen,
             udp,
@@ -386,6 +327,85 @@ impl Config {
             .map(|ip| SocketAddr::new(*ip, self.udp.port()))
             .collect()
     }
+}
+
+/// The NATS URL (`None`: no NATS), checked to look like one.
+fn nats_url(a: &Args) -> Result<Option<String>, String> {
+    let nats = match a.nats.as_deref().map(str::trim) {
+        Some("" | "none") => None,
+        Some(url) => Some(url.to_string()),
+        None if a.dev => None,
+        None => Some("nats://localhost:4222".to_string()),
+    };
+    if let Some(url) = &nats {
+        if !(url.starts_with("nats://") || url.starts_with("tls://") || url.contains(':')) {
+            return Err(format!(
+                "--nats: {url:?} is not a NATS URL like nats://host:4222"
+            ));
+        }
+    }
+    Ok(nats)
+}
+
+/// The subjects, limits and durations that need no parsing, each checked
+/// against its bounds; the error names the flag.
+fn check_limits(a: &Args) -> Result<(), String> {
+    for (flag, subject) in [
+        ("--bite-subject", &a.bite_subject),
+        ("--store-subject", &a.store_subject),
+    ] {
+        if subject.is_empty() || subject.contains(char::is_whitespace) {
+            return Err(format!("{flag}: {subject:?} is not a NATS subject"));
+        }
+    }
+    if !(-127..=0).contains(&a.silence_dbov) {
+        return Err("--silence-dbov: must be between -127 and 0".into());
+    }
+    if a.bite_max_ms < 100 || a.bite_silence_ms == 0 {
+        return Err("--bite-max-ms must be at least 100 and --bite-silence-ms above 0".into());
+    }
+    if a.max_peers_per_user == 0 {
+        return Err("--max-peers-per-user: must be at least 1".into());
+    }
+    if a.max_peers == 0 {
+        return Err("--max-peers: must be at least 1".into());
+    }
+    if a.max_signalling == 0 {
+        return Err("--max-signalling: must be at least 1".into());
+    }
+    // Durations are bounded both ways: zero makes no sense, and a huge
+    // value would overflow `Instant + Duration` on the media loop.
+    for (flag, v, max) in [
+        ("--connect-timeout-secs", a.connect_timeout_secs, 600),
+        ("--idle-timeout-secs", a.idle_timeout_secs, 3_600),
+        ("--membership-grace-secs", a.membership_grace_secs, 86_400),
+        ("--permissions-timeout-ms", a.permissions_timeout_ms, 60_000),
+        ("--bite-silence-ms", a.bite_silence_ms, 10_000),
+        ("--bite-max-ms", a.bite_max_ms, 600_000),
+        ("--loop-stall-secs", a.loop_stall_secs, 3_600),
+    ] {
+        if v == 0 || v > max {
+            return Err(format!("{flag}: must be between 1 and {max}"));
+        }
+    }
+    Ok(())
+}
+
+/// Where bites are written and spooled (`none` turns either off; `--dev`
+/// writes under `bites/`).
+fn storage_dirs(a: &Args) -> (Option<PathBuf>, Option<PathBuf>) {
+    let bites_dir = match a.bites_dir.clone() {
+        Some(d) if d.as_os_str() == "none" => None,
+        Some(d) => Some(d),
+        None => a.dev.then(|| PathBuf::from("bites")),
+    };
+    let spool_dir = match a.spool_dir.clone() {
+        Some(d) if d.as_os_str() == "none" => None,
+        Some(d) => Some(d),
+        None if a.dev => bites_dir.as_ref().map(|b| b.join("spool")),
+        None => None,
+    };
+    (bites_dir, spool_dir)
 }
 
 /// This node's id and the cluster's subject prefix (`None`: alone),
