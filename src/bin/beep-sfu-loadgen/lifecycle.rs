@@ -19,8 +19,9 @@ use crossbeam_channel::Receiver;
 use rand::Rng;
 use serde_json::json;
 
+use super::outcome::{report, Outcome};
 use super::participant::WebRtcParticipant;
-use super::{measure, probe, report, Driver, Outcome, RunArgs};
+use super::{measure, probe, Driver, RunArgs};
 
 /// How long one client keeps retrying before it counts as failed.
 const GIVE_UP: Duration = Duration::from_secs(120);
