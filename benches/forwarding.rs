@@ -73,23 +73,6 @@ fn report_timed(name: &str) {
     );
 }
 
-/// The timed part of a `forward/*` iteration: every datagram into the core
-/// and every transmit out. A function of its own (never inlined) so that
-/// callgrind can count exactly this: `--toggle-collect='*forward_batch*'`.
-#[inline(never)]
-fn forward_batch(h: &mut Harness, source: std::net::SocketAddr, datagrams: &[Vec<u8>]) -> usize {
-    TIMED_PACKETS.fetch_add(datagrams.len() as u64, Relaxed);
-    let now = h.now;
-    let mut out = 0usize;
-    for d in datagrams {
-        h.sfu.handle_datagram(now, source, d);
-        while let Some(t) = h.sfu.poll_transmit() {
-            out += t.contents.len();
-        }
-    }
-    out
-}
-
 fn forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("forward");
     for (fanout, resident) in [(1usize, 0usize), (3, 0), (10, 0), (3, 200)] {
@@ -114,15 +97,20 @@ fn forward(c: &mut Criterion) {
                     for _ in 0..chunk {
                         h.now += Duration::from_micros(20);
                         n += 1;
-                        datagrams.extend(h.produce(speaker, &payload(n), -20));
+                        let produced = h.produce(speaker, &payload(n), -20);
+                        datagrams.extend(produced.into_iter().map(|d| (source, d)));
                     }
                     assert!(
                         datagrams.len() as u64 >= chunk,
                         "the speaker produced its packets"
                     );
+                    let mut stun = Vec::new();
                     let t = Instant::now();
-                    let out = forward_batch(&mut h, source, &datagrams);
+                    let out = timed_batch(&mut h, &datagrams, &mut stun);
                     total += t.elapsed();
+                    for (from, to, d) in stun {
+                        h.deliver(from, to, &d);
+                    }
                     assert!(out > 0, "the core sent the forwarded packets");
                     black_box(out);
                     // Untimed: let ICE consent checks and RTCP flow both ways
@@ -171,7 +159,7 @@ fn rotating(c: &mut Criterion) {
                     processed += (rounds * participants) as u64;
                     let mut stun = Vec::new();
                     let t = Instant::now();
-                    let out = rotate_batch(&mut h, &datagrams, &mut stun);
+                    let out = timed_batch(&mut h, &datagrams, &mut stun);
                     total += t.elapsed();
                     // Untimed: the core's ICE consent checks reach their
                     // clients (most simulated time passes in the timed part).
@@ -192,10 +180,12 @@ fn rotating(c: &mut Criterion) {
     g.finish();
 }
 
-/// The timed part of a `rotating/*` iteration (never inlined, for
-/// callgrind's `--toggle-collect='*rotate_batch*'`).
+/// The timed part of a `forward/*` or `rotating/*` iteration: every
+/// datagram into the core and every transmit out, with the core's ICE checks
+/// kept for the clients. A function of its own (never inlined) so that
+/// callgrind counts exactly this: `--toggle-collect='*timed_batch*'`.
 #[inline(never)]
-fn rotate_batch(
+fn timed_batch(
     h: &mut Harness,
     datagrams: &[(SocketAddr, Vec<u8>)],
     stun: &mut Vec<(SocketAddr, SocketAddr, Vec<u8>)>,

@@ -425,7 +425,7 @@ impl UdpParticipant {
             tally: Tally::default(),
             buf: vec![0; 2048],
         };
-        // A registration datagram (seq u32::MAX is not forwarded by the relay).
+        // A registration datagram (the relay does not forward `REGISTER`).
         p.socket
             .send_to(&p.datagram(crate::relay::REGISTER, 0), relay)?;
         Ok(p)
