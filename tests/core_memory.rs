@@ -555,3 +555,44 @@ fn every_forwarded_packet_names_its_speaker_by_csrc() {
         }
     }
 }
+
+/// Relayed packets leave as `SfuEvent::Relay`, counted here.
+fn relayed(h: &mut Harness) -> usize {
+    h.events
+        .drain(..)
+        .filter(|e| matches!(e, SfuEvent::Relay { .. }))
+        .count()
+}
+
+#[test]
+fn only_packets_that_can_matter_are_relayed_to_other_nodes() {
+    use beep_sfu::sfu::ClusterInput;
+    let (mut h, ids) = joined("x", &["alice"]);
+    let alice = ids[0];
+    // Node b has members of x: x's packets now have somewhere to go.
+    h.sfu.handle_cluster(
+        h.now,
+        ClusterInput::Heartbeat {
+            node: "b".into(),
+            conversations: vec!["x".into()],
+            users: vec![],
+        },
+    );
+    h.events.clear();
+    // Silence from a speaker who is not active here changes nobody's
+    // selection on b: not relayed.
+    for n in 0..20 {
+        h.send(alice, &payload(alice, n), -127);
+        h.step(Duration::from_millis(20));
+    }
+    assert_eq!(relayed(&mut h), 0, "silence from an inactive speaker");
+    // Voiced packets are relayed, every one.
+    talk(&mut h, &[alice], 20);
+    assert_eq!(relayed(&mut h), 20, "voiced packets");
+    // Now active, her silence is relayed too (b hears her pause, not a gap).
+    for n in 20..25 {
+        h.send(alice, &payload(alice, n), -127);
+        h.step(Duration::from_millis(20));
+    }
+    assert_eq!(relayed(&mut h), 5, "silence from an active speaker");
+}

@@ -70,6 +70,9 @@ pub struct Heard<'a> {
     pub name: &'a str,
     /// (subscriber, slot index) pairs that carry the speaker.
     pub listeners: &'a [(PeerId, usize)],
+    /// The speaker is among the conversation's active speakers (after this
+    /// packet).
+    pub active: bool,
 }
 
 /// Every conversation, by interned key and by name.
@@ -142,13 +145,6 @@ impl Conversations {
     /// The key of an existing conversation.
     pub fn key(&self, name: &str) -> Option<ConvKey> {
         self.keys.get(name).copied()
-    }
-
-    /// True if `speaker` is one of the conversation's active speakers.
-    pub fn is_active(&self, key: ConvKey, speaker: SpeakerId) -> bool {
-        self.by_key
-            .get(&key)
-            .is_some_and(|c| c.selector.is_active(speaker))
     }
 
     /// Names of the conversations with at least one local member.
@@ -278,6 +274,7 @@ impl Conversations {
         Some(Heard {
             name: &conv.name,
             listeners: conv.listeners.get(&speaker).map_or(&[], Vec::as_slice),
+            active: conv.selector.is_active(speaker),
         })
     }
 

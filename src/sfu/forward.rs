@@ -39,13 +39,13 @@ impl Sfu {
         let Some(heard) = self.convs.on_packet(key, speaker, level, now) else {
             return;
         };
+        let voiced = self.config.speaker.is_voiced(level);
         if let Some(peer) = self.peers.get(src) {
             let owner = Owner {
                 conversation: heard.name,
                 userid: &peer.claim().userid,
                 clientid: &peer.claim().clientid,
             };
-            let voiced = self.config.speaker.is_voiced(level);
             let ts = pkt.header.timestamp;
             let done = self
                 .bites
@@ -65,10 +65,12 @@ impl Sfu {
             marker: pkt.header.marker,
         };
         // Other nodes with members of this conversation (none, and no cost,
-        // when the conversation lives on this node alone).
-        let relay = self
-            .cluster
-            .relay_targets(heard.name)
+        // when the conversation lives on this node alone), if the packet can
+        // matter to their selection: a voiced packet, or one from a speaker
+        // active here. (Silence from a speaker nobody hears cannot.)
+        let relay = (voiced || heard.active)
+            .then(|| self.cluster.relay_targets(heard.name))
+            .flatten()
             .map(|to| (to.clone(), heard.name.to_string()));
         let fwd = Forward {
             incoming,
@@ -85,14 +87,9 @@ impl Sfu {
             &mut self.out,
             &mut self.stats,
         );
-        // Relayed if it can matter to their selection: a voiced packet, or
-        // one from a speaker active here. (Silence from a speaker nobody
-        // hears cannot.)
         if let Some((to, name)) = relay {
-            if self.config.speaker.is_voiced(level) || self.convs.is_active(key, speaker) {
-                let packet = relay::relayed(name, speaker, csrc, &incoming, &ext, &pkt.payload);
-                self.relay_out(to, packet);
-            }
+            let packet = relay::relayed(name, speaker, csrc, &incoming, &ext, &pkt.payload);
+            self.relay_out(to, packet);
         }
     }
 }
