@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use beep_sfu::sfu::{BiteConfig, PeerId, SpeakerConfig};
+use beep_sfu::sfu::{BiteConfig, PeerId, SpeakerConfig, UnixClock};
 use beep_sfu::testkit::internals::{
-    self as demux, BiteAssembler, Demux, Owner, TimerHeap, TimerKey,
+    self as demux, bite_to_ogg, BiteAssembler, Demux, Owner, TimerHeap, TimerKey,
 };
 use beep_sfu::testkit::internals::{Conversations, SpeakerId};
 use beep_sfu::testkit::load::{everyone_talking, opus_payload as payload, unmetered_config};
@@ -339,7 +339,8 @@ fn timer_bench(c: &mut Criterion) {
 fn bite_bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("bite");
     let t0 = Instant::now();
-    let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 0));
+    let mut a = BiteAssembler::new(BiteConfig::default());
+    let clock = UnixClock::new(t0, 0);
     let p: Arc<[u8]> = Arc::from(payload(1).into_boxed_slice());
     let mut n = 0u32;
     g.throughput(Throughput::Elements(1));
@@ -350,12 +351,13 @@ fn bite_bench(c: &mut Criterion) {
                 conversation: "room",
                 userid: "u",
                 clientid: "c",
+                clock: &clock,
             };
             let now = t0 + Duration::from_millis(u64::from(n) * 20);
             black_box(a.on_packet(PeerId(1), owner, n.wrapping_mul(960), &p, true, now));
             // One-second bites: the Ogg encode is amortised over 50 packets.
             if n.is_multiple_of(50) {
-                black_box(a.flush(PeerId(1)).map(|b| b.audio.to_ogg()));
+                black_box(a.flush(PeerId(1)).map(|b| bite_to_ogg(&b.audio)));
             }
         })
     });

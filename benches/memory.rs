@@ -11,9 +11,9 @@
 //!
 //! `cargo bench --bench memory`. Not timed: it prints a table.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use beep_sfu::sfu::{BiteConfig, Sfu, SfuConfig};
+use beep_sfu::sfu::{BiteConfig, Sfu, SfuConfig, UnixClock};
 use beep_sfu::testkit::load::{everyone_talking, opus_payload, unmetered_config, CountingAlloc};
 use beep_sfu::testkit::Harness;
 
@@ -30,7 +30,7 @@ fn config(bites: BiteConfig) -> SfuConfig {
 
 /// Bytes the core holds: what dropping it frees.
 fn core_heap(h: &mut Harness, bites: BiteConfig) -> i64 {
-    let empty = Sfu::new(config(bites));
+    let empty = Sfu::new(config(bites), UnixClock::new(Instant::now(), 0));
     let before = CountingAlloc::live_bytes();
     drop(std::mem::replace(&mut h.sfu, empty));
     before - CountingAlloc::live_bytes()

@@ -58,7 +58,6 @@ mod http;
 pub mod metrics;
 mod nats_connect;
 mod net;
-mod ogg_opus;
 mod permissions;
 pub mod proto;
 pub mod server;

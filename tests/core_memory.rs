@@ -164,7 +164,7 @@ fn user_in_two_conversations_in_turn() {
     assert!(senders_heard(&h, c).is_empty(), "carol is elsewhere");
     // Alice moves to conversation two: bob no longer hears her, carol does.
     h.join(a, "two");
-    assert_eq!(h.sfu.conversation_of("alice"), Some("two"));
+    assert_eq!(h.sfu._conversation_of("alice"), Some("two"));
     let before_b = h.clients[b].received.len();
     talk(&mut h, &[a], 10);
     assert_eq!(h.clients[b].received.len(), before_b);
@@ -272,10 +272,10 @@ fn silent_peer_is_removed_and_membership_outlives_it_for_the_grace() {
         .iter()
         .any(|e| matches!(e, SfuEvent::PeerClosed { peer: p, .. } if *p == peer)));
     // Alice keeps her conversation during the grace period, then loses it.
-    assert_eq!(h.sfu.conversation_of("a"), Some("room"));
+    assert_eq!(h.sfu._conversation_of("a"), Some("room"));
     h.now += Duration::from_secs(61);
     h.sfu.handle_timeout(h.now);
-    assert_eq!(h.sfu.conversation_of("a"), None);
+    assert_eq!(h.sfu._conversation_of("a"), None);
     assert_eq!(h.sfu.snapshot().conversations, 0);
 }
 
@@ -355,9 +355,9 @@ fn a_client_reconnecting_within_the_grace_lands_back_in_the_conversation() {
     for _ in 0..20 {
         h.step(Duration::from_millis(20));
     }
-    assert!(!h.sfu.is_connected(h.clients[a].peer), "old peer gone");
+    assert!(!h.sfu._is_connected(h.clients[a].peer), "old peer gone");
     assert_eq!(
-        h.sfu.conversation_of("alice"),
+        h.sfu._conversation_of("alice"),
         Some("room"),
         "membership kept"
     );
@@ -365,7 +365,7 @@ fn a_client_reconnecting_within_the_grace_lands_back_in_the_conversation() {
     let again = h.add_client("alice", "phone", true, 0);
     h.clients[a].connected = true; // the closed client is not waited for
     for _ in 0..400 {
-        if h.sfu.is_connected(h.clients[again].peer) && h.clients[again].connected {
+        if h.sfu._is_connected(h.clients[again].peer) && h.clients[again].connected {
             break;
         }
         h.step(Duration::from_millis(5));
@@ -418,7 +418,7 @@ fn junk_from_a_connected_peers_own_address_disturbs_nothing() {
         h.sfu.handle_datagram(h.now, source, &d);
     }
     while h.sfu.poll_transmit().is_some() {}
-    assert!(h.sfu.is_connected(h.clients[a].peer) && h.sfu.is_connected(h.clients[b].peer));
+    assert!(h.sfu._is_connected(h.clients[a].peer) && h.sfu._is_connected(h.clients[b].peer));
     // The call goes on.
     h.clients[b].received.clear();
     talk(&mut h, &[a], 10);
@@ -448,7 +448,7 @@ fn one_user_cannot_take_more_than_their_share_of_peers() {
     };
     assert_eq!(
         h.connect(claim("greedy"), &offer).unwrap_err(),
-        ConnectError::UserLimit
+        ConnectError::UserLimit { limit: 2 }
     );
     assert!(h.connect(claim("modest"), &offer).is_ok());
 }
@@ -498,7 +498,7 @@ fn a_flooding_peer_is_held_to_its_budget_and_other_calls_go_on() {
 fn slots_are_capped_at_sixteen() {
     let mut h = Harness::new();
     let greedy = h.add_client("greedy", "g", false, 40);
-    assert_eq!(h.sfu.slot_count(h.clients[greedy].peer), Some(16));
+    assert_eq!(h.sfu._slot_count(h.clients[greedy].peer), Some(16));
 }
 
 #[test]

@@ -20,6 +20,7 @@ use super::response::Response;
 use super::Context;
 use crate::command::{Command, PeerNotice};
 use crate::sfu::{self, Claim, Reply, MAX_OFFER_BYTES};
+use crate::signalling::close::outcome_label;
 use crate::signalling::session::ConnectReply;
 use crate::signalling::{Action, CloseCode, ReadFault, Session};
 
@@ -231,7 +232,7 @@ impl Connection<'_> {
                 ConnectReply::Answer(Ok((peer, answer)))
             }
             Ok(Reply::Connect(Err(e))) => {
-                self.ctx.metrics.outcome(e.metric_label());
+                self.ctx.metrics.outcome(outcome_label(&e));
                 info!(
                     "offer from {}/{} refused: {e}",
                     self.claim.userid, self.claim.clientid

@@ -21,6 +21,7 @@ use log::{debug, error, info};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::clock::unix_clock_now;
 use super::health::{LoopHealth, EXIT_LOOP_FAILED};
 use super::memory::HeapTrim;
 use super::tcp::{TcpLimits, TcpMedia};
@@ -129,7 +130,7 @@ pub(crate) fn spawn(
     let media = MediaLoop {
         poll,
         socket,
-        sfu: Sfu::new(config.sfu),
+        sfu: Sfu::new(config.sfu, unix_clock_now()),
         inbox,
         notices: HashMap::new(),
         metrics: config.metrics,
@@ -221,7 +222,7 @@ impl MediaLoop {
             if clock_anchored.elapsed() >= CLOCK_REANCHOR {
                 self.metrics.loop_wakes.inc_by(wakes);
                 wakes = 0;
-                self.sfu.set_unix_clock(crate::sfu::unix_clock_now());
+                self.sfu.set_unix_clock(unix_clock_now());
                 if let Some(tcp) = &mut self.tcp {
                     tcp.sweep(Instant::now(), self.poll.registry(), &self.metrics);
                 }

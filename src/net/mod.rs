@@ -1,6 +1,7 @@
 //! The driver: the media loop that owns the socket and the core, and its
 //! health pulse, and the heap trim it runs after a peak.
 
+pub(crate) mod clock;
 mod health;
 mod media_loop;
 mod memory;

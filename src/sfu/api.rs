@@ -5,19 +5,58 @@
 //! harness calls the core with the same enum.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::bite::FinishedBite;
-use super::peer::{Claim, CloseReason};
+use super::ids::PeerId;
 pub use crate::proto::cluster::{Member, RelayedPacket};
 
-/// Identifies a peer for its whole life; ids are never reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PeerId(pub u64);
+/// Who a peer belongs to, from the `X-User-Claim` header set by the auth proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// Beep user id.
+    pub userid: String,
+    /// The user's device (client) id.
+    pub clientid: String,
+}
 
-impl fmt::Display for PeerId {
+/// Why a peer was removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// ICE/DTLS did not complete within the connect timeout.
+    ConnectTimeout,
+    /// No datagram for the idle timeout.
+    Idle,
+    /// ICE reported the peer disconnected, or DTLS was closed.
+    Disconnected,
+    /// The peer's WebRTC stack failed.
+    Failed(PeerFailure),
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// How a peer's WebRTC stack (str0m) failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerFailure {
+    /// str0m panicked on an input; only this peer is closed.
+    Panicked,
+    /// str0m returned an error while being drained (its text).
+    Rtc(String),
+}
+
+impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        match self {
+            CloseReason::ConnectTimeout => write!(f, "not connected within the connect timeout"),
+            CloseReason::Idle => write!(f, "no traffic within the idle timeout"),
+            CloseReason::Disconnected => write!(f, "disconnected"),
+            CloseReason::Failed(PeerFailure::Panicked) => {
+                write!(f, "failed: the WebRTC stack panicked on an input")
+            }
+            CloseReason::Failed(PeerFailure::Rtc(e)) => write!(f, "failed: {e}"),
+            CloseReason::Shutdown => write!(f, "server shutting down"),
+        }
     }
 }
 
@@ -121,7 +160,7 @@ pub enum Reply {
     /// To `Connect`: the new peer and its SDP answer, or why not.
     Connect(Result<(PeerId, String), ConnectError>),
     /// To `Candidate`: added, or why it was not.
-    Candidate(Result<(), String>),
+    Candidate(Result<(), CandidateError>),
     /// To `Join`: applied, or why not.
     Join(Result<(), JoinError>),
     /// To `Shutdown`: every peer is closing.
@@ -131,43 +170,127 @@ pub enum Reply {
 /// Why a connect was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectError {
-    /// The peer limit is reached.
-    ServerFull,
+    /// The peer limit (`limit` peers) is reached.
+    ServerFull {
+        /// The limit (`--max-peers`).
+        limit: usize,
+    },
     /// This user already has the most clients allowed.
-    UserLimit,
+    UserLimit {
+        /// The limit (`--max-peers-per-user`).
+        limit: usize,
+    },
     /// The server is shutting down.
     ShuttingDown,
     /// The offer could not be parsed or accepted.
-    MalformedOffer(String),
+    MalformedOffer(OfferError),
     /// The offer has no audio m-line with Opus.
     NoOpus,
     /// The server failed (not the client's fault).
-    Internal(String),
+    Internal(InternalError),
 }
 
-impl ConnectError {
-    /// Label for the signalling outcome metric.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            ConnectError::ServerFull => "ws_server_full",
-            ConnectError::UserLimit => "ws_user_limit",
-            ConnectError::ShuttingDown => "ws_shutting_down",
-            ConnectError::MalformedOffer(_) => "ws_malformed_offer",
-            ConnectError::NoOpus => "ws_no_opus",
-            ConnectError::Internal(_) => "ws_internal_error",
-        }
-    }
+/// What is wrong with an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfferError {
+    /// Larger than the limit.
+    TooLarge {
+        /// Its size in bytes.
+        len: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// It does not start with `v=0`.
+    NotSdp,
+    /// str0m could not parse it (str0m's reason).
+    Unparsable(String),
+    /// str0m parsed it but would not accept it (str0m's reason).
+    Refused(String),
+}
+
+/// A failure on the server's side while creating a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InternalError {
+    /// A configured server candidate address was refused by str0m.
+    ServerCandidate(SocketAddr),
+    /// str0m panicked while accepting this offer.
+    StackPanicked,
+    /// The peer failed while being set up, right after its offer.
+    FailedAtOnce(PeerId),
+}
+
+/// Why a trickled candidate was not added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CandidateError {
+    /// str0m panicked parsing it.
+    Unparsable {
+        /// For which peer.
+        peer: PeerId,
+    },
+    /// It is not a valid candidate line (str0m's reason).
+    Malformed {
+        /// For which peer.
+        peer: PeerId,
+        /// What str0m said.
+        reason: String,
+    },
+    /// The peer no longer exists.
+    PeerGone(PeerId),
 }
 
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConnectError::ServerFull => write!(f, "server is at its peer limit"),
-            ConnectError::UserLimit => write!(f, "this user has too many connected clients"),
+            ConnectError::ServerFull { limit } => {
+                write!(f, "server is at its limit of {limit} peers")
+            }
+            ConnectError::UserLimit { limit } => {
+                write!(
+                    f,
+                    "this user has {limit} connected clients, the most allowed"
+                )
+            }
             ConnectError::ShuttingDown => write!(f, "server is shutting down"),
             ConnectError::MalformedOffer(e) => write!(f, "malformed offer: {e}"),
             ConnectError::NoOpus => write!(f, "offer has no audio m-line with Opus"),
             ConnectError::Internal(e) => write!(f, "server error: {e}"),
+        }
+    }
+}
+
+impl fmt::Display for OfferError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OfferError::TooLarge { len, limit } => {
+                write!(f, "offer of {len} bytes is larger than {limit} bytes")
+            }
+            OfferError::NotSdp => write!(f, "an SDP offer starts with v=0"),
+            OfferError::Unparsable(e) => write!(f, "{e}"),
+            OfferError::Refused(e) => write!(f, "refused: {e}"),
+        }
+    }
+}
+
+impl fmt::Display for InternalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InternalError::ServerCandidate(a) => write!(f, "server candidate {a} was refused"),
+            InternalError::StackPanicked => write!(f, "the WebRTC stack failed on this offer"),
+            InternalError::FailedAtOnce(p) => write!(f, "peer {p} failed right after its offer"),
+        }
+    }
+}
+
+impl fmt::Display for CandidateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CandidateError::Unparsable { peer } => {
+                write!(f, "peer {peer}: candidate could not be parsed")
+            }
+            CandidateError::Malformed { peer, reason } => {
+                write!(f, "peer {peer}: bad candidate: {reason}")
+            }
+            CandidateError::PeerGone(peer) => write!(f, "peer {peer} is gone"),
         }
     }
 }

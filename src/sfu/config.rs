@@ -6,8 +6,8 @@ use std::time::Duration;
 use str0m::net::Protocol;
 
 use super::bite::BiteConfig;
-use super::budget::BudgetConfig;
-use super::speaker::SpeakerConfig;
+use super::conversation::speaker::SpeakerConfig;
+use super::peer::budget::BudgetConfig;
 
 /// Settings of the core.
 #[derive(Debug, Clone)]

@@ -7,15 +7,12 @@ use std::time::Instant;
 use str0m::rtp::{ExtensionValues, RtpPacket};
 
 use super::bite::Owner;
-use super::budget::Overrun;
-use super::conversation::SpeakerId;
-use super::outbox::Outbox;
+use super::ids::{PeerId, SpeakerId};
+use super::peer::budget::Overrun;
+use super::peer::slot::Incoming;
 use super::peer::{Forward, Refused};
-use super::peers::PeerTable;
-use super::slot::Incoming;
 use super::stats::CoreStats;
-use super::timer::TimerHeap;
-use super::{arm, bite_event, relay, PeerId, Sfu};
+use super::{bite_event, relay, Sfu};
 
 impl Sfu {
     /// The forwarding path: the conversation decides who hears the packet,
@@ -45,6 +42,7 @@ impl Sfu {
                 conversation: heard.name,
                 userid: &peer.claim().userid,
                 clientid: &peer.claim().clientid,
+                clock: &self.clock,
             };
             let ts = pkt.header.timestamp;
             let done = self
@@ -69,7 +67,7 @@ impl Sfu {
         // matter to their selection: a voiced packet, or one from a speaker
         // active here. (Silence from a speaker nobody hears cannot.)
         let relay = (voiced || heard.active)
-            .then(|| self.cluster.relay_targets(heard.name))
+            .then(|| self.nodes.relay_targets(heard.name))
             .flatten()
             .map(|to| (to.clone(), heard.name.to_string()));
         let fwd = Forward {
@@ -78,15 +76,9 @@ impl Sfu {
             ext: &ext,
             payload: &pkt.payload,
         };
-        deliver(
-            heard.listeners,
-            &fwd,
-            now,
-            &mut self.peers,
-            &mut self.timers,
-            &mut self.out,
-            &mut self.stats,
-        );
+        self.stats.forwarded +=
+            self.peers
+                .fan_out(heard.listeners, &fwd, now, &mut self.timers, &mut self.out);
         if let Some((to, name)) = relay {
             let packet = relay::relayed(name, speaker, csrc, &incoming, &ext, &pkt.payload);
             self.relay_out(to, packet);
@@ -102,27 +94,5 @@ fn count_refused(s: &mut CoreStats, refused: Refused) {
         Refused::Over(Overrun::Packets) => s.dropped_over_packet_rate += 1,
         Refused::Over(Overrun::Bytes) => s.dropped_over_byte_rate += 1,
         Refused::Over(Overrun::TooBig) => s.dropped_payload_too_big += 1,
-    }
-}
-
-/// Writes one packet to every listener's slot (local and relayed packets
-/// take this same path).
-pub(super) fn deliver(
-    listeners: &[(PeerId, usize)],
-    fwd: &Forward,
-    now: Instant,
-    peers: &mut PeerTable,
-    timers: &mut TimerHeap,
-    out: &mut Outbox,
-    stats: &mut CoreStats,
-) {
-    for &(sub, idx) in listeners {
-        let Some(peer) = peers.get_mut(sub) else {
-            continue;
-        };
-        if peer.forward(idx, fwd, now, out) {
-            stats.forwarded += 1;
-        }
-        arm(peer, timers);
     }
 }

@@ -3,11 +3,17 @@
 //!
 //! | part | holds |
 //! |---|---|
-//! | [`peers`] `PeerTable` | every [`peer`] `Peer` (its `Rtc`, slots, timers), the [`demux`], the connected count |
-//! | [`membership`] `Memberships` | users, their conversation, their clients, their grace period |
-//! | [`conversation`] `Conversations` | members, the [`speaker`] selector, slot assignment, the listener table |
-//! | [`bite`] `BiteAssembler` | the talk spurt being cut for each speaker |
-//! | [`timer`] `TimerHeap` | peer and grace deadlines |
+//! | `peer/` | `PeerTable` (`table.rs`): every `Peer` (its `Rtc`, slots, timers), the demux (`demux.rs`), the connected count; a peer's offer checks, outbox, media budget and slot rewriting |
+//! | `conversation/` | `Conversations`: members, the speaker selector (`speaker.rs`), slot assignment, the listener table; `Memberships` (`membership.rs`): users, their conversation, clients, grace |
+//! | `bite/` | `BiteAssembler`: the talk spurt being cut for each speaker, and its audio (`audio.rs`) |
+//! | `nodes.rs` | `Nodes`: the other nodes of a cluster and their remote speakers |
+//! | `timer.rs` | `TimerHeap`: peer, grace and cluster deadlines |
+//! | `ids.rs`, `api.rs` | the ids every part shares; the driving vocabulary and its errors |
+//!
+//! The facade's own work is split by what it answers: `request.rs`
+//! (connect, candidate, join, shutdown), `forward.rs` (a local packet),
+//! `relay.rs` (what other nodes said), `lifecycle.rs` (a peer connects,
+//! times out, goes).
 //!
 //! [`Sfu`] owns no socket, thread, channel or clock. It is driven by
 //! [`Sfu::handle_datagram`], [`Sfu::handle_request`] and
@@ -16,22 +22,22 @@
 //! [`Sfu::poll_timeout`]. What remains in this file is glue: it takes what
 //! one part decided and hands it to the next.
 
+mod api;
 mod bite;
-mod bite_audio;
-mod budget;
-mod cluster;
+mod clock;
+mod config;
 mod conversation;
-mod demux;
 mod forward;
-mod membership;
-mod offer;
-mod outbox;
+mod ids;
+mod lifecycle;
+mod nodes;
+pub(crate) mod opus;
 mod peer;
-mod peers;
 mod relay;
-mod slot;
-mod speaker;
+mod request;
 mod stats;
+#[cfg(any(test, feature = "test-kit"))]
+mod test_hooks;
 #[cfg(test)]
 mod test_rng;
 mod timer;
@@ -42,38 +48,31 @@ use std::time::Instant;
 
 use log::{debug, info};
 use str0m::net::{Protocol, Transmit};
-use str0m::{Input, RtcConfig};
+use str0m::RtcConfig;
 
 pub use api::{
-    ClusterInput, ConnectError, JoinError, Member, PeerId, Presence, RelayedPacket, Reply, Request,
-    SfuEvent,
+    CandidateError, Claim, CloseReason, ClusterInput, ConnectError, InternalError, JoinError,
+    Member, OfferError, PeerFailure, Presence, RelayedPacket, Reply, Request, SfuEvent,
 };
-pub use bite::unix_clock_now;
-pub use bite::{BiteConfig, FinishedBite};
-pub use budget::BudgetConfig;
+pub use bite::{BiteAudio, BiteConfig, FinishedBite};
+pub use clock::UnixClock;
 pub use config::SfuConfig;
-pub use offer::MAX_OFFER_BYTES;
-pub use peer::{Claim, CloseReason};
-pub use speaker::{speaker_csrc, SpeakerConfig};
+pub use conversation::speaker::{speaker_csrc, SpeakerConfig};
+pub use ids::PeerId;
+pub use peer::budget::BudgetConfig;
+pub use peer::offer::MAX_OFFER_BYTES;
 pub(crate) use stats::Export;
 pub use stats::{CoreStats, Snapshot};
-
-use bite::BiteAssembler;
-use cluster::Cluster;
-use conversation::{ConvKey, Conversations};
-use membership::{Grace, Memberships, PeerGone};
-use outbox::{Outbox, Pending};
-use peer::{Limits, Peer, PeerTimer};
-use peers::{Dropped, PeerTable};
-use timer::{TimerHeap, TimerKey};
-
-mod admission;
-#[cfg(any(test, feature = "test-kit"))]
-mod test_hooks;
 #[cfg(feature = "test-kit")]
 pub use test_hooks::internals;
-mod api;
-mod config;
+
+use bite::BiteAssembler;
+use conversation::membership::{Grace, Memberships};
+use conversation::Conversations;
+use nodes::Nodes;
+use peer::outbox::{Outbox, Pending};
+use peer::table::{Dropped, PeerTable};
+use timer::{TimerHeap, TimerKey};
 
 /// The whole SFU state, driven by its caller.
 pub struct Sfu {
@@ -84,11 +83,11 @@ pub struct Sfu {
     convs: Conversations,
     bites: BiteAssembler,
     /// The other nodes, when this one is part of a cluster.
-    cluster: Cluster,
+    nodes: Nodes,
     /// True while a `TimerKey::Cluster` entry is in the heap.
     cluster_armed: bool,
-    /// Which Unix microsecond an `Instant` was (for membership stamps).
-    clock: (Instant, u64),
+    /// Which Unix time an `Instant` was (bite starts, membership stamps).
+    clock: UnixClock,
     timers: TimerHeap,
     out: Outbox,
     events: VecDeque<SfuEvent>,
@@ -99,21 +98,16 @@ pub struct Sfu {
 }
 
 impl Sfu {
-    /// A core with no peers, its bite start times read off the system clock.
-    pub fn new(config: SfuConfig) -> Self {
-        Self::with_clock(config, unix_clock_now())
-    }
-
-    /// A core whose Unix clock is given: `clock.0` is the `Instant` that was
-    /// Unix microsecond `clock.1` (bite start times derive from it).
-    pub fn with_clock(config: SfuConfig, clock: (Instant, u64)) -> Self {
+    /// A core with no peers. The core reads no clock: `clock` says which
+    /// Unix time an `Instant` was (bite start times derive from it).
+    pub fn new(config: SfuConfig, clock: UnixClock) -> Self {
         Sfu {
-            rtc_config: admission::rtc_config(),
+            rtc_config: request::rtc_config(),
             peers: PeerTable::default(),
             members: Memberships::new(config.membership_grace),
             convs: Conversations::new(config.speaker),
-            bites: BiteAssembler::new(config.bites, clock),
-            cluster: Cluster::default(),
+            bites: BiteAssembler::new(config.bites),
+            nodes: Nodes::default(),
             cluster_armed: false,
             clock,
             timers: TimerHeap::default(),
@@ -128,14 +122,8 @@ impl Sfu {
 
     /// Re-anchors the Unix clock bite start times derive from (the driver
     /// calls this now and then, so NTP adjustments are followed).
-    pub fn set_unix_clock(&mut self, clock: (Instant, u64)) {
-        self.bites.set_clock(clock);
+    pub fn set_unix_clock(&mut self, clock: UnixClock) {
         self.clock = clock;
-    }
-
-    /// Unix milliseconds at `now`.
-    fn unix_ms(&self, now: Instant) -> u64 {
-        (self.clock.1 + now.saturating_duration_since(self.clock.0).as_micros() as u64) / 1000
     }
 
     /// Feeds one received UDP datagram. (Never inlined: profiles, such as
@@ -264,8 +252,8 @@ impl Sfu {
             connected: self.peers.connected(),
             conversations: self.convs.count(),
             open_bites: self.bites.open_count(),
-            cluster_nodes: self.cluster.node_count(),
-            remote_speakers: self.cluster.speaker_count(),
+            cluster_nodes: self.nodes.node_count(),
+            remote_speakers: self.nodes.speaker_count(),
         }
     }
 
@@ -284,90 +272,11 @@ impl Sfu {
         }
     }
 
-    fn on_connected(&mut self, id: PeerId, now: Instant) {
-        if !self.peers.mark_connected(id) {
-            return;
-        }
-        let Some(peer) = self.peers.get(id) else {
-            return;
-        };
-        self.stats.peers_connected += 1;
-        match peer.addrs().first() {
-            Some((proto, a)) => info!("{} connected from {a} ({proto:?})", peer.label()),
-            None => info!("{} connected", peer.label()),
-        }
-        self.events.push_back(SfuEvent::PeerConnected(id));
-        if let Some(key) = self.members.peer_connected(&peer.claim().userid) {
-            self.convs.add_member(key, id, peer.slot_count(), now);
-        }
-        self.arm(id);
-    }
-
-    fn peer_timeout(&mut self, id: PeerId, at: Instant, now: Instant) {
-        let Some(peer) = self.peers.get_mut(id) else {
-            return;
-        };
-        if peer.armed() != Some(at) {
-            return; // stale entry
-        }
-        peer.set_armed(None);
-        match peer.expired(now) {
-            Some(PeerTimer::Connect) => self.remove_peer(id, CloseReason::ConnectTimeout, now),
-            Some(PeerTimer::Idle) => self.remove_peer(id, CloseReason::Idle, now),
-            Some(PeerTimer::Rtc) => {
-                self.stats.rtc_timeouts += 1;
-                if !peer.handle_input(Input::Timeout(now), &mut self.out) {
-                    self.stats.dropped_rejected += 1;
-                }
-                arm(peer, &mut self.timers);
-            }
-            None => arm(peer, &mut self.timers),
-        }
-    }
-
-    /// Takes a peer out of its conversation, finishing its open bite.
-    fn leave(&mut self, key: ConvKey, id: PeerId, now: Instant) {
-        if let Some(b) = self.bites.flush(id) {
-            self.events.push_back(bite_event(b));
-        }
-        self.convs.remove_member(key, id, now);
-    }
-
-    fn remove_peer(&mut self, id: PeerId, reason: CloseReason, now: Instant) {
-        if let Some(key) = self.convs.of(id) {
-            self.leave(key, id, now);
-        }
-        let Some(mut peer) = self.peers.remove(id) else {
-            return;
-        };
-        // Say goodbye (DTLS close_notify, RTCP BYE) if the peer got that far.
-        peer.close(&mut self.out);
-        let userid = &peer.claim().userid;
-        let keep = !self.shutting_down;
-        if let PeerGone::GraceUntil(t) = self.members.peer_removed(userid, id, now, keep) {
-            self.timers.push(t, TimerKey::Grace(userid.clone()));
-        }
-        self.stats.peers_closed += 1;
-        info!("{} closed: {reason}", peer.label());
-        self.events
-            .push_back(SfuEvent::PeerClosed { peer: id, reason });
-    }
-
     /// Makes sure the timer heap holds this peer's next deadline.
     fn arm(&mut self, id: PeerId) {
         if let Some(peer) = self.peers.get_mut(id) {
-            arm(peer, &mut self.timers);
+            peer.arm(&mut self.timers);
         }
-    }
-}
-
-/// Puts the peer's next deadline in the heap if it is earlier than the one
-/// already armed (later ones are found when the armed entry pops).
-fn arm(peer: &mut Peer, timers: &mut TimerHeap) {
-    let d = peer.next_deadline();
-    if peer.armed().is_none_or(|a| d < a) {
-        peer.set_armed(Some(d));
-        timers.push(d, TimerKey::Peer(peer.id()));
     }
 }
 

@@ -13,12 +13,12 @@ use log::info;
 use str0m::rtp::ExtensionValues;
 
 use super::api::{ClusterInput, Member, Presence, RelayedPacket};
-use super::cluster::Remote;
-use super::conversation::SpeakerId;
+use super::ids::SpeakerId;
+use super::nodes::RemoteSpeaker;
+use super::peer::slot::Incoming;
 use super::peer::Forward;
-use super::slot::Incoming;
 use super::timer::TimerKey;
-use super::{forward, Sfu, SfuEvent};
+use super::{Sfu, SfuEvent};
 
 impl Sfu {
     /// Feeds what another node of the cluster said.
@@ -29,9 +29,9 @@ impl Sfu {
                 conversations,
                 users,
             } => {
-                let known = self.cluster.node_count();
-                let idle = self.cluster.heartbeat(&node, conversations, now);
-                if self.cluster.node_count() > known {
+                let known = self.nodes.node_count();
+                let idle = self.nodes.heartbeat(&node, conversations, now);
+                if self.nodes.node_count() > known {
                     info!("cluster: node {node} is up");
                 }
                 self.forget_speakers(idle);
@@ -82,7 +82,7 @@ impl Sfu {
     /// The cluster timer fired: drops the nodes that fell silent.
     pub(super) fn cluster_timeout(&mut self, now: Instant) {
         self.cluster_armed = false;
-        for node in self.cluster.silent_nodes(now) {
+        for node in self.nodes.silent_nodes(now) {
             self.drop_node(&node, "fell silent");
         }
         self.arm_cluster();
@@ -108,7 +108,7 @@ impl Sfu {
     }
 
     fn drop_node(&mut self, node: &str, why: &str) {
-        if let Some(speakers) = self.cluster.remove_node(node) {
+        if let Some(speakers) = self.nodes.remove_node(node) {
             info!(
                 "cluster: node {node} {why}; {} of its speakers dropped",
                 speakers.len()
@@ -117,7 +117,7 @@ impl Sfu {
         }
     }
 
-    fn forget_speakers(&mut self, speakers: Vec<Remote>) {
+    fn forget_speakers(&mut self, speakers: Vec<RemoteSpeaker>) {
         for s in speakers {
             self.convs.remove_speaker(s.conv, s.id);
         }
@@ -128,7 +128,7 @@ impl Sfu {
         if self.cluster_armed {
             return;
         }
-        if let Some(at) = self.cluster.next_deadline() {
+        if let Some(at) = self.nodes.next_deadline() {
             self.timers.push(at, TimerKey::Cluster);
             self.cluster_armed = true;
         }
@@ -143,7 +143,7 @@ impl Sfu {
             self.stats.relay_dropped_no_conversation += 1;
             return;
         };
-        let Some(s) = self.cluster.speaking(node, p.speaker, key, now) else {
+        let Some(s) = self.nodes.speaking(node, p.speaker, key, now) else {
             return;
         };
         if let Some(old) = s.moved_from {
@@ -171,15 +171,9 @@ impl Sfu {
             ext: &ext,
             payload: &payload,
         };
-        forward::deliver(
-            heard.listeners,
-            &fwd,
-            now,
-            &mut self.peers,
-            &mut self.timers,
-            &mut self.out,
-            &mut self.stats,
-        );
+        self.stats.forwarded +=
+            self.peers
+                .fan_out(heard.listeners, &fwd, now, &mut self.timers, &mut self.out);
     }
 }
 
@@ -209,11 +203,15 @@ pub(super) fn relayed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sfu::{Request, SfuConfig};
+    use crate::sfu::{Request, SfuConfig, UnixClock};
     use std::time::Duration;
 
     fn sfu() -> Sfu {
-        Sfu::new(SfuConfig::new("127.0.0.1:50000".parse().unwrap()))
+        Sfu::new(
+            SfuConfig::new("127.0.0.1:50000".parse().unwrap()),
+            // 2023-11-14 in Unix microseconds: a realistic wall clock.
+            UnixClock::new(Instant::now(), 1_700_000_000_000_000),
+        )
     }
 
     fn join_here(s: &mut Sfu, now: Instant, userid: &str, conversation: &str) {

@@ -2,21 +2,23 @@
 //! surface (feature `test-kit`, and unit tests): a few getters, and the
 //! parts themselves for benchmarks of each alone.
 
-use super::{Peer, PeerId, Sfu};
+use super::peer::Peer;
+use super::{PeerId, Sfu};
 
 impl Sfu {
-    /// The conversation a user is in (for tests).
-    pub fn conversation_of(&self, userid: &str) -> Option<&str> {
+    /// UNSTABLE: test hook, not public API. The conversation a user is in.
+    pub fn _conversation_of(&self, userid: &str) -> Option<&str> {
         self.convs.name(self.members.conversation(userid)?)
     }
 
-    /// How many slots a peer was given (for tests).
-    pub fn slot_count(&self, peer: PeerId) -> Option<usize> {
+    /// UNSTABLE: test hook, not public API. How many slots a peer was given.
+    pub fn _slot_count(&self, peer: PeerId) -> Option<usize> {
         self.peers.get(peer).map(Peer::slot_count)
     }
 
-    /// True if this peer exists and is connected (for tests).
-    pub fn is_connected(&self, peer: PeerId) -> bool {
+    /// UNSTABLE: test hook, not public API. True if this peer exists and
+    /// is connected.
+    pub fn _is_connected(&self, peer: PeerId) -> bool {
         self.peers.get(peer).is_some_and(Peer::is_connected)
     }
 }
@@ -25,8 +27,10 @@ impl Sfu {
 #[cfg(feature = "test-kit")]
 pub mod internals {
     pub use crate::sfu::bite::{BiteAssembler, Owner};
-    pub use crate::sfu::conversation::{ConvKey, Conversations, SpeakerId};
-    pub use crate::sfu::demux::{kind, stun_local_ufrag, Demux, Kind};
-    pub use crate::sfu::slot::{Incoming, Rewritten, Slot};
+    pub use crate::sfu::conversation::Conversations;
+    pub use crate::sfu::ids::{ConvKey, SpeakerId};
+    pub use crate::sfu::peer::demux::{kind, stun_local_ufrag, Demux, Kind};
+    pub use crate::sfu::peer::slot::{Incoming, Rewritten, Slot};
     pub use crate::sfu::timer::{TimerHeap, TimerKey};
+    pub use crate::sink::bite_file::to_ogg as bite_to_ogg;
 }

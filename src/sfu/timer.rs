@@ -9,7 +9,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
-use super::PeerId;
+use super::ids::PeerId;
 
 /// What a deadline belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

@@ -63,12 +63,26 @@ impl ConnectError {
     /// The close code a refused offer ends its session with.
     pub(crate) fn close_code(&self) -> CloseCode {
         match self {
-            ConnectError::ServerFull => CloseCode::TryAgainLater,
-            ConnectError::UserLimit => CloseCode::PolicyViolation,
+            ConnectError::ServerFull { .. } => CloseCode::TryAgainLater,
+            ConnectError::UserLimit { .. } => CloseCode::PolicyViolation,
             ConnectError::ShuttingDown => CloseCode::GoingAway,
             ConnectError::MalformedOffer(_) | ConnectError::NoOpus => CloseCode::InvalidPayload,
             ConnectError::Internal(_) => CloseCode::InternalError,
         }
+    }
+}
+
+/// The label a refused offer is counted under in the signalling outcome
+/// metric (`beep_sfu_signalling_outcomes_total{outcome=…}`), beside its
+/// close code: both say how the session ended.
+pub(crate) fn outcome_label(e: &ConnectError) -> &'static str {
+    match e {
+        ConnectError::ServerFull { .. } => "ws_server_full",
+        ConnectError::UserLimit { .. } => "ws_user_limit",
+        ConnectError::ShuttingDown => "ws_shutting_down",
+        ConnectError::MalformedOffer(_) => "ws_malformed_offer",
+        ConnectError::NoOpus => "ws_no_opus",
+        ConnectError::Internal(_) => "ws_internal_error",
     }
 }
 

@@ -220,7 +220,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sfu::CloseReason;
+    use crate::sfu::{CloseReason, InternalError, OfferError};
 
     const T: Duration = Duration::from_secs(30);
 
@@ -284,12 +284,12 @@ mod tests {
     #[test]
     fn refusals_map_to_codes() {
         for (e, code) in [
-            (ConnectError::ServerFull, 1013),
-            (ConnectError::UserLimit, 1008),
+            (ConnectError::ServerFull { limit: 1 }, 1013),
+            (ConnectError::UserLimit { limit: 1 }, 1008),
             (ConnectError::ShuttingDown, 1001),
             (ConnectError::NoOpus, 1007),
-            (ConnectError::MalformedOffer("x".into()), 1007),
-            (ConnectError::Internal("x".into()), 1011),
+            (ConnectError::MalformedOffer(OfferError::NotSdp), 1007),
+            (ConnectError::Internal(InternalError::StackPanicked), 1011),
         ] {
             let mut s = Session::new(Instant::now(), T);
             s.on_text("v=0");

@@ -3,8 +3,10 @@
 //! only ever `try_send`s into the queue; what does not fit is counted and
 //! logged, never waited for.
 
+pub(crate) mod bite_file;
 pub mod files;
 pub mod nats;
+mod ogg_opus;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -131,10 +133,10 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
     let mut finish_by = None;
     loop {
         match rx.recv_timeout(TICK) {
-            Ok(SinkMsg::Bite(b)) => deliver(&config, nats.as_mut(), &metrics, &b),
+            Ok(SinkMsg::Bite(b)) => store_bite(&config, nats.as_mut(), &metrics, &b),
             Ok(SinkMsg::Finish(last, deadline)) => {
                 for b in &last {
-                    deliver(&config, nats.as_mut(), &metrics, b);
+                    store_bite(&config, nats.as_mut(), &metrics, b);
                 }
                 finish_by = Some(deadline);
             }
@@ -147,7 +149,7 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
         if let Some(deadline) = finish_by {
             // Drain whatever is still queued first.
             while let Ok(SinkMsg::Bite(b)) = rx.try_recv() {
-                deliver(&config, nats.as_mut(), &metrics, &b);
+                store_bite(&config, nats.as_mut(), &metrics, &b);
             }
             let Some(n) = &mut nats else { return };
             n.pump();
@@ -180,14 +182,14 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
 
 /// Writes a bite's file (if configured) and queues it for NATS (if
 /// configured), counting and logging what fails.
-fn deliver(
+fn store_bite(
     config: &SinkConfig,
     nats: Option<&mut NatsPublisher>,
     metrics: &Metrics,
     b: &FinishedBite,
 ) {
     // Written here, on the sink thread, never on the media loop.
-    let ogg = b.audio.to_ogg();
+    let ogg = bite_file::to_ogg(&b.audio);
     if let Some(dir) = &config.dir {
         match files::write_bite(dir, b, &ogg) {
             Ok(p) => {

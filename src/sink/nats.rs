@@ -204,15 +204,15 @@ impl NatsPublisher {
         // The Store message carries the whole Bite, so it is the larger.
         let size = bite.encoded_len() + 16;
         if size > self.max_payload {
-            match b.split() {
+            match super::bite_file::split(b) {
                 Some((x, y)) => {
                     debug!(
                         "bite of {} bytes is over NATS max_payload {}: split",
                         size, self.max_payload
                     );
                     self.metrics.bites_split.inc();
-                    self.enqueue(&x, &x.audio.to_ogg());
-                    self.enqueue(&y, &y.audio.to_ogg());
+                    self.enqueue(&x, &super::bite_file::to_ogg(&x.audio));
+                    self.enqueue(&y, &super::bite_file::to_ogg(&y.audio));
                 }
                 None => {
                     self.metrics.bite_dropped("too_large_for_nats");

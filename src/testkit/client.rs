@@ -13,7 +13,7 @@ use str0m::net::{Protocol, Receive, TcpType, Transmit};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
-use crate::ogg_opus::FRAME_TICKS;
+use crate::sfu::opus::FRAME_TICKS;
 
 /// What the client produced.
 #[derive(Debug)]
@@ -35,6 +35,8 @@ pub struct OpusClient {
     pt: Option<Pt>,
     seq: u64,
     timestamp: u32,
+    /// When the client's `Rtc` last asked to be woken.
+    next_timeout: Option<Instant>,
 }
 
 impl OpusClient {
@@ -76,6 +78,7 @@ impl OpusClient {
             pt: None,
             seq: 0,
             timestamp: 0,
+            next_timeout: None,
         })
     }
 
@@ -177,11 +180,19 @@ impl OpusClient {
         let _ = self.rtc.handle_input(Input::Timeout(now));
     }
 
+    /// When the client must next be handed the time (as of its last drain).
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.next_timeout
+    }
+
     /// The next output; `None` when the client is idle until its timeout.
     pub fn poll_output(&mut self) -> Option<ClientOutput> {
         loop {
             match self.rtc.poll_output().ok()? {
-                Output::Timeout(_) => return None,
+                Output::Timeout(t) => {
+                    self.next_timeout = Some(t);
+                    return None;
+                }
                 Output::Transmit(t) => return Some(ClientOutput::Transmit(t)),
                 Output::Event(Event::Connected) => return Some(ClientOutput::Connected),
                 Output::Event(Event::RtpPacket(p)) => {

@@ -11,7 +11,7 @@ use crate::command::{PeerNotice, SendError};
 use crate::http::{claims, request};
 use crate::sfu::internals::{BiteAssembler, Owner, SpeakerId};
 use crate::sfu::{
-    BiteConfig, Claim, CloseReason, ConnectError, PeerId, Reply, Request, Sfu, SfuConfig,
+    BiteConfig, Claim, CloseReason, ConnectError, PeerId, Reply, Request, Sfu, SfuConfig, UnixClock,
 };
 use crate::signalling::session::ConnectReply;
 use crate::signalling::{Action, Session};
@@ -58,7 +58,10 @@ pub fn signalling(data: &[u8]) {
 
 thread_local! {
     static OFFER_CORE: RefCell<(Sfu, Instant)> = RefCell::new((
-        Sfu::new(SfuConfig::new(std::net::SocketAddr::from(([10, 0, 0, 1], 5000)))),
+        Sfu::new(
+            SfuConfig::new(std::net::SocketAddr::from(([10, 0, 0, 1], 5000))),
+            UnixClock::new(Instant::now(), 0),
+        ),
         Instant::now(),
     ));
     static CALL: RefCell<Option<Harness>> = const { RefCell::new(None) };
@@ -142,11 +145,13 @@ pub fn slot(data: &[u8]) {
 pub fn bite(data: &[u8]) {
     let t0 = Instant::now();
     let config = BiteConfig::default();
-    let mut a = BiteAssembler::new(config, (t0, 0));
+    let mut a = BiteAssembler::new(config);
+    let clock = UnixClock::new(t0, 0);
     let owner = || Owner {
         conversation: "c",
         userid: "u",
         clientid: "d",
+        clock: &clock,
     };
     let mut ts = 0u32;
     let mut now = t0;
@@ -172,6 +177,6 @@ pub fn bite(data: &[u8]) {
             "{} bytes",
             b.audio.byte_len()
         );
-        assert!(!b.audio.to_ogg().is_empty());
+        assert!(!crate::sink::bite_file::to_ogg(&b.audio).is_empty());
     }
 }

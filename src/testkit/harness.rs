@@ -12,7 +12,9 @@ use str0m::media::Mid;
 use str0m::rtp::Ssrc;
 
 use super::client::{ClientOutput, OpusClient};
-use crate::sfu::{Claim, ConnectError, PeerId, Reply, Request, Sfu, SfuConfig, SfuEvent};
+use crate::sfu::{
+    Claim, ConnectError, PeerId, Reply, Request, Sfu, SfuConfig, SfuEvent, UnixClock,
+};
 
 /// One RTP packet a client decrypted.
 #[derive(Debug, Clone)]
@@ -72,10 +74,11 @@ impl Harness {
     /// A harness with a given core configuration.
     pub fn with_config(config: SfuConfig) -> Self {
         let server_addr = config.candidates[0];
+        let now = Instant::now();
         Harness {
-            sfu: Sfu::new(config),
+            sfu: Sfu::new(config, UnixClock::new(now, 0)),
             clients: Vec::new(),
-            now: Instant::now(),
+            now,
             events: Vec::new(),
             server_addr,
         }
@@ -142,9 +145,48 @@ impl Harness {
         self.pump();
     }
 
+    /// The earliest moment the core or any client must be handed the time
+    /// (quinn's `Pair`: time jumps there instead of ticking).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.clients
+            .iter()
+            .filter_map(|c| c.rtc.next_timeout())
+            .chain(self.sfu.poll_timeout())
+            .min()
+    }
+
+    /// Advances simulated time to the next deadline of the core or a
+    /// client (never backwards), fires it and delivers what follows.
+    /// Returns false when nothing is scheduled at all.
+    pub fn step_to_next_deadline(&mut self) -> bool {
+        let Some(at) = self.next_deadline() else {
+            return false;
+        };
+        self.step(at.saturating_duration_since(self.now));
+        true
+    }
+
+    /// Jumps from deadline to deadline until `done` holds; panics, naming
+    /// `what`, if it does not within `within` of simulated time (a harness
+    /// that gave up silently would let a test pass on a half-built state).
+    pub fn drive_until(&mut self, within: Duration, what: &str, done: impl Fn(&Self) -> bool) {
+        let limit = self.now + within;
+        while !done(self) {
+            assert!(
+                self.now < limit,
+                "{what}: not reached within {within:?} of simulated time"
+            );
+            if !self.step_to_next_deadline() {
+                panic!("{what}: nothing left to happen and not reached");
+            }
+        }
+    }
+
     /// Delivers datagrams back and forth until nothing is in flight.
+    /// Panics if that never happens (a datagram loop is a bug to see).
     pub fn pump(&mut self) {
-        for _ in 0..1000 {
+        const ROUNDS: usize = 1000;
+        for _ in 0..ROUNDS {
             let mut moved = false;
             while let Some(t) = self.sfu.poll_transmit() {
                 moved = true;
@@ -154,9 +196,10 @@ impl Harness {
                 self.events.push(e);
             }
             if !moved {
-                break;
+                return;
             }
         }
+        panic!("datagrams still in flight after {ROUNDS} rounds");
     }
 
     /// Hands one datagram the core sent to the client it is addressed to
@@ -193,19 +236,14 @@ impl Harness {
         }
     }
 
-    /// Steps in 5 ms increments until every client and its peer are connected.
+    /// Drives time from deadline to deadline until every client and its
+    /// peer are connected; panics if that takes over 10 simulated seconds.
     pub fn connect_all(&mut self) {
-        for _ in 0..2000 {
-            if self
-                .clients
+        self.drive_until(Duration::from_secs(10), "clients connecting", |h| {
+            h.clients
                 .iter()
-                .all(|c| c.connected && self.sfu.is_connected(c.peer))
-            {
-                return;
-            }
-            self.step(Duration::from_millis(5));
-        }
-        panic!("clients did not connect within 10 simulated seconds");
+                .all(|c| c.connected && h.sfu._is_connected(c.peer))
+        });
     }
 
     /// Joins client `i`'s user to a conversation.

@@ -8,31 +8,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use super::speaker::{SpeakerConfig, SpeakerSelector};
-use super::PeerId;
+pub(crate) mod membership;
+pub(crate) mod speaker;
+
+use super::ids::PeerId;
+pub use super::ids::{ConvKey, SpeakerId};
+use speaker::{SpeakerConfig, SpeakerSelector};
 
 /// Most speakers one conversation's selector keeps active.
 const MAX_ACTIVE_SPEAKERS: usize = 16;
 
-/// Interned conversation id, so the hot path hashes a number, not a string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConvKey(pub u64);
-
-/// Who is speaking in a conversation. A local peer speaks as
-/// `SpeakerId::from(peer)`; the id space is the peers' own, so a speaker
-/// that is not a local peer only needs an id nobody else uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpeakerId(pub u64);
-
-impl From<PeerId> for SpeakerId {
-    fn from(p: PeerId) -> Self {
-        SpeakerId(p.0)
-    }
-}
-
 /// One listener: a local peer and the speaker on each of its slots.
 #[derive(Debug)]
-struct Member {
+struct Listener {
     peer: PeerId,
     slots: Vec<Option<SpeakerId>>,
 }
@@ -41,7 +29,7 @@ struct Member {
 #[derive(Debug)]
 struct Conversation {
     name: String,
-    members: Vec<Member>,
+    members: Vec<Listener>,
     /// Users whose membership points here (connected or in their grace period).
     users: usize,
     /// How many members have each slot count (for the selector's capacity
@@ -206,7 +194,7 @@ impl Conversations {
         self.member_of.insert(peer, key);
         self.presence_changed |= conv.members.is_empty();
         *conv.slot_counts.entry(slots).or_insert(0) += 1;
-        let mut member = Member {
+        let mut member = Listener {
             peer,
             slots: vec![None; slots],
         };

@@ -12,14 +12,14 @@ use std::net::SocketAddr;
 use str0m::ice::StunMessage;
 use str0m::net::Protocol;
 
-use super::PeerId;
+use crate::sfu::ids::PeerId;
 
 /// Most addresses one peer may be known by (each ICE candidate pair it
 /// tries adds one); bounds memory against a peer that sprays addresses.
 pub const MAX_ADDRS_PER_PEER: usize = 8;
 
 /// Where a datagram came from: transport and remote address.
-pub type Remote = (Protocol, SocketAddr);
+pub type Origin = (Protocol, SocketAddr);
 
 /// What kind of datagram this is, by its first byte (RFC 7983).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,13 +49,13 @@ pub fn stun_local_ufrag(buf: &[u8]) -> Option<&str> {
 /// The two routing maps.
 #[derive(Debug, Default)]
 pub struct Demux {
-    by_addr: HashMap<Remote, PeerId>,
+    by_addr: HashMap<Origin, PeerId>,
     by_ufrag: HashMap<String, PeerId>,
 }
 
 impl Demux {
     /// The peer that owns datagrams from `source` (non-STUN).
-    pub fn by_addr(&self, source: &Remote) -> Option<PeerId> {
+    pub fn by_addr(&self, source: &Origin) -> Option<PeerId> {
         self.by_addr.get(source).copied()
     }
 
@@ -75,12 +75,12 @@ impl Demux {
     }
 
     /// Points `source` at `peer` (a STUN check from it was accepted).
-    pub fn learn_addr(&mut self, source: Remote, peer: PeerId) {
+    pub fn learn_addr(&mut self, source: Origin, peer: PeerId) {
         self.by_addr.insert(source, peer);
     }
 
     /// Forgets a peer's ufrag and those of its addresses that still point at it.
-    pub fn forget(&mut self, peer: PeerId, ufrag: &str, addrs: &[Remote]) {
+    pub fn forget(&mut self, peer: PeerId, ufrag: &str, addrs: &[Origin]) {
         if self.by_ufrag.get(ufrag) == Some(&peer) {
             self.by_ufrag.remove(ufrag);
         }
@@ -90,7 +90,7 @@ impl Demux {
     }
 
     /// Forgets one address if it still points at `peer`.
-    pub fn forget_addr(&mut self, peer: PeerId, addr: Remote) {
+    pub fn forget_addr(&mut self, peer: PeerId, addr: Origin) {
         if self.by_addr.get(&addr) == Some(&peer) {
             self.by_addr.remove(&addr);
         }

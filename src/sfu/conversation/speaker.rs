@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::conversation::SpeakerId;
+use crate::sfu::ids::SpeakerId;
 
 /// Tuning of the selector.
 #[derive(Debug, Clone, Copy)]
@@ -77,7 +77,7 @@ struct Score {
 
 #[derive(Debug, Clone, Copy)]
 struct Active {
-    peer: SpeakerId,
+    speaker: SpeakerId,
     since: Instant,
 }
 
@@ -115,11 +115,11 @@ impl SpeakerSelector {
         changed
     }
 
-    /// Records one packet of `peer`; returns true if the ranking changed.
-    pub fn on_packet(&mut self, peer: SpeakerId, audio_level: Option<i8>, now: Instant) -> bool {
+    /// Records one packet of `speaker`; returns true if the ranking changed.
+    pub fn on_packet(&mut self, speaker: SpeakerId, audio_level: Option<i8>, now: Instant) -> bool {
         let l = loudness(audio_level);
         let voiced = self.config.is_voiced(audio_level);
-        let score = self.scores.entry(peer).or_insert(Score {
+        let score = self.scores.entry(speaker).or_insert(Score {
             smoothed: 0.0,
             last_voiced: None,
         });
@@ -130,11 +130,14 @@ impl SpeakerSelector {
         if !voiced {
             return false;
         }
-        match self.active.iter().position(|a| a.peer == peer) {
+        match self.active.iter().position(|a| a.speaker == speaker) {
             Some(0) => false,
             Some(i) => self.promote(i, now),
             None if self.active.len() < self.capacity => {
-                self.active.push(Active { peer, since: now });
+                self.active.push(Active {
+                    speaker,
+                    since: now,
+                });
                 self.promote(self.active.len() - 1, now);
                 true
             }
@@ -142,9 +145,12 @@ impl SpeakerSelector {
                 let Some(w) = self.weakest(now) else {
                     return false;
                 };
-                if self.overtakes(peer, self.active[w], now) {
+                if self.overtakes(speaker, self.active[w], now) {
                     self.active.remove(w);
-                    self.active.push(Active { peer, since: now });
+                    self.active.push(Active {
+                        speaker,
+                        since: now,
+                    });
                     self.promote(self.active.len() - 1, now);
                     true
                 } else {
@@ -158,7 +164,7 @@ impl SpeakerSelector {
     /// returns true if it moved.
     fn promote(&mut self, mut i: usize, now: Instant) -> bool {
         let start = i;
-        while i > 0 && self.overtakes(self.active[i].peer, self.active[i - 1], now) {
+        while i > 0 && self.overtakes(self.active[i].speaker, self.active[i - 1], now) {
             self.active.swap(i - 1, i);
             self.active[i - 1].since = now;
             self.active[i].since = now;
@@ -167,26 +173,26 @@ impl SpeakerSelector {
         i != start
     }
 
-    /// True if `peer` may take `incumbent`'s place: the incumbent went
-    /// quiet, or `peer` is louder by the margin after the dwell time.
-    fn overtakes(&self, peer: SpeakerId, incumbent: Active, now: Instant) -> bool {
-        let theirs = self.effective(incumbent.peer, now);
-        let ours = self.effective(peer, now);
+    /// True if `speaker` may take `incumbent`'s place: the incumbent went
+    /// quiet, or `speaker` is louder by the margin after the dwell time.
+    fn overtakes(&self, speaker: SpeakerId, incumbent: Active, now: Instant) -> bool {
+        let theirs = self.effective(incumbent.speaker, now);
+        let ours = self.effective(speaker, now);
         let dwell_over = now.saturating_duration_since(incumbent.since) >= self.config.min_dwell;
         theirs == 0.0 || (dwell_over && ours > theirs + self.config.margin)
     }
 
     /// Forgets a member; returns true if it was an active speaker.
-    pub fn remove(&mut self, peer: SpeakerId) -> bool {
-        self.scores.remove(&peer);
+    pub fn remove(&mut self, speaker: SpeakerId) -> bool {
+        self.scores.remove(&speaker);
         let before = self.active.len();
-        self.active.retain(|a| a.peer != peer);
+        self.active.retain(|a| a.speaker != speaker);
         before != self.active.len()
     }
 
-    /// True if `peer` is currently an active speaker.
-    pub fn is_active(&self, peer: SpeakerId) -> bool {
-        self.active.iter().any(|a| a.peer == peer)
+    /// True if `speaker` is currently an active speaker.
+    pub fn is_active(&self, speaker: SpeakerId) -> bool {
+        self.active.iter().any(|a| a.speaker == speaker)
     }
 
     /// Fills `out` with the first `n` ranked active speakers other than `except`.
@@ -195,14 +201,14 @@ impl SpeakerSelector {
         out.extend(
             self.active
                 .iter()
-                .map(|a| a.peer)
+                .map(|a| a.speaker)
                 .filter(|p| *p != except)
                 .take(n),
         );
     }
 
-    fn effective(&self, peer: SpeakerId, now: Instant) -> f32 {
-        match self.scores.get(&peer) {
+    fn effective(&self, speaker: SpeakerId, now: Instant) -> f32 {
+        match self.scores.get(&speaker) {
             Some(Score {
                 smoothed,
                 last_voiced: Some(t),
@@ -216,8 +222,8 @@ impl SpeakerSelector {
             .iter()
             .enumerate()
             .min_by(|(_, a), (_, b)| {
-                self.effective(a.peer, now)
-                    .total_cmp(&self.effective(b.peer, now))
+                self.effective(a.speaker, now)
+                    .total_cmp(&self.effective(b.speaker, now))
             })
             .map(|(i, _)| i)
     }

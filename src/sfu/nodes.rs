@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::conversation::{ConvKey, SpeakerId};
+use super::ids::{ConvKey, SpeakerId};
 
 /// A node not heard from for this long is taken for dead.
 pub(crate) const NODE_SILENCE: Duration = Duration::from_secs(3);
@@ -22,7 +22,7 @@ const REMOTE_SPEAKER_BASE: u64 = 1 << 62;
 
 /// One remote speaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Remote {
+pub(crate) struct RemoteSpeaker {
     /// The id it speaks under in this node's conversations.
     pub id: SpeakerId,
     /// The conversation it speaks in.
@@ -35,7 +35,7 @@ struct Node {
     last_seen: Instant,
     conversations: HashSet<String>,
     /// By the speaker's id on its own node.
-    speakers: HashMap<u64, Remote>,
+    speakers: HashMap<u64, RemoteSpeaker>,
 }
 
 impl Node {
@@ -57,9 +57,9 @@ pub(crate) struct Speaking {
     pub moved_from: Option<ConvKey>,
 }
 
-/// Every other node this one has heard from.
+/// Every other node of the cluster this one has heard from.
 #[derive(Debug, Default)]
-pub(crate) struct Cluster {
+pub(crate) struct Nodes {
     nodes: HashMap<String, Node>,
     /// Conversation name → the nodes with members of it, shared by every
     /// relayed packet's event (no copy per packet).
@@ -67,7 +67,7 @@ pub(crate) struct Cluster {
     next_speaker: u64,
 }
 
-impl Cluster {
+impl Nodes {
     /// Other nodes alive.
     pub fn node_count(&self) -> usize {
         self.nodes.len()
@@ -90,7 +90,7 @@ impl Cluster {
         node: &str,
         conversations: Vec<String>,
         now: Instant,
-    ) -> Vec<Remote> {
+    ) -> Vec<RemoteSpeaker> {
         if !self.nodes.contains_key(node) {
             self.nodes.insert(node.to_string(), Node::new(now));
         }
@@ -116,7 +116,7 @@ impl Cluster {
 
     /// The node said goodbye or fell silent: returns its speakers (`None`
     /// if the node was not known).
-    pub fn remove_node(&mut self, node: &str) -> Option<Vec<Remote>> {
+    pub fn remove_node(&mut self, node: &str) -> Option<Vec<RemoteSpeaker>> {
         let n = self.nodes.remove(node)?;
         if !n.conversations.is_empty() {
             self.rebuild_relay_to();
@@ -124,7 +124,7 @@ impl Cluster {
         Some(n.speakers.into_values().collect())
     }
 
-    /// Nodes silent for [`NODE_SILENCE`] at `now`.
+    /// The nodes silent for [`NODE_SILENCE`] at `now`.
     pub fn silent_nodes(&self, now: Instant) -> Vec<String> {
         self.nodes
             .iter()
@@ -158,7 +158,7 @@ impl Cluster {
         n.last_seen = now;
         let s = n.speakers.entry(speaker).or_insert_with(|| {
             *next += 1;
-            Remote {
+            RemoteSpeaker {
                 id: SpeakerId(REMOTE_SPEAKER_BASE + *next),
                 conv,
                 last: now,
@@ -201,7 +201,7 @@ mod tests {
     #[test]
     fn media_goes_only_to_nodes_that_have_members_of_the_conversation() {
         let t0 = Instant::now();
-        let mut c = Cluster::default();
+        let mut c = Nodes::default();
         c.heartbeat("b", vec!["x".into(), "y".into()], t0);
         c.heartbeat("c", vec!["y".into()], t0);
         assert_eq!(names(c.relay_targets("x")), vec!["b"]);
@@ -215,7 +215,7 @@ mod tests {
     #[test]
     fn a_silent_node_is_found_and_its_speakers_are_returned() {
         let t0 = Instant::now();
-        let mut c = Cluster::default();
+        let mut c = Nodes::default();
         c.heartbeat("b", vec!["x".into()], t0);
         let s = c.speaking("b", 7, ConvKey(1), t0).unwrap();
         assert_eq!(c.speaker_count(), 1);
@@ -231,7 +231,7 @@ mod tests {
     #[test]
     fn remote_speakers_get_stable_ids_of_their_own_and_idle_ones_are_forgotten() {
         let t0 = Instant::now();
-        let mut c = Cluster::default();
+        let mut c = Nodes::default();
         let a = c.speaking("b", 1, ConvKey(1), t0).unwrap();
         let b = c.speaking("c", 1, ConvKey(1), t0).unwrap();
         assert_ne!(a.id, b.id, "same peer id on two nodes: two speakers");

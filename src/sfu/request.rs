@@ -11,11 +11,12 @@ use str0m::net::TcpType;
 use str0m::rtp::Extension;
 use str0m::{Candidate, Input, RtcConfig};
 
-use super::peer::Setup;
-use super::{
-    arm, offer, CloseReason, ConnectError, JoinError, Limits, Peer, PeerId, Sfu, TimerKey,
-};
-use crate::sfu::Claim;
+use super::api::{CandidateError, Claim, CloseReason, ConnectError, InternalError, JoinError};
+use super::api::{Member, OfferError, SfuEvent};
+use super::ids::PeerId;
+use super::peer::{offer, Limits, Peer, Setup};
+use super::timer::TimerKey;
+use super::Sfu;
 
 /// The `Rtc` settings every peer shares, with one DTLS certificate for all
 /// (generating one per peer would stall the loop for milliseconds).
@@ -55,29 +56,32 @@ impl Sfu {
         }
         if self.peers.len() >= self.config.max_peers {
             self.stats.connects_refused += 1;
-            return Err(ConnectError::ServerFull);
+            return Err(ConnectError::ServerFull {
+                limit: self.config.max_peers,
+            });
         }
         if self.members.client_count(&claim.userid) >= self.config.max_peers_per_user {
             self.stats.connects_refused += 1;
-            return Err(ConnectError::UserLimit);
+            return Err(ConnectError::UserLimit {
+                limit: self.config.max_peers_per_user,
+            });
         }
         offer::check(offer)?;
         let offer = SdpOffer::from_sdp_string(offer)
-            .map_err(|e| ConnectError::MalformedOffer(e.to_string()))?;
-        let candidates = self
-            .config
-            .candidates
-            .iter()
-            .map(|a| Candidate::host(*a, "udp"))
-            .chain(self.config.tcp_candidates.iter().map(|a| {
-                Candidate::builder()
-                    .tcp()
-                    .host(*a)
-                    .tcptype(TcpType::Passive)
-                    .build()
-            }))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConnectError::Internal(format!("server candidate: {e}")))?;
+            .map_err(|e| ConnectError::MalformedOffer(OfferError::Unparsable(e.to_string())))?;
+        let udp = self.config.candidates.iter().map(|a| {
+            Candidate::host(*a, "udp")
+                .map_err(|_| ConnectError::Internal(InternalError::ServerCandidate(*a)))
+        });
+        let tcp = self.config.tcp_candidates.iter().map(|a| {
+            Candidate::builder()
+                .tcp()
+                .host(*a)
+                .tcptype(TcpType::Passive)
+                .build()
+                .map_err(|_| ConnectError::Internal(InternalError::ServerCandidate(*a)))
+        });
+        let candidates = udp.chain(tcp).collect::<Result<Vec<_>, _>>()?;
         let setup = Setup {
             rtc_config: &self.rtc_config,
             candidates,
@@ -102,13 +106,11 @@ impl Sfu {
         // it has seen the current time once.
         if let Some(p) = self.peers.get_mut(id) {
             p.handle_input(Input::Timeout(now), &mut self.out);
-            arm(p, &mut self.timers);
+            p.arm(&mut self.timers);
         }
         self.process_pending(now);
         if self.peers.get(id).is_none() {
-            return Err(ConnectError::Internal(
-                "the peer failed right after the offer".into(),
-            ));
+            return Err(ConnectError::Internal(InternalError::FailedAtOnce(id)));
         }
         self.stats.peers_created += 1;
         Ok((id, answer))
@@ -117,7 +119,11 @@ impl Sfu {
     /// Adds a trickled remote ICE candidate (`candidate:…` or `a=candidate:…`).
     /// The server is ICE-lite and learns addresses from STUN checks anyway,
     /// so a candidate that does not parse is reported but harmless.
-    pub(super) fn add_candidate(&mut self, peer: PeerId, candidate: &str) -> Result<(), String> {
+    pub(super) fn add_candidate(
+        &mut self,
+        peer: PeerId,
+        candidate: &str,
+    ) -> Result<(), CandidateError> {
         let text = candidate.trim();
         let text = text.strip_prefix("a=").unwrap_or(text);
         if text.is_empty() {
@@ -125,13 +131,16 @@ impl Sfu {
             return Ok(());
         }
         let parsed = catch_unwind(|| Candidate::from_sdp_string(text))
-            .map_err(|_| "candidate could not be parsed".to_string())?
-            .map_err(|e| format!("bad candidate: {e}"))?;
+            .map_err(|_| CandidateError::Unparsable { peer })?
+            .map_err(|e| CandidateError::Malformed {
+                peer,
+                reason: e.to_string(),
+            })?;
         let Some(p) = self.peers.get_mut(peer) else {
-            return Err("peer is gone".into());
+            return Err(CandidateError::PeerGone(peer));
         };
         p.add_remote_candidate(parsed, &mut self.out);
-        arm(p, &mut self.timers);
+        p.arm(&mut self.timers);
         Ok(())
     }
 
@@ -141,17 +150,16 @@ impl Sfu {
         if self.shutting_down {
             return Err(JoinError::ShuttingDown);
         }
-        let stamp_ms = self.members.next_stamp(userid, self.unix_ms(now));
+        let stamp_ms = self.members.next_stamp(userid, self.clock.unix_ms(now));
         self.apply_join(now, userid, name, stamp_ms);
         self.stats.joins += 1;
         info!("user {userid} joined conversation {name}");
         // For the other nodes of a cluster (the driver ignores it otherwise).
-        self.events
-            .push_back(super::SfuEvent::Joined(super::Member {
-                userid: userid.to_string(),
-                conversation: name.to_string(),
-                stamp_ms,
-            }));
+        self.events.push_back(SfuEvent::Joined(Member {
+            userid: userid.to_string(),
+            conversation: name.to_string(),
+            stamp_ms,
+        }));
         Ok(())
     }
 

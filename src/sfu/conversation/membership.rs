@@ -9,8 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::conversation::ConvKey;
-use super::PeerId;
+use crate::sfu::ids::{ConvKey, PeerId};
 
 #[derive(Debug, Default)]
 struct User {

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use str0m::media::{Mid, Pt};
 
-use super::conversation::SpeakerId;
-use crate::ogg_opus::{CLOCK_RATE, FRAME_TICKS};
+use crate::sfu::ids::SpeakerId;
+use crate::sfu::opus::{CLOCK_RATE, FRAME_TICKS};
 
 /// Sequence jumps larger than this are treated as a sender restart.
 const MAX_SEQ_JUMP: i64 = 1_000;

@@ -4,7 +4,7 @@
 
 use str0m::media::Mid;
 
-use super::api::ConnectError;
+use crate::sfu::api::{ConnectError, OfferError};
 
 /// Longest accepted SDP offer.
 pub const MAX_OFFER_BYTES: usize = 64 * 1024;
@@ -50,14 +50,13 @@ pub(crate) fn audio_mlines(sdp: &str) -> Vec<AudioMline> {
 /// audio m-line with Opus.
 pub(crate) fn check(offer: &str) -> Result<(), ConnectError> {
     if offer.len() > MAX_OFFER_BYTES {
-        return Err(ConnectError::MalformedOffer(format!(
-            "offer is larger than {MAX_OFFER_BYTES} bytes"
-        )));
+        return Err(ConnectError::MalformedOffer(OfferError::TooLarge {
+            len: offer.len(),
+            limit: MAX_OFFER_BYTES,
+        }));
     }
     if !offer.trim_start().starts_with("v=0") {
-        return Err(ConnectError::MalformedOffer(
-            "an SDP offer starts with v=0".into(),
-        ));
+        return Err(ConnectError::MalformedOffer(OfferError::NotSdp));
     }
     if audio_mlines(offer).iter().any(|m| m.has_opus) {
         Ok(())

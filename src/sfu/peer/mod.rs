@@ -7,7 +7,6 @@
 //! at conversations; what it finds that concerns them goes to
 //! [`Outbox::pending`].
 
-use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,50 +18,21 @@ use str0m::media::{Mid, Pt};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
-use super::api::ConnectError;
-use super::budget::{Budget, BudgetConfig, Overrun};
-use super::demux::Remote;
-use super::offer;
-use super::outbox::{Outbox, Pending};
-use super::slot::{Incoming, Slot};
-use super::speaker::speaker_csrc;
-use super::PeerId;
+pub(crate) mod budget;
+pub(crate) mod demux;
+pub(crate) mod offer;
+pub(crate) mod outbox;
+pub(crate) mod slot;
+pub(crate) mod table;
 
-/// Who a peer belongs to, from the `X-User-Claim` header set by the auth proxy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
-    /// Beep user id.
-    pub userid: String,
-    /// The user's device (client) id.
-    pub clientid: String,
-}
-
-/// Why a peer was removed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CloseReason {
-    /// ICE/DTLS did not complete within the connect timeout.
-    ConnectTimeout,
-    /// No datagram for the idle timeout.
-    Idle,
-    /// ICE reported the peer disconnected, or DTLS was closed.
-    Disconnected,
-    /// `Rtc` failed (error text).
-    Failed(String),
-    /// The server is shutting down.
-    Shutdown,
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CloseReason::ConnectTimeout => write!(f, "not connected within the connect timeout"),
-            CloseReason::Idle => write!(f, "no traffic within the idle timeout"),
-            CloseReason::Disconnected => write!(f, "disconnected"),
-            CloseReason::Failed(e) => write!(f, "failed: {e}"),
-            CloseReason::Shutdown => write!(f, "server shutting down"),
-        }
-    }
-}
+use super::api::{Claim, CloseReason, ConnectError, InternalError, OfferError, PeerFailure};
+use super::conversation::speaker::speaker_csrc;
+use super::ids::PeerId;
+use super::timer::{TimerHeap, TimerKey};
+use budget::{Budget, BudgetConfig, Overrun};
+use demux::Origin;
+use outbox::{Outbox, Pending};
+use slot::{Incoming, Slot};
 
 /// A peer's timers, by name (quinn's timer table, for three entries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +99,7 @@ pub(crate) struct Peer {
     claim: Claim,
     rtc: Rtc,
     ufrag: String,
-    addrs: Vec<Remote>,
+    addrs: Vec<Origin>,
     slots: Vec<Slot>,
     sending_mlines: usize,
     /// The CSRC its audio carries when forwarded ([`speaker_csrc`]).
@@ -173,9 +143,10 @@ impl Peer {
             let answer = rtc.sdp_api().accept_offer(offer);
             (rtc, answer)
         }));
-        let (mut rtc, answer) = built
-            .map_err(|_| ConnectError::Internal("the WebRTC stack failed on this offer".into()))?;
-        let answer = answer.map_err(|e| ConnectError::MalformedOffer(e.to_string()))?;
+        let (mut rtc, answer) =
+            built.map_err(|_| ConnectError::Internal(InternalError::StackPanicked))?;
+        let answer =
+            answer.map_err(|e| ConnectError::MalformedOffer(OfferError::Refused(e.to_string())))?;
         let mut ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         while ufrag_taken(&ufrag) {
             let creds = str0m::IceCreds::new();
@@ -243,7 +214,7 @@ impl Peer {
     }
 
     /// Addresses datagrams from this peer were routed from.
-    pub fn addrs(&self) -> &[Remote] {
+    pub fn addrs(&self) -> &[Origin] {
         &self.addrs
     }
 
@@ -289,9 +260,9 @@ impl Peer {
     pub fn on_received_from(
         &mut self,
         now: Instant,
-        source: Remote,
+        source: Origin,
         max_addrs: usize,
-    ) -> (bool, Option<Remote>) {
+    ) -> (bool, Option<Origin>) {
         self.last_rx = now;
         if self.addrs.contains(&source) {
             return (false, None);
@@ -319,7 +290,7 @@ impl Peer {
                 );
                 out.pending.push_back(Pending::Close(
                     self.id,
-                    CloseReason::Failed("internal error".into()),
+                    CloseReason::Failed(PeerFailure::Panicked),
                 ));
                 return false;
             }
@@ -465,6 +436,16 @@ impl Peer {
         self.armed = at;
     }
 
+    /// Puts the peer's next deadline in the heap if it is earlier than the
+    /// one already armed (later ones are found when the armed entry pops).
+    pub fn arm(&mut self, timers: &mut TimerHeap) {
+        let d = self.next_deadline();
+        if self.armed.is_none_or(|a| d < a) {
+            self.armed = Some(d);
+            timers.push(d, TimerKey::Peer(self.id));
+        }
+    }
+
     // ---- internals ----
 
     /// Drains the `Rtc` to its timeout.
@@ -487,8 +468,10 @@ impl Peer {
                     _ => {}
                 },
                 Err(e) => {
-                    out.pending
-                        .push_back(Pending::Close(id, CloseReason::Failed(e.to_string())));
+                    out.pending.push_back(Pending::Close(
+                        id,
+                        CloseReason::Failed(PeerFailure::Rtc(e.to_string())),
+                    ));
                     break;
                 }
             }

@@ -8,8 +8,8 @@ use std::collections::VecDeque;
 use str0m::net::Transmit;
 use str0m::rtp::RtpPacket;
 
-use super::peer::CloseReason;
-use super::PeerId;
+use crate::sfu::api::CloseReason;
+use crate::sfu::ids::PeerId;
 
 /// Work found while draining an `Rtc`.
 // RTP packets dominate and are moved, not boxed: the queue's buffer is
@@ -25,7 +25,7 @@ pub(crate) enum Pending {
     Rtp(PeerId, RtpPacket),
 }
 
-/// Datagrams and deferred work, filled by [`super::peer::Peer`] drains.
+/// Datagrams and deferred work, filled by [`super::Peer`] drains.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     /// Datagrams ready for the socket, oldest first.

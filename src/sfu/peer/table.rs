@@ -11,8 +11,9 @@ use str0m::Input;
 
 use super::demux::{self, Demux};
 use super::outbox::Outbox;
-use super::peer::Peer;
-use super::PeerId;
+use super::{Forward, Peer};
+use crate::sfu::ids::PeerId;
+use crate::sfu::timer::TimerHeap;
 
 /// Why a datagram reached no `Rtc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +102,30 @@ impl PeerTable {
             self.peers.shrink_to(self.peers.len() * 2);
         }
         Some(peer)
+    }
+
+    /// Writes one packet to each listener's slot and re-arms each
+    /// listener's timer: local and relayed packets take this same path.
+    /// Returns how many writes were made.
+    pub fn fan_out(
+        &mut self,
+        listeners: &[(PeerId, usize)],
+        fwd: &Forward,
+        now: Instant,
+        timers: &mut TimerHeap,
+        out: &mut Outbox,
+    ) -> u64 {
+        let mut written = 0;
+        for &(sub, idx) in listeners {
+            let Some(peer) = self.peers.get_mut(&sub) else {
+                continue;
+            };
+            if peer.forward(idx, fwd, now, out) {
+                written += 1;
+            }
+            peer.arm(timers);
+        }
+        written
     }
 
     /// Routes one datagram to its peer and feeds it there. `local` is the

@@ -14,9 +14,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-pub use super::bite_audio::{BiteAudio, FinishedBite};
-use super::PeerId;
-use crate::ogg_opus::{self, FRAME_TICKS, TICKS_PER_MS};
+mod audio;
+
+use super::clock::UnixClock;
+use super::ids::PeerId;
+use super::opus::{self, FRAME_TICKS, TICKS_PER_MS};
+pub use audio::{BiteAudio, FinishedBite};
 
 /// Segmentation settings.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +57,8 @@ pub struct Owner<'a> {
     pub userid: &'a str,
     /// Client id.
     pub clientid: &'a str,
+    /// The Unix clock a new bite's start time is read from.
+    pub clock: &'a UnixClock,
 }
 
 struct OpenBite {
@@ -106,28 +111,20 @@ impl OpenBite {
 pub struct BiteAssembler {
     config: BiteConfig,
     open: HashMap<PeerId, OpenBite>,
-    /// Maps the core's `Instant`s to Unix microseconds.
-    clock: (Instant, u64),
     dropped_late: u64,
     /// When the earliest open bite may have gone silent.
     next_check: Option<Instant>,
 }
 
 impl BiteAssembler {
-    /// An assembler whose `clock_base` says which Unix microsecond an `Instant` was.
-    pub fn new(config: BiteConfig, clock_base: (Instant, u64)) -> Self {
+    /// An assembler with no open bite.
+    pub fn new(config: BiteConfig) -> Self {
         BiteAssembler {
             config,
             open: HashMap::new(),
-            clock: clock_base,
             dropped_late: 0,
             next_check: None,
         }
-    }
-
-    /// Re-anchors the Unix clock (the wall clock may be slewed by NTP).
-    pub fn set_clock(&mut self, clock: (Instant, u64)) {
-        self.clock = clock;
     }
 
     /// Number of bites being assembled.
@@ -165,15 +162,13 @@ impl BiteAssembler {
         let bite = match self.open.get_mut(&peer) {
             Some(b) => b,
             None if voiced => {
-                let unix_us =
-                    self.clock.1 + now.saturating_duration_since(self.clock.0).as_micros() as u64;
                 let check = now + self.config.silence;
                 self.next_check = Some(self.next_check.map_or(check, |t| t.min(check)));
                 self.open.entry(peer).or_insert(OpenBite {
                     conversation: owner.conversation.to_string(),
                     userid: owner.userid.to_string(),
                     clientid: owner.clientid.to_string(),
-                    start_unix_ms: unix_us / 1000,
+                    start_unix_ms: owner.clock.unix_ms(now),
                     opened: now,
                     first_ts: rtp_ts,
                     audio: BiteAudio::default(),
@@ -189,7 +184,7 @@ impl BiteAssembler {
             bite.voiced_len = bite.audio.len();
             bite.last_voiced = now;
         }
-        let samples = u64::from(ogg_opus::packet_samples(payload).unwrap_or(FRAME_TICKS));
+        let samples = u64::from(opus::packet_samples(payload).unwrap_or(FRAME_TICKS));
         let max_ticks = self.config.max_len.as_millis() as u64 * TICKS_PER_MS;
         if offset + samples >= max_ticks {
             done.extend(self.flush(peer));
@@ -246,16 +241,6 @@ impl BiteAssembler {
     }
 }
 
-/// Now, as an `Instant` and Unix microseconds read back to back (the
-/// anchor bite start times are computed from).
-pub fn unix_clock_now() -> (Instant, u64) {
-    let unix_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
-    (Instant::now(), unix_us)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,11 +248,12 @@ mod tests {
     const LOUD: bool = true;
     const QUIET: bool = false;
 
-    fn owner() -> Owner<'static> {
+    fn owner(clock: &UnixClock) -> Owner<'_> {
         Owner {
             conversation: "conv",
             userid: "u",
             clientid: "c",
+            clock,
         }
     }
 
@@ -282,16 +268,19 @@ mod tests {
     #[test]
     fn spurt_ends_after_silence_and_trailing_quiet_is_trimmed() {
         let t0 = Instant::now();
-        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 1_000_000_000));
+        let mut a = BiteAssembler::new(BiteConfig::default());
+        let clock = UnixClock::new(t0, 1_000_000_000);
         let p = PeerId(1);
         // Quiet packets before speech do not open a bite.
-        assert!(a.on_packet(p, owner(), 0, &pkt(0), QUIET, t0).is_empty());
+        assert!(a
+            .on_packet(p, owner(&clock), 0, &pkt(0), QUIET, t0)
+            .is_empty());
         assert_eq!(a.open_count(), 0);
         for i in 1..=10u32 {
             assert!(a
                 .on_packet(
                     p,
-                    owner(),
+                    owner(&clock),
                     i * 960,
                     &pkt(i as u8),
                     LOUD,
@@ -302,7 +291,7 @@ mod tests {
         for i in 11..=15u32 {
             a.on_packet(
                 p,
-                owner(),
+                owner(&clock),
                 i * 960,
                 &pkt(i as u8),
                 QUIET,
@@ -336,13 +325,14 @@ mod tests {
             max_len: Duration::from_secs(1),
             ..BiteConfig::default()
         };
-        let mut a = BiteAssembler::new(cfg, (t0, 0));
+        let mut a = BiteAssembler::new(cfg);
+        let clock = UnixClock::new(t0, 0);
         let p = PeerId(1);
         let mut done = vec![];
         for i in 0..120u32 {
             done.extend(a.on_packet(
                 p,
-                owner(),
+                owner(&clock),
                 5000 + i * 960,
                 &pkt(i as u8),
                 LOUD,
@@ -362,12 +352,13 @@ mod tests {
     #[test]
     fn late_and_duplicate_packets_are_dropped_and_gaps_kept() {
         let t0 = Instant::now();
-        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 0));
+        let mut a = BiteAssembler::new(BiteConfig::default());
+        let clock = UnixClock::new(t0, 0);
         let p = PeerId(9);
-        a.on_packet(p, owner(), 960, &pkt(1), LOUD, t0);
-        a.on_packet(p, owner(), 3 * 960, &pkt(3), LOUD, t0);
-        a.on_packet(p, owner(), 2 * 960, &pkt(2), LOUD, t0);
-        a.on_packet(p, owner(), 3 * 960, &pkt(3), LOUD, t0);
+        a.on_packet(p, owner(&clock), 960, &pkt(1), LOUD, t0);
+        a.on_packet(p, owner(&clock), 3 * 960, &pkt(3), LOUD, t0);
+        a.on_packet(p, owner(&clock), 2 * 960, &pkt(2), LOUD, t0);
+        a.on_packet(p, owner(&clock), 3 * 960, &pkt(3), LOUD, t0);
         assert_eq!(a.dropped_late(), 2);
         let b = a.flush(p).unwrap();
         assert_eq!(b.packets, 2);
@@ -376,7 +367,7 @@ mod tests {
 
     #[test]
     fn flush_of_unknown_peer_is_nothing() {
-        let mut a = BiteAssembler::new(BiteConfig::default(), (Instant::now(), 0));
+        let mut a = BiteAssembler::new(BiteConfig::default());
         assert!(a.flush(PeerId(5)).is_none());
     }
 }
@@ -385,11 +376,12 @@ mod tests {
 mod caps {
     use super::*;
 
-    fn owner() -> Owner<'static> {
+    fn owner(clock: &UnixClock) -> Owner<'_> {
         Owner {
             conversation: "c",
             userid: "u",
             clientid: "d",
+            clock,
         }
     }
 
@@ -397,12 +389,13 @@ mod caps {
     fn one_tick_per_packet_cannot_grow_a_bite_past_its_packet_cap() {
         let t0 = Instant::now();
         let cfg = BiteConfig::default();
-        let mut a = BiteAssembler::new(cfg, (t0, 0));
+        let mut a = BiteAssembler::new(cfg);
+        let clock = UnixClock::new(t0, 0);
         let mut done = vec![];
         // Timestamps advance by 1 per packet: the RTP-time cap never fires.
         for i in 0..5_000u32 {
             let now = t0 + Duration::from_micros(u64::from(i) * 100);
-            done.extend(a.on_packet(PeerId(1), owner(), i, &[0xF8, 1], true, now));
+            done.extend(a.on_packet(PeerId(1), owner(&clock), i, &[0xF8, 1], true, now));
         }
         assert!(!done.is_empty());
         assert!(done.iter().all(|b| b.packets <= cfg.max_packets));
@@ -419,11 +412,12 @@ mod caps {
             max_bytes: 10_000,
             ..BiteConfig::default()
         };
-        let mut a = BiteAssembler::new(cfg, (t0, 0));
+        let mut a = BiteAssembler::new(cfg);
+        let clock = UnixClock::new(t0, 0);
         let mut done = vec![];
         for i in 0..100u32 {
             let now = t0 + Duration::from_millis(u64::from(i) * 20);
-            done.extend(a.on_packet(PeerId(1), owner(), i * 960, &[0xF8; 1_000], true, now));
+            done.extend(a.on_packet(PeerId(1), owner(&clock), i * 960, &[0xF8; 1_000], true, now));
         }
         assert!(done.len() >= 9, "{}", done.len());
         assert!(done.iter().all(|b| b.audio.byte_len() <= 10_000));
@@ -432,15 +426,23 @@ mod caps {
     #[test]
     fn a_forward_timestamp_jump_ends_the_bite_instead_of_stretching_it() {
         let t0 = Instant::now();
-        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 0));
+        let mut a = BiteAssembler::new(BiteConfig::default());
+        let clock = UnixClock::new(t0, 0);
         let p = PeerId(1);
         for i in 0..10u32 {
             assert!(a
-                .on_packet(p, owner(), i * 960, &[0xF8, 0], true, t0)
+                .on_packet(p, owner(&clock), i * 960, &[0xF8, 0], true, t0)
                 .is_empty());
         }
         // An hour later in RTP time, the next packet.
-        let done = a.on_packet(p, owner(), 9 * 960 + 48_000 * 3_600, &[0xF8, 0], true, t0);
+        let done = a.on_packet(
+            p,
+            owner(&clock),
+            9 * 960 + 48_000 * 3_600,
+            &[0xF8, 0],
+            true,
+            t0,
+        );
         assert_eq!(done.len(), 1);
         assert_eq!((done[0].packets, done[0].duration_ms), (10, 200));
         let rest = a.flush(p).unwrap();
@@ -451,62 +453,15 @@ mod caps {
     fn wall_time_caps_a_bite_whose_timestamps_crawl() {
         let t0 = Instant::now();
         let cfg = BiteConfig::default();
-        let mut a = BiteAssembler::new(cfg, (t0, 0));
+        let mut a = BiteAssembler::new(cfg);
+        let clock = UnixClock::new(t0, 0);
         let mut done = vec![];
         // One packet a second for a minute, timestamps 1 tick apart.
         for i in 0..60u32 {
             let now = t0 + Duration::from_secs(u64::from(i));
-            done.extend(a.on_packet(PeerId(1), owner(), i, &[0xF8, 0], true, now));
+            done.extend(a.on_packet(PeerId(1), owner(&clock), i, &[0xF8, 0], true, now));
         }
         assert!(done.len() >= 5, "{}", done.len());
         assert!(done.iter().all(|b| b.packets <= 11));
-    }
-
-    #[test]
-    fn the_audio_round_trips_through_ogg() {
-        let t0 = Instant::now();
-        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 0));
-        for i in 0..3u32 {
-            a.on_packet(PeerId(1), owner(), i * 960, &[0xF8, i as u8], true, t0);
-        }
-        let b = a.flush(PeerId(1)).unwrap();
-        let got: Vec<(u64, Vec<u8>)> = b
-            .audio
-            .packets()
-            .map(|p| (p.offset, p.data.to_vec()))
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                (0, vec![0xF8, 0]),
-                (960, vec![0xF8, 1]),
-                (1920, vec![0xF8, 2])
-            ]
-        );
-        assert_eq!(&b.audio.to_ogg()[..4], b"OggS");
-    }
-
-    #[test]
-    fn a_split_keeps_every_packet_and_the_second_half_starts_later() {
-        let t0 = Instant::now();
-        let mut a = BiteAssembler::new(BiteConfig::default(), (t0, 1_000_000));
-        for i in 0..5u32 {
-            a.on_packet(PeerId(1), owner(), 7 + i * 960, &[0xF8, i as u8], true, t0);
-        }
-        let b = a.flush(PeerId(1)).unwrap();
-        let (x, y) = b.split().unwrap();
-        assert_eq!((x.packets, y.packets), (2, 3));
-        assert_eq!((x.start_unix_ms, y.start_unix_ms), (1_000, 1_040));
-        assert_eq!((x.duration_ms, y.duration_ms), (40, 60));
-        let second: Vec<(u64, Vec<u8>)> = y
-            .audio
-            .packets()
-            .map(|p| (p.offset, p.data.to_vec()))
-            .collect();
-        assert_eq!(second[0], (0, vec![0xF8, 2]));
-        assert!(
-            x.split().unwrap().0.split().is_none(),
-            "one packet cannot split"
-        );
     }
 }
