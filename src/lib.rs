@@ -51,6 +51,8 @@
 //! `test-kit` feature, `testkit` wires str0m clients to the core in memory
 //! for tests, benchmarks and the load generator.
 
+#![warn(missing_docs)]
+
 mod cluster;
 mod command;
 pub mod config;

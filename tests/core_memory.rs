@@ -4,17 +4,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use beep_sfu::sfu::{Request, SfuEvent};
+use beep_sfu::testkit::load::payload;
 use beep_sfu::testkit::Harness;
 
 const LOUD: i8 = -20;
-
-/// Payload that says who sent it and which packet it is.
-fn payload(sender: usize, n: u32) -> Vec<u8> {
-    let mut p = vec![0xAB; 80];
-    p[0] = sender as u8;
-    p[1..5].copy_from_slice(&n.to_be_bytes());
-    p
-}
 
 /// Users with one send-receive client each, connected and joined to `conv`.
 fn joined(conv: &str, users: &[&str]) -> (Harness, Vec<usize>) {

@@ -6,6 +6,7 @@ mod health;
 mod media_loop;
 mod memory;
 mod tcp;
+mod udp;
 
 pub(crate) use health::{watch, LoopHealth};
 pub(crate) use media_loop::{spawn, MediaLoopConfig};

@@ -19,6 +19,16 @@ pub fn opus_payload(n: u32) -> Vec<u8> {
     p
 }
 
+/// A payload naming its sender and sequence, so a test can tell who it
+/// heard: `[sender, n (4 bytes BE), 0xAB…]`, 80 bytes. (A sender over 255
+/// is written as 255.)
+pub fn payload<S: TryInto<u8>>(sender: S, n: u32) -> Vec<u8> {
+    let mut p = vec![0xAB; 80];
+    p[0] = sender.try_into().unwrap_or(u8::MAX);
+    p[1..5].copy_from_slice(&n.to_be_bytes());
+    p
+}
+
 /// A core configuration whose media budget refuses nothing, for benches
 /// that send far faster than real time (the budget is still checked on
 /// every packet, so the forwarding path is what is measured).

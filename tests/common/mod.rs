@@ -522,13 +522,8 @@ pub fn start(dev: bool, permissions: &str) -> Server {
     Server::start(&test_config(dev, permissions)).expect("server starts")
 }
 
-/// A payload naming its sender and sequence: `[sender, n (4 bytes BE), 0xAB…]`, 80 bytes.
-pub fn payload(sender: u8, n: u32) -> Vec<u8> {
-    let mut p = vec![0xAB; 80];
-    p[0] = sender;
-    p[1..5].copy_from_slice(&n.to_be_bytes());
-    p
-}
+#[allow(unused_imports)] // not every test binary uses it
+pub use beep_sfu::testkit::load::payload;
 
 /// What each peer heard, by sender byte, as packet numbers.
 pub fn heard(p: &TestPeer) -> HashMap<u8, Vec<u32>> {

@@ -21,7 +21,8 @@ use serde_json::json;
 
 use super::outcome::{report, Outcome};
 use super::participant::WebRtcParticipant;
-use super::{measure, probe, Driver, RunArgs};
+use super::runs::measure;
+use super::{probe, Driver, RunArgs};
 
 /// How long one client keeps retrying before it counts as failed.
 const GIVE_UP: Duration = Duration::from_secs(120);

@@ -12,24 +12,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use str0m::change::SdpOffer;
 use str0m::format::Codec;
 use str0m::media::{Mid, Pt};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
-use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc};
 
 pub(crate) mod budget;
 pub(crate) mod demux;
 pub(crate) mod offer;
+pub(crate) use offer::Setup;
 pub(crate) mod outbox;
 pub(crate) mod slot;
 pub(crate) mod table;
 
-use super::api::{Claim, CloseReason, ConnectError, InternalError, OfferError, PeerFailure};
-use super::conversation::speaker::speaker_csrc;
+use super::api::{Claim, CloseReason, PeerFailure};
 use super::ids::PeerId;
 use super::timer::{TimerHeap, TimerKey};
-use budget::{Budget, BudgetConfig, Overrun};
+use budget::{Budget, Overrun};
 use demux::Origin;
 use outbox::{Outbox, Pending};
 use slot::{Incoming, Slot};
@@ -81,18 +80,6 @@ pub(crate) struct Forward<'a> {
     pub payload: &'a Arc<[u8]>,
 }
 
-/// What every new peer is built with besides its offer.
-pub(crate) struct Setup<'a> {
-    /// Settings shared by every `Rtc` (with the one DTLS certificate).
-    pub rtc_config: &'a RtcConfig,
-    /// The server's host candidates.
-    pub candidates: Vec<Candidate>,
-    /// Connect and idle timeouts.
-    pub limits: Limits,
-    /// The media budget of each peer.
-    pub budget: BudgetConfig,
-}
-
 /// A connected or connecting client.
 pub(crate) struct Peer {
     id: PeerId,
@@ -118,84 +105,6 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    /// Builds a peer from a client's offer; returns it with the answer SDP.
-    /// `ufrag_taken` says whether a server ufrag is already routed elsewhere.
-    pub fn accept(
-        now: Instant,
-        id: PeerId,
-        claim: Claim,
-        offer: SdpOffer,
-        setup: Setup<'_>,
-        ufrag_taken: impl Fn(&str) -> bool,
-    ) -> Result<(Peer, String), ConnectError> {
-        let Setup {
-            rtc_config,
-            candidates,
-            limits,
-            budget,
-        } = setup;
-        let rtc_config = rtc_config.clone();
-        let built = catch_unwind(AssertUnwindSafe(move || {
-            let mut rtc = rtc_config.build(now);
-            for c in candidates {
-                rtc.add_local_candidate(c);
-            }
-            let answer = rtc.sdp_api().accept_offer(offer);
-            (rtc, answer)
-        }));
-        let (mut rtc, answer) =
-            built.map_err(|_| ConnectError::Internal(InternalError::StackPanicked))?;
-        let answer =
-            answer.map_err(|e| ConnectError::MalformedOffer(OfferError::Refused(e.to_string())))?;
-        let mut ufrag = rtc.direct_api().local_ice_credentials().ufrag;
-        while ufrag_taken(&ufrag) {
-            let creds = str0m::IceCreds::new();
-            ufrag = creds.ufrag.clone();
-            rtc.direct_api().set_local_ice_credentials(creds);
-        }
-        let answer = answer.to_sdp_string();
-        // Slots and sources come from the negotiated audio m-lines.
-        let mut slots = Vec::new();
-        let mut sending_mlines = 0;
-        let mut source_mid = None;
-        for mline in offer::audio_mlines(&answer) {
-            let Some(media) = rtc.media(mline.mid) else {
-                continue;
-            };
-            let dir = media.direction();
-            if dir.is_sending() && slots.len() < MAX_SLOTS {
-                slots.push(Slot::new(mline.mid, rand::random(), rand::random()));
-            }
-            if dir.is_receiving() {
-                sending_mlines += 1;
-                source_mid.get_or_insert(mline.mid);
-            }
-        }
-        if slots.is_empty() && sending_mlines == 0 {
-            return Err(ConnectError::NoOpus);
-        }
-        let csrc = speaker_csrc(&claim.userid);
-        let peer = Peer {
-            id,
-            claim,
-            rtc,
-            ufrag,
-            addrs: Vec::new(),
-            slots,
-            sending_mlines,
-            csrc,
-            source_mid,
-            budget: Budget::new(budget, now),
-            connected: false,
-            limits,
-            connect_at: Some(now + limits.connect),
-            last_rx: now,
-            rtc_at: now,
-            armed: None,
-        };
-        Ok((peer, answer))
-    }
-
     // ---- getters ----
 
     /// Core-assigned id, never reused.

@@ -1,10 +1,21 @@
-//! Reading SDP text before and after str0m: the cheap pre-check of an offer
-//! (size, an audio m-line with Opus) and the audio m-lines of an answer.
-//! One line scanner serves both.
+//! An offer becomes a peer: the cheap pre-check of the offer text (size, an
+//! audio m-line with Opus), str0m's accept behind a panic guard, and the
+//! slots and sources read from the answer's audio m-lines. One line scanner
+//! reads both SDPs.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+use str0m::change::SdpOffer;
 use str0m::media::Mid;
+use str0m::{Candidate, RtcConfig};
 
-use crate::sfu::api::{ConnectError, OfferError};
+use super::budget::{Budget, BudgetConfig};
+use super::slot::Slot;
+use super::{Limits, Peer, MAX_SLOTS};
+use crate::sfu::api::{Claim, ConnectError, InternalError, OfferError};
+use crate::sfu::conversation::speaker::speaker_csrc;
+use crate::sfu::ids::PeerId;
 
 /// Longest accepted SDP offer.
 pub const MAX_OFFER_BYTES: usize = 64 * 1024;
@@ -62,6 +73,98 @@ pub(crate) fn check(offer: &str) -> Result<(), ConnectError> {
         Ok(())
     } else {
         Err(ConnectError::NoOpus)
+    }
+}
+
+/// What every new peer is built with besides its offer.
+pub(crate) struct Setup<'a> {
+    /// Settings shared by every `Rtc` (with the one DTLS certificate).
+    pub rtc_config: &'a RtcConfig,
+    /// The server's host candidates.
+    pub candidates: Vec<Candidate>,
+    /// Connect and idle timeouts.
+    pub limits: Limits,
+    /// The media budget of each peer.
+    pub budget: BudgetConfig,
+}
+
+impl Peer {
+    /// Builds a peer from a client's offer; returns it with the answer SDP.
+    /// `ufrag_taken` says whether a server ufrag is already routed elsewhere.
+    pub fn accept(
+        now: Instant,
+        id: PeerId,
+        claim: Claim,
+        offer: SdpOffer,
+        setup: Setup<'_>,
+        ufrag_taken: impl Fn(&str) -> bool,
+    ) -> Result<(Peer, String), ConnectError> {
+        let Setup {
+            rtc_config,
+            candidates,
+            limits,
+            budget,
+        } = setup;
+        let rtc_config = rtc_config.clone();
+        let built = catch_unwind(AssertUnwindSafe(move || {
+            let mut rtc = rtc_config.build(now);
+            for c in candidates {
+                rtc.add_local_candidate(c);
+            }
+            let answer = rtc.sdp_api().accept_offer(offer);
+            (rtc, answer)
+        }));
+        let (mut rtc, answer) =
+            built.map_err(|_| ConnectError::Internal(InternalError::StackPanicked))?;
+        let answer =
+            answer.map_err(|e| ConnectError::MalformedOffer(OfferError::Refused(e.to_string())))?;
+        let mut ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        while ufrag_taken(&ufrag) {
+            let creds = str0m::IceCreds::new();
+            ufrag = creds.ufrag.clone();
+            rtc.direct_api().set_local_ice_credentials(creds);
+        }
+        let answer = answer.to_sdp_string();
+        // Slots and sources come from the negotiated audio m-lines.
+        let mut slots = Vec::new();
+        let mut sending_mlines = 0;
+        let mut source_mid = None;
+        for mline in audio_mlines(&answer) {
+            let Some(media) = rtc.media(mline.mid) else {
+                continue;
+            };
+            let dir = media.direction();
+            if dir.is_sending() && slots.len() < MAX_SLOTS {
+                slots.push(Slot::new(mline.mid, rand::random(), rand::random()));
+            }
+            if dir.is_receiving() {
+                sending_mlines += 1;
+                source_mid.get_or_insert(mline.mid);
+            }
+        }
+        if slots.is_empty() && sending_mlines == 0 {
+            return Err(ConnectError::NoOpus);
+        }
+        let csrc = speaker_csrc(&claim.userid);
+        let peer = Peer {
+            id,
+            claim,
+            rtc,
+            ufrag,
+            addrs: Vec::new(),
+            slots,
+            sending_mlines,
+            csrc,
+            source_mid,
+            budget: Budget::new(budget, now),
+            connected: false,
+            limits,
+            connect_at: Some(now + limits.connect),
+            last_rx: now,
+            rtc_at: now,
+            armed: None,
+        };
+        Ok((peer, answer))
     }
 }
 

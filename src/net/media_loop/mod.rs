@@ -21,10 +21,13 @@ use log::{debug, error, info};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+mod presence;
+
 use super::clock::unix_clock_now;
 use super::health::{LoopHealth, EXIT_LOOP_FAILED};
 use super::memory::HeapTrim;
 use super::tcp::{TcpLimits, TcpMedia};
+use super::udp::{send_to, unmapped};
 use crate::cluster::ClusterPort;
 use crate::command::{Command, LoopHandle, LoopInbox, PeerNotice};
 use crate::metrics::Metrics;
@@ -45,10 +48,6 @@ const COMMAND_BATCH: usize = 256;
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// How often the core's Unix clock is re-read (and a cluster heartbeat sent).
 const CLOCK_REANCHOR: Duration = Duration::from_secs(1);
-/// Least time between two heartbeats sent because presence changed.
-const PRESENCE_SPACING: Duration = Duration::from_millis(50);
-/// Cluster inputs handled per wake.
-const CLUSTER_BATCH: usize = 256;
 /// Receive buffer: larger than any WebRTC datagram (MTU-sized).
 const RECV_BUF: usize = 4096;
 
@@ -248,38 +247,6 @@ impl MediaLoop {
             self.last_bites.len()
         );
         std::mem::take(&mut self.last_bites)
-    }
-
-    /// Feeds up to a batch of what other nodes said; true if more wait.
-    fn handle_cluster(&mut self) -> bool {
-        let Some(inputs) = self.cluster.as_ref().map(|c| c.inputs.clone()) else {
-            return false;
-        };
-        for _ in 0..CLUSTER_BATCH {
-            match inputs.try_recv() {
-                Ok(input) => {
-                    self.sfu.handle_cluster(Instant::now(), input);
-                    self.send_transmits();
-                }
-                Err(_) => return false,
-            }
-        }
-        !inputs.is_empty()
-    }
-
-    /// Sends this node's heartbeat every second, and soon after a
-    /// conversation gained its first or lost its last member here.
-    fn heartbeat(&mut self) {
-        let Some(cluster) = &self.cluster else {
-            return;
-        };
-        self.presence_dirty |= self.sfu.take_presence_changed();
-        if self.stopping || !self.presence_dirty || self.heartbeat_at.elapsed() < PRESENCE_SPACING {
-            return;
-        }
-        cluster.heartbeat(self.sfu.presence());
-        self.heartbeat_at = Instant::now();
-        self.presence_dirty = false;
     }
 
     /// Returns freed heap to the kernel once the load has halved since its
@@ -511,35 +478,6 @@ impl MediaLoop {
         }
         if n > 0 {
             self.metrics.sent(n, bytes);
-        }
-    }
-}
-
-/// An IPv4 client on a dual-stack socket arrives as `::ffff:a.b.c.d`; the
-/// core (and str0m's ICE) sees it as the IPv4 address it is.
-fn unmapped(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
-}
-
-fn send_to(socket: &UdpSocket, v6_socket: bool, buf: &[u8], to: SocketAddr) -> io::Result<()> {
-    // On a dual-stack (IPv6) socket an IPv4 destination is sent mapped.
-    let to = match to {
-        SocketAddr::V4(v4) if v6_socket => {
-            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-        }
-        _ => to,
-    };
-    loop {
-        match socket.send_to(buf, to) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
         }
     }
 }
