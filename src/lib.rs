@@ -43,13 +43,14 @@
 //!   `mio::Waker`; the loop never waits on them.
 //!
 //! # Where things happen
-//! A datagram enters in `net::media_loop`, is routed in `sfu::peers` (by
-//! `sfu::demux`), the forwarding decision is made in `sfu::conversation`
-//! (`sfu::speaker` chooses who is heard) and carried out by `sfu::peer`
-//! (`sfu::slot` rewrites headers), bites are cut in `sfu::bite` and written
-//! as Ogg Opus by `ogg_opus`, and NATS is written in `sink::nats`. With the
-//! `test-kit` feature, `testkit` wires str0m clients to the core in memory
-//! for tests, benchmarks and the load generator.
+//! A datagram enters in `net::media_loop`, is routed in `sfu::peer::table`
+//! (by `sfu::peer::demux`), the forwarding decision is made in
+//! `sfu::conversation` (`conversation::speaker` chooses who is heard) and
+//! carried out by `sfu::peer` (`peer::slot` rewrites headers), bites are cut
+//! in `sfu::bite` and written as Ogg Opus by `sink::bite_file`, and NATS is
+//! written in `sink::nats`. With the `test-kit` feature, `testkit` wires
+//! str0m clients to the core in memory for tests, benchmarks and the load
+//! generator.
 
 #![warn(missing_docs)]
 
