@@ -58,6 +58,7 @@ mod cluster;
 mod command;
 pub mod config;
 mod http;
+mod log_limit;
 pub mod metrics;
 mod nats_connect;
 mod net;

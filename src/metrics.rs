@@ -77,6 +77,9 @@ pub struct Metrics {
     pub cluster_connected: Gauge,
     /// Cluster messages dropped, by kind and reason.
     pub cluster_dropped: Family<ClusterDrop, Counter>,
+    /// 1 when another process uses this node's id: the node then refuses
+    /// the cluster.
+    pub cluster_duplicate_node_id: Gauge,
     /// Bites finished by the core.
     pub bites: Counter,
     /// Bites published to NATS (both subjects).
@@ -130,6 +133,7 @@ impl Metrics {
             remote_speakers => "remote_speakers", "Speakers on other nodes currently known";
             cluster_connected => "cluster_connected", "1 while the cluster's NATS connection is up";
             cluster_dropped => "cluster_dropped", "Cluster messages dropped, by kind and reason";
+            cluster_duplicate_node_id => "cluster_duplicate_node_id", "1 when another process uses this node's id (the node then stays out of the cluster)";
             heap_trim_seconds => "heap_trim_seconds", "Time the media loop spent giving freed heap back to the kernel after a peak";
             peer_events => "peer_events", "Peers created, connected, closed";
             permission_checks => "permission_checks", "Permission checks by outcome";
@@ -191,6 +195,7 @@ impl Metrics {
             remote_speakers: Gauge::default(),
             cluster_connected: Gauge::default(),
             cluster_dropped: Family::default(),
+            cluster_duplicate_node_id: Gauge::default(),
             bites: Counter::default(),
             bites_published: Counter::default(),
             bite_bytes_published: Counter::default(),

@@ -8,6 +8,7 @@
 // The owner named the synchronous `nats` crate (see sink/nats.rs).
 #![allow(deprecated)]
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -25,6 +26,16 @@ pub(crate) struct Connecting {
     pub connected: Arc<AtomicBool>,
 }
 
+/// How a client proves who it is to NATS, besides what the URL carries
+/// (user and password, or a token): a credentials file, and a CA for TLS.
+#[derive(Debug, Clone, Default)]
+pub struct NatsAuth {
+    /// A `.creds` file (JWT and nkey seed).
+    pub creds: Option<PathBuf>,
+    /// A PEM CA certificate to verify the server with.
+    pub ca: Option<PathBuf>,
+}
+
 /// How to connect and what to do when the connection drops or returns.
 pub(crate) struct Dial<D, U> {
     /// The connecting thread's name.
@@ -33,6 +44,8 @@ pub(crate) struct Dial<D, U> {
     pub client: &'static str,
     /// The server's URL.
     pub url: String,
+    /// Credentials and TLS trust.
+    pub auth: NatsAuth,
     /// Bytes the client may buffer while reconnecting (`None`: its default).
     pub reconnect_buffer: Option<usize>,
     /// Called when the connection drops (after the flag is cleared).
@@ -55,12 +68,20 @@ where
         thread,
         client,
         url,
+        auth,
         reconnect_buffer,
         on_down,
         on_up,
     } = dial;
     let spawned = thread::Builder::new().name(thread.into()).spawn(move || {
-        let mut opts = nats::Options::new()
+        let mut opts = match &auth.creds {
+            Some(path) => nats::Options::with_credentials(path),
+            None => nats::Options::new(),
+        };
+        if let Some(ca) = &auth.ca {
+            opts = opts.add_root_certificate(ca);
+        }
+        let mut opts = opts
             .with_name(client)
             .retry_on_failed_connect()
             .max_reconnects(None)

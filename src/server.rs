@@ -34,12 +34,22 @@ fn bind_tcp(addr: SocketAddr, flag: &str) -> io::Result<TcpListener> {
     TcpListener::bind(addr).map_err(|e| io::Error::new(e.kind(), format!("{flag} {addr}: {e}")))
 }
 
-/// The cluster this node is part of: needs NATS and a subject prefix.
+/// The cluster this node is part of: needs NATS, a subject prefix and a
+/// cluster key. Without a key a node with NATS publishes bites and stays
+/// alone, and says so.
 fn cluster_config(config: &Config) -> Option<ClusterConfig> {
+    let url = config.nats.clone()?;
+    let prefix = config.cluster_subject.clone()?;
+    if config.cluster_keys.is_empty() {
+        info!("cluster: no --cluster-key-file, so this node stays alone (it still publishes bites to NATS)");
+        return None;
+    }
     Some(ClusterConfig {
-        url: config.nats.clone()?,
+        url,
+        auth: config.nats_auth.clone(),
         node: config.node_id.clone(),
-        prefix: config.cluster_subject.clone()?,
+        prefix,
+        keys: config.cluster_keys.clone(),
     })
 }
 
@@ -54,6 +64,7 @@ fn start_sink(config: &Config, metrics: &Arc<Metrics>) -> io::Result<(Option<Sin
             backlog_bytes: config.nats_backlog_bytes,
             spool_dir: config.spool_dir.clone(),
             jetstream: config.nats_jetstream,
+            auth: config.nats_auth.clone(),
         }),
         dir: config.bites_dir.clone(),
     };

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use prost::Message as _;
 
-use beep_sfu::config::Config;
+use beep_sfu::config::{ClusterKey, Config};
 use beep_sfu::proto::Bite;
 use beep_sfu::server::Server;
 use beep_sfu::sfu::speaker_csrc;
@@ -23,11 +23,15 @@ fn prefix(test: &str) -> String {
     format!("t{}.{test}", std::process::id())
 }
 
+/// The test cluster's key (32 bytes; a real one is random and secret).
+const KEY: &[u8; 32] = b"beep-sfu test cluster key 32 byt";
+
 fn node_config(nats: &NatsServer, prefix: &str, node: &str) -> Config {
     let mut c = test_config(true, "");
     c.nats = Some(nats.url());
     c.node_id = node.into();
     c.cluster_subject = Some(prefix.into());
+    c.cluster_keys = vec![ClusterKey::new(KEY).expect("a 32-byte key")];
     c
 }
 
@@ -332,9 +336,17 @@ impl Drop for BinaryNode {
     }
 }
 
+/// The test key in a file, for nodes run as the binary.
+fn key_file() -> String {
+    let path = std::env::temp_dir().join(format!("beep-sfu-test-key-{}", std::process::id()));
+    std::fs::write(&path, KEY).expect("key file written");
+    path.to_string_lossy().into_owned()
+}
+
 /// Starts the server binary as a cluster node; returns it and its HTTP address.
 fn spawn_node(nats: &NatsServer, prefix: &str, node: &str) -> (BinaryNode, SocketAddr) {
     let url = nats.url();
+    let key = key_file();
     let (child, addr) = spawn_binary(&[
         "--dev",
         "--listen",
@@ -351,6 +363,8 @@ fn spawn_node(nats: &NatsServer, prefix: &str, node: &str) -> (BinaryNode, Socke
         node,
         "--cluster-subject",
         prefix,
+        "--cluster-key-file",
+        &key,
     ]);
     (BinaryNode(child), addr)
 }

@@ -569,6 +569,8 @@ fn only_packets_that_can_matter_are_relayed_to_other_nodes() {
             node: "b".into(),
             conversations: vec!["x".into()],
             users: vec![],
+            first: true,
+            last: true,
         },
     );
     h.events.clear();

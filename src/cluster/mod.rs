@@ -1,15 +1,21 @@
 //! Many processes, one SFU: the NATS side of a cluster of beep-sfu nodes.
 //!
-//! The core decides (`sfu/cluster.rs`, `sfu/relay.rs`); this module only
+//! The core decides (`sfu/nodes.rs`, `sfu/relay.rs`); this module only
 //! moves bytes, on side threads, so the media loop never waits on NATS:
 //!
 //! - the media loop hands heartbeats, joins and relayed packets to a bounded
 //!   queue ([`ClusterPort`]) with `try_send`; what does not fit is counted;
 //! - one publisher thread drains it, groups a turn's relayed packets into
-//!   one `MediaBatch` per receiving node, publishes, and flushes once per
-//!   turn (the `nats` client would otherwise hold writes for up to 5 ms);
-//! - the client's subscription handlers decode heartbeats, joins and media
-//!   and hand them to the loop through a bounded queue and its waker.
+//!   `MediaBatch`es per receiving node, seals every message (`seal.rs`),
+//!   splits what would exceed the server's `max_payload`, publishes, and
+//!   flushes once per turn;
+//! - the client's subscription handlers (`inbound.rs`) authenticate,
+//!   decrypt, decode and validate (`validate.rs`) what arrives and hand it
+//!   to the loop through a queue bounded in messages and in bytes.
+//!
+//! Nothing is trusted: a message that fails authentication is dropped
+//! before it is decoded, and one from an authenticated node is still held
+//! to the local limits. A node joins a cluster only with a cluster key.
 //!
 //! Subjects, under `--cluster-subject` (default `beep.sfu`):
 //! `<prefix>.heartbeat` and `<prefix>.join` (every node), and
@@ -20,35 +26,44 @@
 // The owner named the synchronous `nats` crate (see sink/nats.rs).
 #![allow(deprecated)]
 
+mod inbound;
 mod publisher;
+pub(crate) mod seal;
+pub(crate) mod validate;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{info, warn};
-use prost::Message;
 
 use crate::command::LoopHandle;
 use crate::metrics::Metrics;
-use crate::nats_connect::{self, Connecting, Dial};
-use crate::proto::cluster::{Heartbeat, Join, MediaBatch};
+use crate::nats_connect::{self, Connecting, Dial, NatsAuth};
 use crate::sfu::{ClusterInput, Member, Presence, RelayedPacket};
+use seal::ClusterKey;
 
 /// Messages the loop may have waiting for the publisher.
 const OUT_QUEUE: usize = 16_384;
 /// Decoded messages that may wait for the loop.
 const IN_QUEUE: usize = 8_192;
+/// Bytes (approximate heap of decoded messages) that may wait for the loop.
+const IN_QUEUE_BYTES: usize = 8 << 20;
 
 /// Where a node meets the others.
 #[derive(Debug, Clone)]
 pub(crate) struct ClusterConfig {
     /// The NATS server.
     pub url: String,
+    /// Credentials and TLS trust for it.
+    pub auth: NatsAuth,
     /// This node's id (a NATS subject token).
     pub node: String,
     /// Subject prefix shared by every node of the cluster.
     pub prefix: String,
+    /// The cluster keys: the first seals, all are accepted (at least one).
+    pub keys: Vec<ClusterKey>,
 }
 
 impl ClusterConfig {
@@ -69,15 +84,42 @@ enum Outgoing {
     Goodbye,
 }
 
+/// One checked input waiting for the loop, with its cost in bytes.
+struct Inbound {
+    input: ClusterInput,
+    cost: usize,
+}
+
+/// State both ends share: bytes waiting for the loop, and whether another
+/// process uses this node's id.
+#[derive(Default)]
+struct Shared {
+    queued_bytes: AtomicUsize,
+    duplicate: AtomicBool,
+}
+
 /// The media loop's end: never blocks, counts what it cannot hand over.
 pub(crate) struct ClusterPort {
-    /// What other nodes said, decoded, for the core.
-    pub inputs: Receiver<ClusterInput>,
+    inputs: Receiver<Inbound>,
     out: Sender<Outgoing>,
     metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
 }
 
 impl ClusterPort {
+    /// The next thing other nodes said, with its cost in bytes (for the
+    /// loop's per-turn budget), if any waits.
+    pub fn take(&self) -> Option<(ClusterInput, usize)> {
+        let Inbound { input, cost } = self.inputs.try_recv().ok()?;
+        self.shared.queued_bytes.fetch_sub(cost, Ordering::Relaxed);
+        Some((input, cost))
+    }
+
+    /// True if more inputs wait.
+    pub fn has_more(&self) -> bool {
+        !self.inputs.is_empty()
+    }
+
     /// Relays a local speaker's packet to the nodes in `to`.
     pub fn relay(&self, to: Arc<[Arc<str>]>, packet: RelayedPacket) {
         self.offer(Outgoing::Relay(to, packet), "media");
@@ -99,6 +141,10 @@ impl ClusterPort {
     }
 
     fn offer(&self, msg: Outgoing, kind: &'static str) {
+        if self.shared.duplicate.load(Ordering::Relaxed) {
+            self.metrics.cluster_drop(kind, "duplicate_node_id");
+            return;
+        }
         match self.out.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.metrics.cluster_drop(kind, "queue_full"),
@@ -110,26 +156,34 @@ impl ClusterPort {
 /// The side threads' ends of the queues, until [`ClusterSide::start`].
 pub(crate) struct ClusterSide {
     config: ClusterConfig,
-    inputs: Sender<ClusterInput>,
+    /// This process's boot of the node: random, so a second process with
+    /// the same node id is told apart.
+    instance: u64,
+    inputs: Sender<Inbound>,
     out: Receiver<Outgoing>,
     metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
 }
 
 /// The queues between the loop and the NATS threads.
 pub(crate) fn channels(config: ClusterConfig, metrics: Arc<Metrics>) -> (ClusterPort, ClusterSide) {
     let (in_tx, in_rx) = crossbeam_channel::bounded(IN_QUEUE);
     let (out_tx, out_rx) = crossbeam_channel::bounded(OUT_QUEUE);
+    let shared = Arc::new(Shared::default());
     (
         ClusterPort {
             inputs: in_rx,
             out: out_tx,
             metrics: metrics.clone(),
+            shared: shared.clone(),
         },
         ClusterSide {
             config,
+            instance: rand::random(),
             inputs: in_tx,
             out: out_rx,
             metrics,
+            shared,
         },
     )
 }
@@ -147,6 +201,7 @@ impl ClusterSide {
             thread: "cluster-connect",
             client: "beep-sfu cluster",
             url: self.config.url.clone(),
+            auth: self.config.auth.clone(),
             // Media is never worth buffering across an outage; joins wait
             // in the publisher's own queue.
             reconnect_buffer: Some(1 << 20),
@@ -166,91 +221,20 @@ impl ClusterSide {
     }
 }
 
-/// Subscribes the three subjects; each handler decodes and hands the input
-/// to the loop (ignoring this node's own broadcasts).
-fn subscribe(
-    conn: &nats::Connection,
-    side: &ClusterSide,
-    handle: &LoopHandle,
-) -> std::io::Result<()> {
-    let me = side.config.node.clone();
-    let hb = handler(side, handle, "heartbeat", move |data| {
-        let h = Heartbeat::decode(data).ok()?;
-        if h.node == me {
-            return Some(None);
-        }
-        Some(Some(if h.goodbye {
-            ClusterInput::Goodbye { node: h.node }
-        } else {
-            ClusterInput::Heartbeat {
-                node: h.node,
-                conversations: h.conversations,
-                users: h.users,
-            }
-        }))
-    });
-    conn.subscribe(&side.config.subject("heartbeat"))?
-        .with_handler(hb);
-    let me = side.config.node.clone();
-    let join = handler(side, handle, "join", move |data| {
-        let j = Join::decode(data).ok()?;
-        if j.node == me {
-            return Some(None);
-        }
-        Some(j.member.map(ClusterInput::Join))
-    });
-    conn.subscribe(&side.config.subject("join"))?
-        .with_handler(join);
-    let media = handler(side, handle, "media", |data| {
-        let b = MediaBatch::decode(data).ok()?;
-        Some(Some(ClusterInput::Media {
-            node: b.node,
-            packets: b.packets,
-        }))
-    });
-    conn.subscribe(&side.config.media_subject(&side.config.node))?
-        .with_handler(media);
-    Ok(())
-}
-
-/// A subscription handler: `decode` gives `None` for a malformed message,
-/// `Some(None)` for one to ignore, `Some(Some(input))` for the loop.
-fn handler(
-    side: &ClusterSide,
-    handle: &LoopHandle,
-    kind: &'static str,
-    decode: impl Fn(&[u8]) -> Option<Option<ClusterInput>> + Send + 'static,
-) -> impl Fn(nats::Message) -> std::io::Result<()> + Send + 'static {
-    let (tx, metrics, handle) = (side.inputs.clone(), side.metrics.clone(), handle.clone());
-    move |msg| {
-        match decode(&msg.data) {
-            None => {
-                metrics.cluster_drop(kind, "malformed");
-                warn!(
-                    "cluster: dropped a malformed {kind} message on {}",
-                    msg.subject
-                );
-            }
-            Some(None) => {}
-            Some(Some(input)) => match tx.try_send(input) {
-                Ok(()) => handle.wake(),
-                Err(_) => metrics.cluster_drop(kind, "input_queue_full"),
-            },
-        }
-        Ok(())
-    }
-}
+/// Longest node id.
+pub(crate) const MAX_NODE_ID: usize = 64;
 
 /// A node id is one NATS subject token: letters, digits, `-` and `_`.
 pub(crate) fn valid_node_id(id: &str) -> bool {
     !id.is_empty()
-        && id.len() <= 128
+        && id.len() <= MAX_NODE_ID
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The default node id: the host name and the process id.
+/// The default node id: the host name, the process id, and a random
+/// suffix (in containers the pid is often 1 on every replica).
 pub(crate) fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -267,7 +251,12 @@ pub(crate) fn default_node_id() -> String {
             }
         })
         .collect();
-    format!("{host}-{}", std::process::id())
+    let host: String = host.chars().take(MAX_NODE_ID - 20).collect();
+    format!(
+        "{host}-{}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    )
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The publisher thread: takes what the loop queued, publishes it in turns
-//! (one `MediaBatch` per receiving node per turn, one flush per turn), and
-//! keeps joins in a small bounded queue while NATS is away.
+//! (`MediaBatch`es per receiving node per turn, one flush per turn), seals
+//! every message, keeps every message under the server's `max_payload`
+//! (splitting heartbeats and batches), and keeps joins in a small bounded
+//! queue while NATS is away.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +13,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, info, warn};
 use prost::Message;
 
-use super::{subscribe, ClusterSide, Outgoing};
+use super::inbound::{subscribe, MAX_MESSAGE};
+use super::seal::{Kind, Sealer};
+use super::validate::{MAX_BATCH_PACKETS, MAX_HEARTBEAT_ITEMS};
+use super::{ClusterSide, Outgoing};
 use crate::command::LoopHandle;
 use crate::proto::cluster::{Heartbeat, Join, MediaBatch, RelayedPacket};
 use crate::sfu::{Member, Presence};
@@ -27,6 +32,10 @@ const IDLE: Duration = Duration::from_millis(100);
 
 struct Publisher {
     side: ClusterSide,
+    sealer: Sealer,
+    /// Most body bytes one message may carry (the server's `max_payload`
+    /// less the envelope), learnt when the connection arrives.
+    max_body: usize,
     conn: Option<nats::Connection>,
     connected: Arc<AtomicBool>,
     joins: VecDeque<Member>,
@@ -40,8 +49,18 @@ pub(super) fn run(
     connected: Arc<AtomicBool>,
     handle: LoopHandle,
 ) {
+    let sealer = match side.config.keys.first() {
+        Some(k) => Sealer::new(k, &side.config.node, side.instance),
+        None => {
+            warn!("cluster: no cluster key; this node stays alone");
+            return;
+        }
+    };
+    let max_body = MAX_MESSAGE - 1024 - sealer.overhead();
     let mut p = Publisher {
         side,
+        sealer,
+        max_body,
         conn: None,
         connected,
         joins: VecDeque::new(),
@@ -82,7 +101,9 @@ pub(super) fn run(
 
 impl Publisher {
     fn up(&self) -> bool {
-        self.conn.is_some() && self.connected.load(Ordering::SeqCst)
+        self.conn.is_some()
+            && self.connected.load(Ordering::SeqCst)
+            && !self.side.shared.duplicate.load(Ordering::Relaxed)
     }
 
     fn take_connection(&mut self, conn: nats::Connection, handle: &LoopHandle) {
@@ -94,6 +115,8 @@ impl Publisher {
                 );
                 self.connected.store(true, Ordering::SeqCst);
                 self.side.metrics.cluster_connected.set(1);
+                let server = conn.max_payload().min(MAX_MESSAGE - 1024);
+                self.max_body = server.saturating_sub(self.sealer.overhead() + 64).max(1024);
                 self.conn = Some(conn);
             }
             Err(e) => warn!("cluster: cannot subscribe: {e}; this node stays alone"),
@@ -137,27 +160,17 @@ impl Publisher {
         let Some(conn) = self.conn.clone() else {
             return;
         };
-        let node = self.side.config.node.clone();
         while let Some(m) = self.joins.pop_front() {
-            let msg = Join {
-                node: node.clone(),
-                member: Some(m),
-            };
-            if let Err(e) = conn.publish(&self.side.config.subject("join"), msg.encode_to_vec()) {
-                warn!("cluster: publishing a join failed: {e}");
-                self.side.metrics.cluster_drop("join", "publish_error");
-            }
+            let msg = Join { member: Some(m) };
+            let subject = self.side.config.subject("join");
+            self.publish(&conn, Kind::Join, &subject, &msg.encode_to_vec());
         }
-        for (to, packets) in self.media.drain() {
-            let batch = MediaBatch {
-                node: node.clone(),
-                packets,
-            };
-            if let Err(e) =
-                conn.publish(&self.side.config.media_subject(&to), batch.encode_to_vec())
-            {
-                debug!("cluster: publishing media to {to} failed: {e}");
-                self.side.metrics.cluster_drop("media", "publish_error");
+        let max_body = self.max_body;
+        for (to, packets) in std::mem::take(&mut self.media) {
+            let subject = self.side.config.media_subject(&to);
+            for packets in split(packets, max_body, MAX_BATCH_PACKETS, |p| p.encoded_len()) {
+                let batch = MediaBatch { packets };
+                self.publish(&conn, Kind::Media, &subject, &batch.encode_to_vec());
             }
         }
         if goodbye {
@@ -168,17 +181,112 @@ impl Publisher {
         }
     }
 
-    fn publish_heartbeat(&mut self, p: Presence, goodbye: bool) {
-        let Some(conn) = &self.conn else { return };
-        let msg = Heartbeat {
-            node: self.side.config.node.clone(),
-            conversations: p.conversations,
-            users: p.users,
-            goodbye,
-        };
-        if let Err(e) = conn.publish(&self.side.config.subject("heartbeat"), msg.encode_to_vec()) {
-            debug!("cluster: publishing the heartbeat failed: {e}");
-            self.side.metrics.cluster_drop("heartbeat", "publish_error");
+    /// Seals and publishes one message, counting a failure.
+    fn publish(&mut self, conn: &nats::Connection, kind: Kind, subject: &str, body: &[u8]) {
+        let sent_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let sealed = self.sealer.seal(kind, subject, sent_ms, body);
+        if let Err(e) = conn.publish(subject, sealed) {
+            let label = match kind {
+                Kind::Heartbeat => "heartbeat",
+                Kind::Join => "join",
+                Kind::Media => "media",
+            };
+            debug!("cluster: publishing a {label} on {subject} failed: {e}");
+            self.side.metrics.cluster_drop(label, "publish_error");
         }
+    }
+
+    /// This node's heartbeat, in as many parts as `max_payload` needs.
+    fn publish_heartbeat(&mut self, p: Presence, goodbye: bool) {
+        let Some(conn) = self.conn.clone() else {
+            return;
+        };
+        let subject = self.side.config.subject("heartbeat");
+        if goodbye {
+            let msg = Heartbeat {
+                goodbye: true,
+                ..Default::default()
+            };
+            return self.publish(&conn, Kind::Heartbeat, &subject, &msg.encode_to_vec());
+        }
+        // Conversations first, then users, each part under the limit.
+        let half = self.max_body / 2;
+        let mut convs = split(p.conversations, half, MAX_HEARTBEAT_ITEMS, String::len).into_iter();
+        let mut users = split(p.users, half, MAX_HEARTBEAT_ITEMS, |m| m.encoded_len()).into_iter();
+        let mut continued = false;
+        loop {
+            let (c, u) = (convs.next(), users.next());
+            if continued && c.is_none() && u.is_none() {
+                return;
+            }
+            let more = convs.len() > 0 || users.len() > 0;
+            let msg = Heartbeat {
+                conversations: c.unwrap_or_default(),
+                users: u.unwrap_or_default(),
+                goodbye: false,
+                continued,
+                more,
+            };
+            self.publish(&conn, Kind::Heartbeat, &subject, &msg.encode_to_vec());
+            if !more {
+                return;
+            }
+            continued = true;
+        }
+    }
+}
+
+/// Splits `items` into runs whose encoded size (each item's `len` plus its
+/// field tag and length prefix) stays under `max_bytes` and whose count
+/// stays under `max_items`; at least one item per run.
+fn split<T>(
+    items: Vec<T>,
+    max_bytes: usize,
+    max_items: usize,
+    len: impl Fn(&T) -> usize,
+) -> Vec<Vec<T>> {
+    let mut runs = vec![Vec::new()];
+    let mut bytes = 0;
+    for item in items {
+        let n = len(&item) + 6;
+        let full = runs.last().is_some_and(|r: &Vec<T>| {
+            !r.is_empty() && (bytes + n > max_bytes || r.len() >= max_items)
+        });
+        if full {
+            runs.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += n;
+        if let Some(r) = runs.last_mut() {
+            r.push(item);
+        }
+    }
+    runs.retain(|r| !r.is_empty());
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_stay_under_both_bounds_and_keep_every_item() {
+        let items: Vec<String> = (0..1000).map(|i| format!("conversation-{i}")).collect();
+        let runs = split(items.clone(), 1000, 30, String::len);
+        assert!(runs.iter().all(|r| r.len() <= 30));
+        assert!(runs
+            .iter()
+            .all(|r| r.iter().map(|s| s.len() + 6).sum::<usize>() <= 1000));
+        assert_eq!(runs.concat(), items);
+        assert!(split(Vec::<String>::new(), 10, 10, String::len).is_empty());
+        let huge = vec!["x".repeat(5000)];
+        assert_eq!(
+            split(huge, 1000, 10, String::len).len(),
+            1,
+            "one item per run at least"
+        );
     }
 }

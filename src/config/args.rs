@@ -154,4 +154,23 @@ pub struct Args {
     /// act as one SFU.
     #[arg(long, env = "CLUSTER_SUBJECT", default_value = "beep.sfu")]
     pub cluster_subject: String,
+
+    /// File holding the cluster key: at least 32 random bytes (for example
+    /// `head -c 32 /dev/urandom`). A node joins a cluster only with a key;
+    /// without one it publishes bites and stays alone. Give two files,
+    /// comma-separated, while rolling a new key: the first seals, both are
+    /// accepted. Keep it secret: it is the cluster's only credential.
+    #[arg(long, env = "CLUSTER_KEY_FILE", value_delimiter = ',')]
+    pub cluster_key_file: Vec<PathBuf>,
+
+    /// NATS credentials file (a `.creds` file with a JWT and nkey seed),
+    /// for the bite sink and the cluster. A user and password or a token
+    /// can instead be put in the --nats URL (nats://user:pass@host:4222).
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify a NATS server reached over TLS
+    /// (--nats tls://host:4222).
+    #[arg(long, env = "NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
 }

@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
+
+pub use crate::cluster::seal::ClusterKey;
+pub use crate::nats_connect::NatsAuth;
 use clap::Parser;
 
 mod addrs;
@@ -80,6 +83,10 @@ pub struct Config {
     pub node_id: String,
     /// The cluster's subject prefix; `None` (or no NATS) keeps the node alone.
     pub cluster_subject: Option<String>,
+    /// The cluster keys (the first seals); none keeps the node alone.
+    pub cluster_keys: Vec<ClusterKey>,
+    /// How to authenticate to NATS besides the URL.
+    pub nats_auth: NatsAuth,
 }
 
 impl Config {
@@ -132,6 +139,11 @@ impl Config {
         }
         let nats = nats_url(&a)?;
         let (node_id, cluster_subject) = cluster_settings(&a)?;
+        let cluster_keys = cluster_keys(&a.cluster_key_file)?;
+        let nats_auth = NatsAuth {
+            creds: readable_file(a.nats_creds.clone(), "--nats-creds")?,
+            ca: readable_file(a.nats_ca.clone(), "--nats-ca")?,
+        };
         check_limits(&a)?;
         let admin_listen = match a.admin_listen.as_deref().map(str::trim) {
             None | Some("" | "none") => None,
@@ -174,6 +186,8 @@ impl Config {
             nats_jetstream: a.nats_jetstream,
             node_id,
             cluster_subject,
+            cluster_keys,
+            nats_auth,
         })
     }
 
@@ -263,6 +277,27 @@ fn storage_dirs(a: &Args) -> (Option<PathBuf>, Option<PathBuf>) {
         None => None,
     };
     (bites_dir, spool_dir)
+}
+
+/// The cluster keys read from their files; an error names the flag and file.
+fn cluster_keys(files: &[PathBuf]) -> Result<Vec<ClusterKey>, String> {
+    files
+        .iter()
+        .map(|f| {
+            let bytes =
+                std::fs::read(f).map_err(|e| format!("--cluster-key-file {}: {e}", f.display()))?;
+            ClusterKey::new(bytes.trim_ascii())
+                .map_err(|e| format!("--cluster-key-file {}: {e}", f.display()))
+        })
+        .collect()
+}
+
+/// A file flag whose file must be readable at start.
+fn readable_file(path: Option<PathBuf>, flag: &str) -> Result<Option<PathBuf>, String> {
+    if let Some(p) = &path {
+        std::fs::metadata(p).map_err(|e| format!("{flag} {}: {e}", p.display()))?;
+    }
+    Ok(path)
 }
 
 /// This node's id and the cluster's subject prefix (`None`: alone),

@@ -99,6 +99,12 @@ pub enum ClusterInput {
         conversations: Vec<String>,
         /// Users with a client there, with their memberships.
         users: Vec<Member>,
+        /// The first part of a heartbeat split for NATS's `max_payload`
+        /// (true for a heartbeat in one part).
+        first: bool,
+        /// The last part: the node's conversations are replaced by those of
+        /// every part since the first.
+        last: bool,
     },
     /// A node stopped cleanly.
     Goodbye {

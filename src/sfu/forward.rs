@@ -76,9 +76,11 @@ impl Sfu {
             ext: &ext,
             payload: &pkt.payload,
         };
-        self.stats.forwarded +=
+        let (written, panicked) =
             self.peers
                 .fan_out(heard.listeners, &fwd, now, &mut self.timers, &mut self.out);
+        self.stats.forwarded += written;
+        self.stats.forward_panics += panicked;
         if let Some((to, name)) = relay {
             let packet = relay::relayed(name, speaker, csrc, &incoming, &ext, &pkt.payload);
             self.relay_out(to, packet);

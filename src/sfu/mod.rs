@@ -107,7 +107,7 @@ impl Sfu {
             members: Memberships::new(config.membership_grace),
             convs: Conversations::new(config.speaker),
             bites: BiteAssembler::new(config.bites),
-            nodes: Nodes::default(),
+            nodes: Nodes::new(config.budget),
             cluster_armed: false,
             clock,
             timers: TimerHeap::default(),

@@ -14,7 +14,7 @@ use str0m::rtp::ExtensionValues;
 
 use super::api::{ClusterInput, Member, Presence, RelayedPacket};
 use super::ids::SpeakerId;
-use super::nodes::RemoteSpeaker;
+use super::nodes::{NodeRefusal, RemoteSpeaker};
 use super::peer::slot::Incoming;
 use super::peer::Forward;
 use super::timer::TimerKey;
@@ -28,9 +28,20 @@ impl Sfu {
                 node,
                 conversations,
                 users,
+                first,
+                last,
             } => {
                 let known = self.nodes.node_count();
-                let idle = self.nodes.heartbeat(&node, conversations, now);
+                let idle = match self
+                    .nodes
+                    .heartbeat(&node, conversations, (first, last), now)
+                {
+                    Ok(idle) => idle,
+                    Err(_) => {
+                        self.stats.cluster_nodes_refused += 1;
+                        return;
+                    }
+                };
                 if self.nodes.node_count() > known {
                     info!("cluster: node {node} is up");
                 }
@@ -85,6 +96,8 @@ impl Sfu {
         for node in self.nodes.silent_nodes(now) {
             self.drop_node(&node, "fell silent");
         }
+        let idle = self.nodes.prune_speakers(now);
+        self.forget_speakers(idle);
         self.arm_cluster();
     }
 
@@ -143,8 +156,25 @@ impl Sfu {
             self.stats.relay_dropped_no_conversation += 1;
             return;
         };
-        let Some(s) = self.nodes.speaking(node, p.speaker, key, now) else {
-            return;
+        let mut idle = Vec::new();
+        let spoke = self
+            .nodes
+            .speaking(node, p.speaker, key, p.payload.len(), now, &mut idle);
+        self.forget_speakers(idle);
+        let s = match spoke {
+            Ok(s) => s,
+            Err(NodeRefusal::OverBudget(_)) => {
+                self.stats.relay_dropped_over_budget += 1;
+                return;
+            }
+            Err(NodeRefusal::TooManySpeakers) => {
+                self.stats.relay_dropped_too_many_speakers += 1;
+                return;
+            }
+            Err(NodeRefusal::TooManyNodes) => {
+                self.stats.relay_dropped_too_many_nodes += 1;
+                return;
+            }
         };
         if let Some(old) = s.moved_from {
             self.convs.remove_speaker(old, s.id);
@@ -171,9 +201,11 @@ impl Sfu {
             ext: &ext,
             payload: &payload,
         };
-        self.stats.forwarded +=
+        let (written, panicked) =
             self.peers
                 .fan_out(heard.listeners, &fwd, now, &mut self.timers, &mut self.out);
+        self.stats.forwarded += written;
+        self.stats.forward_panics += panicked;
     }
 }
 
@@ -278,6 +310,8 @@ mod tests {
             node: "b".into(),
             conversations: vec!["x".into()],
             users: vec![],
+            first: true,
+            last: true,
         };
         s.handle_cluster(t0, heartbeat);
         assert_eq!(s.snapshot().cluster_nodes, 1);

@@ -89,6 +89,16 @@ core_stats! {
     relay_bytes_in => Counter { name: "relay_bytes_in", help: "Payload bytes received from other nodes" };
     /// Relayed packets for a conversation this node does not have.
     relay_dropped_no_conversation => Dropped("relayed_for_unknown_conversation");
+    /// Relayed packets refused: over the remote speaker's media budget.
+    relay_dropped_over_budget => Dropped("relayed_over_budget");
+    /// Relayed packets refused: their node has the most speakers allowed.
+    relay_dropped_too_many_speakers => Dropped("relayed_too_many_speakers");
+    /// Relayed packets refused: from a node beyond the node cap.
+    relay_dropped_too_many_nodes => Dropped("relayed_too_many_nodes");
+    /// Heartbeats from nodes beyond the node cap.
+    cluster_nodes_refused => Counter { name: "cluster_nodes_refused", help: "Heartbeats ignored because the cluster already has the most nodes allowed" };
+    /// Relayed packets whose write panicked inside str0m (the listener was closed).
+    forward_panics => Counter { name: "forward_panics", help: "Packet writes that panicked inside the WebRTC stack (the listener was closed, the process went on)" };
     /// Peers created from offers.
     peers_created => PeerEvent("created");
     /// Peers that completed ICE and DTLS.

@@ -27,7 +27,7 @@ use log::{debug, info, warn};
 use prost::Message;
 
 use crate::metrics::Metrics;
-use crate::nats_connect::{self, Connecting, Dial};
+use crate::nats_connect::{self, Connecting, Dial, NatsAuth};
 use crate::proto::{Bite, Client, Store};
 use crate::sfu::FinishedBite;
 
@@ -101,6 +101,8 @@ pub struct NatsConfig {
     /// Publish through JetStream and wait for each acknowledgement
     /// (at-least-once; needs a stream on both subjects).
     pub jetstream: bool,
+    /// Credentials and TLS trust besides the URL.
+    pub auth: NatsAuth,
 }
 
 /// The two encoded messages of one bite.
@@ -157,6 +159,7 @@ impl NatsPublisher {
             thread: "nats-connect",
             client: "beep-sfu",
             url: config.url.clone(),
+            auth: config.auth.clone(),
             reconnect_buffer: None,
             on_down: move || {
                 m_down.nats_connected.set(0);

@@ -18,7 +18,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
-use beep_sfu::config::Config;
+use beep_sfu::config::{Config, NatsAuth};
 use beep_sfu::server::Server;
 use beep_sfu::testkit::{ClientOutput, OpusClient};
 
@@ -54,6 +54,8 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
         nats_jetstream: false,
         node_id: "test-node".into(),
         cluster_subject: None,
+        cluster_keys: Vec::new(),
+        nats_auth: NatsAuth::default(),
     }
 }
 

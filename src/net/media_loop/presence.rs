@@ -7,25 +7,24 @@ use super::MediaLoop;
 
 /// Least time between two heartbeats sent because presence changed.
 const PRESENCE_SPACING: Duration = Duration::from_millis(50);
-/// Cluster inputs handled per wake.
-const CLUSTER_BATCH: usize = 256;
+/// Bytes of cluster input (decoded size) handled per wake: about 200
+/// relayed packets, or one large heartbeat.
+const CLUSTER_TURN_BYTES: usize = 64 * 1024;
 
 impl MediaLoop {
-    /// Feeds up to a batch of what other nodes said; true if more wait.
+    /// Feeds what other nodes said, up to a budget in bytes per turn (a
+    /// flood from NATS cannot hold the loop); true if more wait.
     pub(super) fn handle_cluster(&mut self) -> bool {
-        let Some(inputs) = self.cluster.as_ref().map(|c| c.inputs.clone()) else {
-            return false;
-        };
-        for _ in 0..CLUSTER_BATCH {
-            match inputs.try_recv() {
-                Ok(input) => {
-                    self.sfu.handle_cluster(Instant::now(), input);
-                    self.send_transmits();
-                }
-                Err(_) => return false,
-            }
+        let mut spent = 0;
+        while spent < CLUSTER_TURN_BYTES {
+            let Some((input, cost)) = self.cluster.as_ref().and_then(|c| c.take()) else {
+                return false;
+            };
+            spent += cost;
+            self.sfu.handle_cluster(Instant::now(), input);
+            self.send_transmits();
         }
-        !inputs.is_empty()
+        self.cluster.as_ref().is_some_and(|c| c.has_more())
     }
 
     /// Sends this node's heartbeat every second, and soon after a

@@ -68,6 +68,10 @@ pub(crate) struct Limits {
     pub idle: Duration,
 }
 
+/// str0m panicked on a write; the peer is closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Panicked;
+
 /// The header fields and payload of one packet to forward.
 pub(crate) struct Forward<'a> {
     /// Who is speaking, and the sender's header fields.
@@ -251,52 +255,72 @@ impl Peer {
     }
 
     /// Writes one packet on slot `idx` with continuous sequence numbers and
-    /// timestamps, and releases it at once. Returns true if it was written.
+    /// timestamps, and releases it at once. Returns whether it was written,
+    /// or that str0m panicked (the peer is then closing).
     pub fn forward(
         &mut self,
         idx: usize,
         pkt: &Forward<'_>,
         now: Instant,
         out: &mut Outbox,
-    ) -> bool {
+    ) -> Result<bool, Panicked> {
         if !self.connected {
-            return false;
+            return Ok(false);
         }
         let Some(mid) = self.slots.get(idx).map(|s| s.mid) else {
-            return false;
+            return Ok(false);
         };
         if self.slots[idx].pt.is_none() {
             self.slots[idx].pt = self.opus_pt(mid);
         }
         let slot = &mut self.slots[idx];
-        let Some(pt) = slot.pt else { return false };
+        let Some(pt) = slot.pt else { return Ok(false) };
         let Some(rw) = slot.rewrite(pkt.incoming, now) else {
-            return false;
+            return Ok(false);
         };
-        let mut api = self.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
-            return false;
-        };
-        tx.write_rtp(
-            RtpWrite::new(
-                pt,
-                SeqNo::from(rw.seq),
-                rw.timestamp,
-                now,
-                pkt.payload.clone(),
-            )
-            .marker(rw.marker)
-            .csrc(&[pkt.csrc])
-            .ext_vals(pkt.ext.clone()),
-        );
-        // str0m's pacer releases queued RTP on a timeout; hand it "now" at
-        // once so the packet leaves in this wake, not the next one, and
-        // drain once after both mutations (a drain between them only ever
-        // yields that timeout).
-        if self.rtc.handle_input(Input::Timeout(now)).is_ok() {
-            self.drain(out);
+        // The payload may come from another node: str0m must never be able
+        // to take the process down with it. A panic closes this peer only.
+        let written = catch_unwind(AssertUnwindSafe(|| {
+            let mut api = self.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+                return false;
+            };
+            tx.write_rtp(
+                RtpWrite::new(
+                    pt,
+                    SeqNo::from(rw.seq),
+                    rw.timestamp,
+                    now,
+                    pkt.payload.clone(),
+                )
+                .marker(rw.marker)
+                .csrc(&[pkt.csrc])
+                .ext_vals(pkt.ext.clone()),
+            );
+            // str0m's pacer releases queued RTP on a timeout; hand it "now"
+            // at once so the packet leaves in this wake, not the next one,
+            // and drain once after both mutations (a drain between them
+            // only ever yields that timeout).
+            if self.rtc.handle_input(Input::Timeout(now)).is_ok() {
+                self.drain(out);
+            }
+            true
+        }));
+        match written {
+            Ok(w) => Ok(w),
+            Err(_) => {
+                warn!(
+                    "{}: str0m panicked writing a packet; closing the peer",
+                    self.label()
+                );
+                self.connected = false;
+                out.pending.push_back(Pending::Close(
+                    self.id,
+                    CloseReason::Failed(PeerFailure::Panicked),
+                ));
+                Err(Panicked)
+            }
         }
-        true
     }
 
     /// Says goodbye (DTLS close_notify) if the peer got that far; what it

@@ -113,7 +113,9 @@ impl Slot {
             // A new speaker on this slot, or the sender restarted its stream.
             _ => return Some(st.start_run(pkt, now)),
         };
-        let delta = pkt.seq as i64 - run.last_in_seq as i64;
+        // The signed distance in the 64-bit sequence space, wrapping: a
+        // sequence number from outside (another node's) may be anywhere.
+        let delta = pkt.seq.wrapping_sub(run.last_in_seq) as i64;
         if !(-MAX_SEQ_JUMP..=MAX_SEQ_JUMP).contains(&delta) {
             // The sender jumped in its sequence space: continue ours.
             return Some(st.start_run(pkt, now));

@@ -11,7 +11,7 @@ use str0m::Input;
 
 use super::demux::{self, Demux};
 use super::outbox::Outbox;
-use super::{Forward, Peer};
+use super::{Forward, Panicked, Peer};
 use crate::sfu::ids::PeerId;
 use crate::sfu::timer::TimerHeap;
 
@@ -106,7 +106,8 @@ impl PeerTable {
 
     /// Writes one packet to each listener's slot and re-arms each
     /// listener's timer: local and relayed packets take this same path.
-    /// Returns how many writes were made.
+    /// Returns how many writes were made, and how many panicked inside
+    /// str0m (each of those listeners is closing).
     pub fn fan_out(
         &mut self,
         listeners: &[(PeerId, usize)],
@@ -114,18 +115,20 @@ impl PeerTable {
         now: Instant,
         timers: &mut TimerHeap,
         out: &mut Outbox,
-    ) -> u64 {
-        let mut written = 0;
+    ) -> (u64, u64) {
+        let (mut written, mut panicked) = (0, 0);
         for &(sub, idx) in listeners {
             let Some(peer) = self.peers.get_mut(&sub) else {
                 continue;
             };
-            if peer.forward(idx, fwd, now, out) {
-                written += 1;
+            match peer.forward(idx, fwd, now, out) {
+                Ok(true) => written += 1,
+                Ok(false) => {}
+                Err(Panicked) => panicked += 1,
             }
             peer.arm(timers);
         }
-        written
+        (written, panicked)
     }
 
     /// Routes one datagram to its peer and feeds it there. `local` is the
