@@ -90,6 +90,7 @@ fn sfu_config(config: &Config, udp_port: u16, tcp_port: Option<u16>) -> SfuConfi
     let mut sfu = SfuConfig::new(SocketAddr::from(([0, 0, 0, 0], udp_port)));
     sfu.candidates = candidates;
     sfu.tcp_candidates = tcp_port.map(at).unwrap_or_default();
+    sfu.node_id = config.node_id.clone();
     sfu.max_peers = config.max_peers;
     sfu.max_peers_per_user = config.max_peers_per_user;
     sfu.connect_timeout = config.connect_timeout;

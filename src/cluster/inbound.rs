@@ -129,7 +129,7 @@ impl Door {
             }
             return; // this node's own broadcast
         }
-        let checked = match validate::check(self.kind, &opened.node, &opened.body, now_ms) {
+        let checked = match validate::check(self.kind, &opened.node, &opened.body) {
             Ok(c) => c,
             Err(e) => return self.refuse(e.label(), subject),
         };

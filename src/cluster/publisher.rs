@@ -212,31 +212,30 @@ impl Publisher {
             };
             return self.publish(&conn, Kind::Heartbeat, &subject, &msg.encode_to_vec());
         }
-        // Conversations first, then users, each part under the limit.
-        let half = self.max_body / 2;
-        let mut convs = split(p.conversations, half, MAX_HEARTBEAT_ITEMS, String::len).into_iter();
-        let mut users = split(p.users, half, MAX_HEARTBEAT_ITEMS, |m| m.encoded_len()).into_iter();
-        let mut continued = false;
-        loop {
-            let (c, u) = (convs.next(), users.next());
-            if continued && c.is_none() && u.is_none() {
-                return;
-            }
-            let more = convs.len() > 0 || users.len() > 0;
-            let msg = Heartbeat {
-                conversations: c.unwrap_or_default(),
-                users: u.unwrap_or_default(),
-                goodbye: false,
-                continued,
-                more,
-            };
-            self.publish(&conn, Kind::Heartbeat, &subject, &msg.encode_to_vec());
-            if !more {
-                return;
-            }
-            continued = true;
+        for part in heartbeat_parts(p, self.max_body) {
+            self.publish(&conn, Kind::Heartbeat, &subject, &part.encode_to_vec());
         }
     }
+}
+
+/// A heartbeat in as many parts as it takes for each to encode under
+/// `max_body` bytes: conversations and users each fill up to half a part.
+/// One part (`continued` and `more` both false) when it fits.
+fn heartbeat_parts(p: Presence, max_body: usize) -> Vec<Heartbeat> {
+    let half = max_body / 2;
+    let convs = split(p.conversations, half, MAX_HEARTBEAT_ITEMS, String::len);
+    let users = split(p.users, half, MAX_HEARTBEAT_ITEMS, |m| m.encoded_len());
+    let n = convs.len().max(users.len()).max(1);
+    let (mut convs, mut users) = (convs.into_iter(), users.into_iter());
+    (0..n)
+        .map(|i| Heartbeat {
+            conversations: convs.next().unwrap_or_default(),
+            users: users.next().unwrap_or_default(),
+            goodbye: false,
+            continued: i > 0,
+            more: i + 1 < n,
+        })
+        .collect()
 }
 
 /// Splits `items` into runs whose encoded size (each item's `len` plus its
@@ -288,5 +287,39 @@ mod tests {
             1,
             "one item per run at least"
         );
+    }
+
+    #[test]
+    fn a_heartbeat_of_20000_users_fits_a_64_kib_max_payload_in_parts() {
+        let users: Vec<Member> = (0..20_000)
+            .map(|i| Member {
+                userid: format!("{i:08}-7c1e-4b8a-9f3d-2a6e5b1c0d9f"),
+                conversation: format!("conversation-{:08}-0000-4000-8000", i / 4),
+                stamp: 1_000 + i,
+                origin: "node-with-a-long-name-1".into(),
+            })
+            .collect();
+        let conversations: Vec<String> = (0..5_000)
+            .map(|i| format!("conversation-{i:08}-0000-4000-8000"))
+            .collect();
+        let presence = Presence {
+            conversations: conversations.clone(),
+            users: users.clone(),
+        };
+        // What a node reads from a server with max_payload 65536, less the
+        // envelope of its longest node id (as take_connection computes it).
+        let envelope = 30 + 64 + 16 + 8 + 64;
+        let parts = heartbeat_parts(presence, 65_536 - envelope);
+        assert!(parts.len() > 1);
+        for (i, p) in parts.iter().enumerate() {
+            assert!(p.encoded_len() + envelope <= 65_536, "part {i}: {}", p.encoded_len());
+            assert_eq!((p.continued, p.more), (i > 0, i + 1 < parts.len()));
+        }
+        let got_users: Vec<Member> = parts.iter().flat_map(|p| p.users.clone()).collect();
+        let got_convs: Vec<String> = parts.iter().flat_map(|p| p.conversations.clone()).collect();
+        assert_eq!((got_users, got_convs), (users, conversations), "nothing lost");
+        let one = heartbeat_parts(Presence::default(), 65_536);
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].continued && !one[0].more);
     }
 }

@@ -9,7 +9,8 @@ use std::fmt;
 
 use prost::Message;
 
-use super::seal::{Kind, MAX_SKEW};
+use super::seal::Kind;
+use super::valid_node_id;
 use crate::http::claims::MAX_ID_BYTES;
 use crate::proto::cluster::{Heartbeat, Join, MediaBatch, Member, RelayedPacket};
 use crate::sfu::ClusterInput;
@@ -20,6 +21,10 @@ pub(crate) const MAX_RELAYED_PAYLOAD: usize = 1_500;
 pub(crate) const MAX_HEARTBEAT_ITEMS: usize = 8_192;
 /// Most packets in one media batch.
 pub(crate) const MAX_BATCH_PACKETS: usize = 1_024;
+/// Largest membership stamp accepted: a user would need 2^48 joins to
+/// reach it, and a stamp near `u64::MAX` could otherwise pin a membership
+/// (no later join could be newer).
+pub(crate) const MAX_STAMP: u64 = 1 << 48;
 /// Bytes a decoded item costs beyond its own strings (for the byte bound
 /// on the loop's queue).
 const ITEM_OVERHEAD: usize = 64;
@@ -35,8 +40,8 @@ pub(crate) enum Invalid {
     PayloadSize,
     /// More items than one message may carry.
     TooMany,
-    /// A membership stamp is further ahead than the stated skew.
-    FutureStamp,
+    /// A membership stamp beyond [`MAX_STAMP`].
+    StampOutOfRange,
     /// A join without its member.
     Empty,
 }
@@ -49,7 +54,7 @@ impl Invalid {
             Invalid::BadId => "invalid_id",
             Invalid::PayloadSize => "invalid_payload_size",
             Invalid::TooMany => "too_many_items",
-            Invalid::FutureStamp => "future_stamp",
+            Invalid::StampOutOfRange => "stamp_out_of_range",
             Invalid::Empty => "empty",
         }
     }
@@ -73,12 +78,15 @@ fn id_ok(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_ID_BYTES
 }
 
-fn member_ok(m: &Member, now_ms: u64) -> Result<(), Invalid> {
+fn member_ok(m: &Member) -> Result<(), Invalid> {
     if !id_ok(&m.userid) || !id_ok(&m.conversation) {
         return Err(Invalid::BadId);
     }
-    if m.stamp_ms > now_ms.saturating_add(MAX_SKEW.as_millis() as u64) {
-        return Err(Invalid::FutureStamp);
+    if m.stamp > MAX_STAMP {
+        return Err(Invalid::StampOutOfRange);
+    }
+    if !valid_node_id(&m.origin) {
+        return Err(Invalid::BadId);
     }
     Ok(())
 }
@@ -98,7 +106,7 @@ fn packet_ok(p: &RelayedPacket) -> Result<(), Invalid> {
 }
 
 /// Decodes and checks the body of an authenticated message from `node`.
-pub(crate) fn check(kind: Kind, node: &str, body: &[u8], now_ms: u64) -> Result<Checked, Invalid> {
+pub(crate) fn check(kind: Kind, node: &str, body: &[u8]) -> Result<Checked, Invalid> {
     match kind {
         Kind::Heartbeat => {
             let h = Heartbeat::decode(body).map_err(|_| Invalid::Undecodable)?;
@@ -115,7 +123,7 @@ pub(crate) fn check(kind: Kind, node: &str, body: &[u8], now_ms: u64) -> Result<
                 return Err(Invalid::BadId);
             }
             for m in &h.users {
-                member_ok(m, now_ms)?;
+                member_ok(m)?;
             }
             let cost = h
                 .conversations
@@ -138,7 +146,7 @@ pub(crate) fn check(kind: Kind, node: &str, body: &[u8], now_ms: u64) -> Result<
         Kind::Join => {
             let j = Join::decode(body).map_err(|_| Invalid::Undecodable)?;
             let m = j.member.ok_or(Invalid::Empty)?;
-            member_ok(&m, now_ms)?;
+            member_ok(&m)?;
             let cost = member_cost(&m);
             Ok(Checked {
                 input: ClusterInput::Join(m),
@@ -174,13 +182,12 @@ pub(crate) fn check(kind: Kind, node: &str, body: &[u8], now_ms: u64) -> Result<
 mod tests {
     use super::*;
 
-    const NOW: u64 = 1_700_000_000_000;
-
-    fn member(userid: &str, conversation: &str, stamp_ms: u64) -> Member {
+    fn member(userid: &str, conversation: &str, stamp: u64) -> Member {
         Member {
             userid: userid.into(),
             conversation: conversation.into(),
-            stamp_ms,
+            stamp,
+            origin: "b".into(),
         }
     }
 
@@ -198,19 +205,18 @@ mod tests {
 
     #[test]
     fn payloads_over_the_local_budget_are_refused() {
-        assert!(check(Kind::Media, "a", &media(vec![packet(1_500)]), NOW).is_ok());
+        assert!(check(Kind::Media, "a", &media(vec![packet(1_500)])).is_ok());
         let r = check(
             Kind::Media,
             "a",
             &media(vec![packet(1_500), packet(2_000)]),
-            NOW,
         );
         assert_eq!(r.err(), Some(Invalid::PayloadSize));
-        let r = check(Kind::Media, "a", &media(vec![packet(0)]), NOW);
+        let r = check(Kind::Media, "a", &media(vec![packet(0)]));
         assert_eq!(r.err(), Some(Invalid::PayloadSize));
         let many = vec![packet(10); MAX_BATCH_PACKETS + 1];
         assert_eq!(
-            check(Kind::Media, "a", &media(many), NOW).err(),
+            check(Kind::Media, "a", &media(many)).err(),
             Some(Invalid::TooMany)
         );
     }
@@ -218,7 +224,7 @@ mod tests {
     #[test]
     fn ids_and_stamps_follow_the_local_rules() {
         let join = |m: Member| Join { member: Some(m) }.encode_to_vec();
-        assert!(check(Kind::Join, "a", &join(member("u", "c", NOW)), NOW).is_ok());
+        assert!(check(Kind::Join, "a", &join(member("u", "c", 1))).is_ok());
         let long = "x".repeat(257);
         for bad in [
             member("", "c", 1),
@@ -226,22 +232,22 @@ mod tests {
             member(&long, "c", 1),
         ] {
             assert_eq!(
-                check(Kind::Join, "a", &join(bad), NOW).err(),
+                check(Kind::Join, "a", &join(bad)).err(),
                 Some(Invalid::BadId)
             );
         }
         let pinned = member("u", "c", u64::MAX);
         assert_eq!(
-            check(Kind::Join, "a", &join(pinned), NOW).err(),
-            Some(Invalid::FutureStamp)
+            check(Kind::Join, "a", &join(pinned)).err(),
+            Some(Invalid::StampOutOfRange)
         );
         let empty = Join { member: None }.encode_to_vec();
         assert_eq!(
-            check(Kind::Join, "a", &empty, NOW).err(),
+            check(Kind::Join, "a", &empty).err(),
             Some(Invalid::Empty)
         );
         assert_eq!(
-            check(Kind::Heartbeat, "a", b"\xff\xff\xff", NOW).err(),
+            check(Kind::Heartbeat, "a", b"\xff\xff\xff").err(),
             Some(Invalid::Undecodable)
         );
     }
@@ -250,12 +256,12 @@ mod tests {
     fn a_heartbeat_names_its_parts_and_is_bounded() {
         let hb = Heartbeat {
             conversations: vec!["c".into()],
-            users: vec![member("u", "c", NOW)],
+            users: vec![member("u", "c", 1)],
             continued: true,
             more: false,
             ..Default::default()
         };
-        match check(Kind::Heartbeat, "a", &hb.encode_to_vec(), NOW).map(|c| c.input) {
+        match check(Kind::Heartbeat, "a", &hb.encode_to_vec()).map(|c| c.input) {
             Ok(ClusterInput::Heartbeat { first, last, .. }) => assert!(!first && last),
             other => panic!("{:?}", other.err()),
         }
@@ -264,7 +270,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            check(Kind::Heartbeat, "a", &huge.encode_to_vec(), NOW).err(),
+            check(Kind::Heartbeat, "a", &huge.encode_to_vec()).err(),
             Some(Invalid::TooMany)
         );
     }

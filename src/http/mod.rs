@@ -393,6 +393,10 @@ fn healthz(ctx: &Context) -> Response {
         "conversations": ctx.metrics.conversations.get(),
         // The nodes this one sees, itself included (1 when alone).
         "cluster_nodes": ctx.metrics.cluster_nodes.get() + 1,
+        // True when another process uses this node's id: this node then
+        // stays out of the cluster (local calls go on) until restarted with
+        // an id of its own.
+        "cluster_duplicate_node_id": ctx.metrics.cluster_duplicate_node_id.get() == 1,
     });
     Response::with_type(
         if stopping || stalled { 503 } else { 200 },

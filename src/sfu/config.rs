@@ -12,6 +12,9 @@ use super::peer::budget::BudgetConfig;
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct SfuConfig {
+    /// This node's id: it stamps the joins accepted here (the tiebreak of
+    /// the cluster's membership order).
+    pub node_id: String,
     /// The addresses put in every answer as the server's host candidates
     /// (one per address family it serves, or more); a datagram is
     /// considered delivered to the first one of its source's family.
@@ -56,6 +59,7 @@ impl SfuConfig {
     /// Production defaults around one candidate address.
     pub fn new(candidate_addr: SocketAddr) -> Self {
         SfuConfig {
+            node_id: "local".into(),
             candidates: vec![candidate_addr],
             tcp_candidates: Vec::new(),
             max_peers: 10_000,

@@ -13,6 +13,7 @@ use log::info;
 use str0m::rtp::ExtensionValues;
 
 use super::api::{ClusterInput, Member, Presence, RelayedPacket};
+use super::conversation::membership::Stamp;
 use super::ids::SpeakerId;
 use super::nodes::{NodeRefusal, RemoteSpeaker};
 use super::peer::slot::Incoming;
@@ -72,11 +73,12 @@ impl Sfu {
             users: self
                 .members
                 .with_clients()
-                .filter_map(|(userid, key, stamp_ms)| {
+                .filter_map(|(userid, key, stamp)| {
                     Some(Member {
                         userid: userid.to_string(),
                         conversation: self.convs.name(key)?.to_string(),
-                        stamp_ms,
+                        stamp: stamp.counter,
+                        origin: stamp.origin.clone(),
                     })
                 })
                 .collect(),
@@ -112,7 +114,11 @@ impl Sfu {
         if self.shutting_down || m.userid.is_empty() || m.conversation.is_empty() {
             return;
         }
-        if self.apply_join(now, &m.userid, &m.conversation, m.stamp_ms) {
+        let stamp = Stamp {
+            counter: m.stamp,
+            origin: m.origin.clone(),
+        };
+        if self.apply_join(now, &m.userid, &m.conversation, stamp) {
             info!(
                 "user {} joined conversation {} on another node",
                 m.userid, m.conversation
@@ -256,11 +262,12 @@ mod tests {
         );
     }
 
-    fn member(userid: &str, conversation: &str, stamp_ms: u64) -> Member {
+    fn member(userid: &str, conversation: &str, stamp: u64) -> Member {
         Member {
             userid: userid.into(),
             conversation: conversation.into(),
-            stamp_ms,
+            stamp,
+            origin: "remote".into(),
         }
     }
 
@@ -293,7 +300,8 @@ mod tests {
         let t0 = Instant::now();
         let mut s = sfu();
         join_here(&mut s, t0, "a", "new");
-        s.handle_cluster(t0, ClusterInput::Join(member("a", "old", 1)));
+        // Stamp 0: made before any membership the local join knew of.
+        s.handle_cluster(t0, ClusterInput::Join(member("a", "old", 0)));
         assert_eq!(
             s.snapshot().conversations,
             1,
@@ -335,5 +343,66 @@ mod tests {
         let p = s.presence();
         assert!(p.users.is_empty(), "{p:?}");
         assert!(p.conversations.is_empty(), "no local member of x");
+    }
+
+    /// A core named `node` whose wall clock is `skew_s` seconds off.
+    fn node(node: &str, skew_s: i64) -> Sfu {
+        let mut config = SfuConfig::new("127.0.0.1:50000".parse().unwrap());
+        config.node_id = node.into();
+        let unix_us = (1_700_000_000i64 + skew_s) as u64 * 1_000_000;
+        Sfu::new(config, UnixClock::new(Instant::now(), unix_us))
+    }
+
+    fn joins(s: &mut Sfu) -> Vec<Member> {
+        std::iter::from_fn(|| s.poll_event())
+            .filter_map(|e| match e {
+                SfuEvent::Joined(m) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn in_conversation(s: &Sfu, userid: &str, name: &str) -> bool {
+        s.members.conversation(userid).is_some() && s.members.conversation(userid) == s.convs.key(name)
+    }
+
+    #[test]
+    fn a_skewed_clock_cannot_undo_a_join_that_returned_200() {
+        for (skew_a, skew_b) in [(0, 3_600), (3_600, 0), (0, -3_600)] {
+            let t0 = Instant::now();
+            let (mut a, mut b) = (node("a", skew_a), node("b", skew_b));
+            join_here(&mut b, t0, "u", "x");
+            let first = joins(&mut b);
+            for m in &first {
+                a.handle_cluster(t0, ClusterInput::Join(m.clone()));
+            }
+            join_here(&mut a, t0, "u", "y");
+            for m in joins(&mut a) {
+                b.handle_cluster(t0, ClusterInput::Join(m));
+            }
+            // The older join arrives again (late, or replayed by a node).
+            for m in first {
+                a.handle_cluster(t0, ClusterInput::Join(m.clone()));
+                b.handle_cluster(t0, ClusterInput::Join(m));
+            }
+            assert!(in_conversation(&a, "u", "y"), "skew {skew_a}/{skew_b}: a");
+            assert!(in_conversation(&b, "u", "y"), "skew {skew_a}/{skew_b}: b");
+        }
+    }
+
+    #[test]
+    fn concurrent_joins_on_two_nodes_settle_on_the_same_conversation() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (node("a", 0), node("b", 0));
+        join_here(&mut a, t0, "u", "from-a");
+        join_here(&mut b, t0, "u", "from-b");
+        let (ja, jb) = (joins(&mut a), joins(&mut b));
+        for m in jb {
+            a.handle_cluster(t0, ClusterInput::Join(m));
+        }
+        for m in ja {
+            b.handle_cluster(t0, ClusterInput::Join(m));
+        }
+        assert!(in_conversation(&a, "u", "from-b") && in_conversation(&b, "u", "from-b"));
     }
 }

@@ -13,6 +13,7 @@ use str0m::{Candidate, Input, RtcConfig};
 
 use super::api::{CandidateError, Claim, CloseReason, ConnectError, InternalError, JoinError};
 use super::api::{Member, OfferError, SfuEvent};
+use super::conversation::membership::Stamp;
 use super::ids::PeerId;
 use super::peer::{offer, Limits, Peer, Setup};
 use super::timer::TimerKey;
@@ -150,31 +151,33 @@ impl Sfu {
         if self.shutting_down {
             return Err(JoinError::ShuttingDown);
         }
-        let stamp_ms = self.members.next_stamp(userid, self.clock.unix_ms(now));
-        self.apply_join(now, userid, name, stamp_ms);
+        let stamp = self.members.next_stamp(userid, &self.config.node_id);
+        let member = Member {
+            userid: userid.to_string(),
+            conversation: name.to_string(),
+            stamp: stamp.counter,
+            origin: stamp.origin.clone(),
+        };
+        self.apply_join(now, userid, name, stamp);
         self.stats.joins += 1;
         info!("user {userid} joined conversation {name}");
         // For the other nodes of a cluster (the driver ignores it otherwise).
-        self.events.push_back(SfuEvent::Joined(Member {
-            userid: userid.to_string(),
-            conversation: name.to_string(),
-            stamp_ms,
-        }));
+        self.events.push_back(SfuEvent::Joined(member));
         Ok(())
     }
 
     /// Points a user at conversation `name` with a membership stamped
-    /// `stamp_ms` (unless they have a newer one) and moves their connected
+    /// `stamp` (unless they have a newer one) and moves their connected
     /// clients; true if anything moved.
     pub(super) fn apply_join(
         &mut self,
         now: Instant,
         userid: &str,
         name: &str,
-        stamp_ms: u64,
+        stamp: Stamp,
     ) -> bool {
         let key = self.convs.intern(name);
-        let Some(moved) = self.members.join_stamped(userid, key, stamp_ms, now) else {
+        let Some(moved) = self.members.join_stamped(userid, key, stamp, now) else {
             self.convs.drop_if_abandoned(key);
             return false;
         };

@@ -11,12 +11,24 @@ use std::time::{Duration, Instant};
 
 use crate::sfu::ids::{ConvKey, PeerId};
 
+/// Orders a user's memberships across a cluster without reading any clock:
+/// a per-user counter (one more than the newest membership the accepting
+/// node knew of), ties broken by the accepting node's id. A join that
+/// returned 200 is newer than every membership its node knew, so no older
+/// one can undo it, however the nodes' clocks disagree.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Stamp {
+    /// How many memberships came before, as the accepting node knew.
+    pub counter: u64,
+    /// The node that accepted the join.
+    pub origin: String,
+}
+
 #[derive(Debug, Default)]
 struct User {
     conversation: Option<ConvKey>,
-    /// When the membership was made (Unix ms, stamped by the node that
-    /// accepted the join): across a cluster, the newest membership wins.
-    stamp_ms: u64,
+    /// Which membership this is: across a cluster, the newest wins.
+    stamp: Stamp,
     peers: Vec<PeerId>,
     grace_until: Option<Instant>,
 }
@@ -97,24 +109,28 @@ impl Memberships {
     /// Points the user at `to`; `None` if they were already there.
     #[cfg(test)]
     pub fn join(&mut self, userid: &str, to: ConvKey, now: Instant) -> Option<Moved> {
-        self.join_stamped(userid, to, u64::MAX, now)
+        let stamp = Stamp {
+            counter: u64::MAX,
+            origin: String::new(),
+        };
+        self.join_stamped(userid, to, stamp, now)
     }
 
-    /// Points the user at `to` if the membership stamped `stamp_ms` is not
+    /// Points the user at `to` if the membership stamped `stamp` is not
     /// older than the one the user has; `None` if nothing moved.
     pub fn join_stamped(
         &mut self,
         userid: &str,
         to: ConvKey,
-        stamp_ms: u64,
+        stamp: Stamp,
         now: Instant,
     ) -> Option<Moved> {
         let grace = self.grace;
         let user = self.user_mut(userid);
-        if stamp_ms < user.stamp_ms {
+        if stamp < user.stamp {
             return None;
         }
-        user.stamp_ms = stamp_ms;
+        user.stamp = stamp;
         if user.conversation == Some(to) {
             return None;
         }
@@ -184,20 +200,23 @@ impl Memberships {
         (!pending).then_some(now + grace)
     }
 
-    /// The stamp for a join accepted here at Unix ms `now_ms`: never older
-    /// than the user's current membership, so a local join always applies,
-    /// even when another node's clock runs ahead of ours.
-    pub fn next_stamp(&self, userid: &str, now_ms: u64) -> u64 {
-        let current = self.users.get(userid).map_or(0, |u| u.stamp_ms);
-        now_ms.max(current.saturating_add(1))
+    /// The stamp for a join accepted here, on node `origin`: newer than
+    /// every membership of the user this node knows, so a local join always
+    /// applies (no clock is read).
+    pub fn next_stamp(&self, userid: &str, origin: &str) -> Stamp {
+        let current = self.users.get(userid).map_or(0, |u| u.stamp.counter);
+        Stamp {
+            counter: current.saturating_add(1),
+            origin: origin.to_string(),
+        }
     }
 
     /// Users with a client here, with their conversation and its stamp
     /// (what a heartbeat tells the other nodes).
-    pub fn with_clients(&self) -> impl Iterator<Item = (&str, ConvKey, u64)> {
+    pub fn with_clients(&self) -> impl Iterator<Item = (&str, ConvKey, &Stamp)> {
         self.users.iter().filter_map(|(id, u)| {
             let c = u.conversation?;
-            (!u.peers.is_empty()).then_some((id.as_str(), c, u.stamp_ms))
+            (!u.peers.is_empty()).then_some((id.as_str(), c, &u.stamp))
         })
     }
 
@@ -209,6 +228,13 @@ impl Memberships {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn st(counter: u64) -> Stamp {
+        Stamp {
+            counter,
+            origin: "n".into(),
+        }
+    }
 
     #[test]
     fn join_moves_all_clients_and_reports_the_old_conversation() {
@@ -266,11 +292,11 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Memberships::new(Duration::from_secs(60));
         m.add_peer("a", PeerId(1));
-        assert!(m.join_stamped("a", ConvKey(2), 200, t0).is_some());
-        assert!(m.join_stamped("a", ConvKey(1), 100, t0).is_none(), "older");
+        assert!(m.join_stamped("a", ConvKey(2), st(200), t0).is_some());
+        assert!(m.join_stamped("a", ConvKey(1), st(100), t0).is_none(), "older");
         assert_eq!(m.conversation("a"), Some(ConvKey(2)));
         let listed: Vec<_> = m.with_clients().collect();
-        assert_eq!(listed, vec![("a", ConvKey(2), 200)]);
+        assert_eq!(listed, vec![("a", ConvKey(2), &st(200))]);
     }
 
     #[test]
@@ -280,7 +306,7 @@ mod tests {
         let mut m = Memberships::new(g);
         // A join from another node for a user with no client here.
         assert_eq!(
-            m.join_stamped("a", ConvKey(1), 5, t0).unwrap().grace_until,
+            m.join_stamped("a", ConvKey(1), st(5), t0).unwrap().grace_until,
             Some(t0 + g)
         );
         // Its heartbeat says the user still has a client there.
