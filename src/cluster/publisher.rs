@@ -39,6 +39,8 @@ struct Publisher {
     conn: Option<nats::Connection>,
     connected: Arc<AtomicBool>,
     joins: VecDeque<Member>,
+    /// True once this node left the cluster over a duplicate node id.
+    left: bool,
     media: HashMap<Arc<str>, Vec<RelayedPacket>>,
 }
 
@@ -64,6 +66,7 @@ pub(super) fn run(
         conn: None,
         connected,
         joins: VecDeque::new(),
+        left: false,
         media: HashMap::new(),
     };
     let mut turn = Vec::with_capacity(TURN);
@@ -92,6 +95,7 @@ pub(super) fn run(
             }
         }
         p.publish_turn(goodbye);
+        p.leave_if_duplicate();
         if goodbye {
             info!("cluster: said goodbye");
             return;
@@ -178,6 +182,29 @@ impl Publisher {
         }
         if let Err(e) = conn.flush_timeout(FLUSH_WAIT) {
             debug!("cluster: flush: {e}");
+        }
+    }
+
+    /// Another process uses this node's id: say goodbye once, so every
+    /// node drops the id (and the other process, hearing its own id from
+    /// another boot, detects the duplicate too), then publish nothing more.
+    fn leave_if_duplicate(&mut self) {
+        if self.left || !self.side.shared.duplicate.load(Ordering::Relaxed) {
+            return;
+        }
+        self.left = true;
+        self.joins.clear();
+        self.media.clear();
+        if let Some(conn) = self.conn.clone() {
+            let subject = self.side.config.subject("heartbeat");
+            let msg = Heartbeat {
+                goodbye: true,
+                ..Default::default()
+            };
+            self.publish(&conn, Kind::Heartbeat, &subject, &msg.encode_to_vec());
+            if let Err(e) = conn.flush_timeout(FLUSH_WAIT) {
+                debug!("cluster: flush: {e}");
+            }
         }
     }
 
@@ -312,12 +339,20 @@ mod tests {
         let parts = heartbeat_parts(presence, 65_536 - envelope);
         assert!(parts.len() > 1);
         for (i, p) in parts.iter().enumerate() {
-            assert!(p.encoded_len() + envelope <= 65_536, "part {i}: {}", p.encoded_len());
+            assert!(
+                p.encoded_len() + envelope <= 65_536,
+                "part {i}: {}",
+                p.encoded_len()
+            );
             assert_eq!((p.continued, p.more), (i > 0, i + 1 < parts.len()));
         }
         let got_users: Vec<Member> = parts.iter().flat_map(|p| p.users.clone()).collect();
         let got_convs: Vec<String> = parts.iter().flat_map(|p| p.conversations.clone()).collect();
-        assert_eq!((got_users, got_convs), (users, conversations), "nothing lost");
+        assert_eq!(
+            (got_users, got_convs),
+            (users, conversations),
+            "nothing lost"
+        );
         let one = heartbeat_parts(Presence::default(), 65_536);
         assert_eq!(one.len(), 1);
         assert!(!one[0].continued && !one[0].more);

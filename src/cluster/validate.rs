@@ -206,11 +206,7 @@ mod tests {
     #[test]
     fn payloads_over_the_local_budget_are_refused() {
         assert!(check(Kind::Media, "a", &media(vec![packet(1_500)])).is_ok());
-        let r = check(
-            Kind::Media,
-            "a",
-            &media(vec![packet(1_500), packet(2_000)]),
-        );
+        let r = check(Kind::Media, "a", &media(vec![packet(1_500), packet(2_000)]));
         assert_eq!(r.err(), Some(Invalid::PayloadSize));
         let r = check(Kind::Media, "a", &media(vec![packet(0)]));
         assert_eq!(r.err(), Some(Invalid::PayloadSize));
@@ -242,10 +238,7 @@ mod tests {
             Some(Invalid::StampOutOfRange)
         );
         let empty = Join { member: None }.encode_to_vec();
-        assert_eq!(
-            check(Kind::Join, "a", &empty).err(),
-            Some(Invalid::Empty)
-        );
+        assert_eq!(check(Kind::Join, "a", &empty).err(), Some(Invalid::Empty));
         assert_eq!(
             check(Kind::Heartbeat, "a", b"\xff\xff\xff").err(),
             Some(Invalid::Undecodable)

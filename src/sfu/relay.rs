@@ -363,7 +363,8 @@ mod tests {
     }
 
     fn in_conversation(s: &Sfu, userid: &str, name: &str) -> bool {
-        s.members.conversation(userid).is_some() && s.members.conversation(userid) == s.convs.key(name)
+        s.members.conversation(userid).is_some()
+            && s.members.conversation(userid) == s.convs.key(name)
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! contains it.
 
 mod client;
+pub mod forge;
 pub mod fuzz;
 mod harness;
 pub mod load;

@@ -293,7 +293,10 @@ mod tests {
         let mut m = Memberships::new(Duration::from_secs(60));
         m.add_peer("a", PeerId(1));
         assert!(m.join_stamped("a", ConvKey(2), st(200), t0).is_some());
-        assert!(m.join_stamped("a", ConvKey(1), st(100), t0).is_none(), "older");
+        assert!(
+            m.join_stamped("a", ConvKey(1), st(100), t0).is_none(),
+            "older"
+        );
         assert_eq!(m.conversation("a"), Some(ConvKey(2)));
         let listed: Vec<_> = m.with_clients().collect();
         assert_eq!(listed, vec![("a", ConvKey(2), &st(200))]);
@@ -306,7 +309,9 @@ mod tests {
         let mut m = Memberships::new(g);
         // A join from another node for a user with no client here.
         assert_eq!(
-            m.join_stamped("a", ConvKey(1), st(5), t0).unwrap().grace_until,
+            m.join_stamped("a", ConvKey(1), st(5), t0)
+                .unwrap()
+                .grace_until,
             Some(t0 + g)
         );
         // Its heartbeat says the user still has a client there.
