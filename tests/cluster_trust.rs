@@ -462,3 +462,58 @@ fn a_snooper_without_the_key_learns_no_ids() {
     // number; its 0xAB filler must not appear in runs either.
     assert!(!seen.windows(16).any(|w| w.iter().all(|b| *b == 0xAB)));
 }
+
+#[test]
+fn an_operator_can_fence_the_subjects_in_nats_itself() {
+    // The configuration the README and deploy/ ship, as it is.
+    let nats = NatsServer::start_with_config(Some(include_str!("../deploy/nats-server.conf")));
+    let with_user =
+        |user: &str, password: &str| format!("nats://{user}:{password}@127.0.0.1:{}", nats.port);
+    let p = "beep.sfu";
+    let node = |id: &str| {
+        let mut c = node_config(&nats, p, id);
+        c.nats = Some(with_user("beep-sfu", "change-me-sfu"));
+        init_log();
+        beep_sfu::server::Server::start(&c).expect("node starts")
+    };
+    let (a, b) = (node("a"), node("b"));
+    let (ha, hb) = (a.http_addr(), b.http_addr());
+    see_each_other(ha, hb);
+    let app = nats::connect(with_user("beep-app", "change-me-app")).expect("app connects");
+    let bites = count_on(&app, "store");
+    let fenced = count_on(&app, "beep.sfu.>");
+    let mut alice = TestPeer::new("alice", "a1");
+    let mut bob = TestPeer::new("bob", "b1");
+    connect_to(&mut [(&mut alice, ha), (&mut bob, hb)]);
+    assert_eq!(join(ha, &alice.claim, "room").0, 200);
+    assert_eq!(join(hb, &bob.claim, "room").0, 200);
+    assert!(
+        talk_until_heard(
+            &mut [&mut alice, &mut bob],
+            &[(0, 1), (1, 2)],
+            &[(1, 1), (0, 2)],
+            0
+        ),
+        "the nodes relay under the SFU's own NATS user"
+    );
+    // The other services' user can neither hear nor speak on beep.sfu.>.
+    for subject in ["beep.sfu.heartbeat", "beep.sfu.join", "beep.sfu.media.a"] {
+        let _ = app.publish(subject, [0xff, 0xff, 0xff, 0x01]);
+    }
+    let _ = app.flush();
+    talk(&mut [&mut alice, &mut bob], &[(0, 1), (1, 2)], 500, 50);
+    assert!(
+        wait_for(Duration::from_secs(5), || bites.load(Ordering::SeqCst) > 0),
+        "bites still reach the other services"
+    );
+    assert_eq!(
+        fenced.load(Ordering::SeqCst),
+        0,
+        "beep.sfu.> reached another user"
+    );
+    assert_eq!(
+        dropped(ha, "malformed") + dropped(hb, "malformed"),
+        0.0,
+        "junk got through"
+    );
+}
