@@ -57,6 +57,7 @@
 mod cluster;
 mod command;
 pub mod config;
+mod fd_budget;
 mod http;
 mod log_limit;
 pub mod metrics;

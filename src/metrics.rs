@@ -55,6 +55,9 @@ pub struct Metrics {
     core: Vec<Option<Counter>>,
     /// Times the media loop woke from `poll`.
     pub loop_wakes: Counter,
+    /// How long each turn of the media loop took (from waking to the next
+    /// poll): a flood that held the loop shows here.
+    pub loop_turn_seconds: Histogram,
     /// How long each heap trim after a peak held the loop.
     pub heap_trim_seconds: Histogram,
     /// Peers created, connected and closed.
@@ -129,6 +132,7 @@ impl Metrics {
             bytes_out => "bytes_out", "Bytes sent on the media socket";
             dropped => "dropped_datagrams", "Datagrams dropped, by reason";
             loop_wakes => "loop_wakes", "Times the media loop woke from poll (datagrams per wake = datagrams_in / loop_wakes)";
+            loop_turn_seconds => "loop_turn_seconds", "Time each media-loop turn took, from waking to the next poll";
             cluster_nodes => "cluster_nodes", "Other nodes of the cluster this one hears (itself not counted)";
             remote_speakers => "remote_speakers", "Speakers on other nodes currently known";
             cluster_connected => "cluster_connected", "1 while the cluster's NATS connection is up";
@@ -182,6 +186,9 @@ impl Metrics {
             dropped: Family::default(),
             core: Vec::new(),
             loop_wakes: Counter::default(),
+            loop_turn_seconds: Histogram::new([
+                0.000_1, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+            ]),
             heap_trim_seconds: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]),
             peer_events: Family::default(),
             permission_checks: Family::default(),
@@ -266,6 +273,11 @@ impl Metrics {
     /// Counts one ICE-TCP drop.
     pub fn tcp_dropped(&self, reason: &'static str) {
         self.tcp_drops.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts `n` ICE-TCP frames dropped for one reason.
+    pub fn tcp_drops_by(&self, reason: &'static str, n: u64) {
+        self.tcp_drops.get_or_create(&Reason { reason }).inc_by(n);
     }
 
     /// Counts one dropped bite.

@@ -13,9 +13,11 @@ use log::{info, warn};
 use crate::cluster::{self, ClusterConfig};
 use crate::command::LoopHandle;
 use crate::config::Config;
+use crate::fd_budget;
+use crate::http::linger::MAX_LINGERING;
 use crate::http::{Context, HttpServer, Limits};
 use crate::metrics::Metrics;
-use crate::net::{self, LoopHealth, MediaLoopConfig};
+use crate::net::{self, LoopHealth, MediaLoopConfig, TcpLimits};
 use crate::permissions::PermissionClient;
 use crate::sfu::{BiteConfig, FinishedBite, SfuConfig};
 use crate::sink::nats::NatsConfig;
@@ -51,6 +53,25 @@ fn cluster_config(config: &Config) -> Option<ClusterConfig> {
         prefix,
         keys: config.cluster_keys.clone(),
     })
+}
+
+/// Raises the open-files limit and checks that the caps fit under it.
+fn check_fd_budget(config: &Config) -> io::Result<()> {
+    let (soft, hard) = fd_budget::raise_nofile()?;
+    let tcp = if config.tcp.is_some() {
+        config.max_tcp_connections as u64
+    } else {
+        0
+    };
+    let caps = [
+        ("--max-signalling", config.max_signalling as u64),
+        ("--max-tcp-connections", tcp),
+        ("lingering refused connections", 2 * MAX_LINGERING as u64),
+    ];
+    let need = fd_budget::check(soft, &caps)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    info!("file descriptors: limit {soft} (hard {hard}), the caps need at most {need}");
+    Ok(())
 }
 
 /// Starts the bite sink (NATS and/or files), or a queue that counts bites
@@ -151,6 +172,7 @@ pub struct Server {
 impl Server {
     /// Binds `config.listen` and `config.udp` and starts every thread.
     pub fn start(config: &Config) -> io::Result<Server> {
+        check_fd_budget(config)?;
         let socket = bind_media(config.udp)
             .map_err(|e| io::Error::new(e.kind(), format!("--udp {}: {e}", config.udp)))?;
         let udp_addr = socket.local_addr()?;
@@ -183,6 +205,11 @@ impl Server {
             bites,
             health: health.clone(),
             tcp,
+            tcp_limits: TcpLimits {
+                max_connections: config.max_tcp_connections,
+                max_per_ip: config.max_tcp_per_ip,
+                ..TcpLimits::default()
+            },
             cluster: cluster_port,
         })?;
         let cluster_thread = cluster_side.map(|s| s.start(handle.clone())).transpose()?;

@@ -94,6 +94,14 @@ pub struct Args {
     #[arg(long, env = "MAX_SIGNALLING", default_value_t = 256)]
     pub max_signalling: usize,
 
+    /// Most ICE-TCP media connections at once; more are closed at accept.
+    #[arg(long, env = "MAX_TCP_CONNECTIONS", default_value_t = 1024)]
+    pub max_tcp_connections: usize,
+
+    /// Most ICE-TCP media connections from one remote IP.
+    #[arg(long, env = "MAX_TCP_PER_IP", default_value_t = 16)]
+    pub max_tcp_per_ip: usize,
+
     /// Seconds a peer has to complete ICE and DTLS after its offer.
     #[arg(long, env = "CONNECT_TIMEOUT_SECS", default_value_t = 30)]
     pub connect_timeout_secs: u64,

@@ -57,6 +57,10 @@ pub struct Config {
     pub max_peers_per_user: usize,
     /// Signalling connection limit.
     pub max_signalling: usize,
+    /// Most ICE-TCP connections at once.
+    pub max_tcp_connections: usize,
+    /// Most ICE-TCP connections from one IP.
+    pub max_tcp_per_ip: usize,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// Idle timeout.
@@ -173,6 +177,8 @@ impl Config {
             max_peers: a.max_peers,
             max_peers_per_user: a.max_peers_per_user,
             max_signalling: a.max_signalling,
+            max_tcp_connections: a.max_tcp_connections,
+            max_tcp_per_ip: a.max_tcp_per_ip,
             connect_timeout: Duration::from_secs(a.connect_timeout_secs),
             idle_timeout: Duration::from_secs(a.idle_timeout_secs),
             membership_grace: Duration::from_secs(a.membership_grace_secs),
@@ -243,6 +249,9 @@ fn check_limits(a: &Args) -> Result<(), String> {
     }
     if a.max_signalling == 0 {
         return Err("--max-signalling: must be at least 1".into());
+    }
+    if a.max_tcp_connections == 0 || a.max_tcp_per_ip == 0 {
+        return Err("--max-tcp-connections and --max-tcp-per-ip: must be at least 1 (use --tcp none to serve no ICE-TCP)".into());
     }
     // Durations are bounded both ways: zero makes no sense, and a huge
     // value would overflow `Instant + Duration` on the media loop.

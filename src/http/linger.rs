@@ -15,7 +15,9 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, warn};
 
 /// Refused connections waiting to close at once; more are dropped (reset).
-const MAX_LINGERING: usize = 1024;
+/// They hold descriptors: twice this (queued and lingering) is counted in
+/// the fd budget.
+pub(crate) const MAX_LINGERING: usize = 512;
 /// How long a refused client has to close its side.
 const LINGER_FOR: Duration = Duration::from_secs(2);
 /// Most bytes read (and discarded) from one refused client.

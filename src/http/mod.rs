@@ -9,7 +9,7 @@
 pub(crate) mod claims;
 mod connect;
 mod join;
-mod linger;
+pub(crate) mod linger;
 pub(crate) mod request;
 mod response;
 

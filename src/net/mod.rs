@@ -10,3 +10,4 @@ mod udp;
 
 pub(crate) use health::{watch, LoopHealth};
 pub(crate) use media_loop::{spawn, MediaLoopConfig};
+pub(crate) use tcp::TcpLimits;

@@ -5,31 +5,52 @@
 //! connection's remote address; the core's TCP transmits come back here by
 //! that address.
 //!
-//! Every connection is bounded: its read buffer holds at most one frame, its
-//! write buffer at most [`TcpLimits::write_buffer`] bytes (a client that does
-//! not read is dropped, never allowed to grow memory), the number of
-//! connections is capped, and a connection none of whose frames a peer took
-//! within [`TcpLimits::stun_deadline`] is closed.
+//! ICE-TCP needs no login, so every connection is bounded and none can
+//! starve the others or the UDP socket:
+//! - reading is fair: connections with data wait in one round-robin queue,
+//!   each gets a quantum ([`QUANTUM`] bytes or [`QUANTUM_FRAMES`] frames)
+//!   before the next, and the media loop stops reading TCP for the turn
+//!   after its own budget across all connections; frames go to the core
+//!   as each quantum is read, never collected without bound;
+//! - its read buffer holds at most a quantum and one frame, and shrinks
+//!   after a peak; its write buffer holds at most
+//!   [`TcpLimits::write_buffer`] bytes (a client that does not read is
+//!   dropped, never allowed to grow memory);
+//! - connections are capped in all and per remote IP;
+//! - a connection none of whose frames a peer took within
+//!   [`TcpLimits::stun_deadline`] is closed, and so is one that carried no
+//!   valid frame for [`TcpLimits::idle`], or whose peer is gone;
+//! - running out of file descriptors at accept is counted and backs off
+//!   instead of spinning.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use log::debug;
+use log::{debug, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 
 /// Largest RFC 4571 frame (the length is 16 bits).
 const MAX_FRAME: usize = 65_535;
-/// Bytes read off one connection per turn of the loop, so one client
-/// flooding its connection cannot keep the loop from everyone else; the
-/// rest is read on the next turn.
-const READ_BUDGET: usize = 64 * 1024;
-/// Connections accepted per turn of the loop, for the same reason.
+/// Bytes read off one connection before the next connection with data gets
+/// its turn.
+const QUANTUM: usize = 8 * 1024;
+/// Frames taken off one connection before the next gets its turn (a client
+/// sends about 50 a second).
+const QUANTUM_FRAMES: usize = 32;
+/// Connections accepted per turn of the loop.
 const ACCEPT_BUDGET: usize = 64;
+/// How long accepting pauses after the process ran out of descriptors.
+const FD_BACKOFF: Duration = Duration::from_millis(250);
+/// A read buffer keeps at most this much spare capacity after a peak.
+const SPARE: usize = 4 * 1024;
+
+static FD_EXHAUSTED: LogLimit = LogLimit::new(Duration::from_secs(10));
 
 /// Bounds on ICE-TCP connections.
 #[derive(Debug, Clone, Copy)]
@@ -42,14 +63,21 @@ pub(crate) struct TcpLimits {
     /// Time a connection has for a peer to take one of its frames (a STUN
     /// check with a valid ufrag and password).
     pub stun_deadline: Duration,
+    /// Most connections from one remote IP.
+    pub max_per_ip: usize,
+    /// A connection that carried no frame a peer took for this long is
+    /// closed, even after it once did.
+    pub idle: Duration,
 }
 
 impl Default for TcpLimits {
     fn default() -> Self {
         TcpLimits {
-            max_connections: 4_096,
+            max_connections: 1_024,
             write_buffer: 64 * 1024,
             stun_deadline: Duration::from_secs(10),
+            max_per_ip: 16,
+            idle: Duration::from_secs(30),
         }
     }
 }
@@ -62,8 +90,12 @@ struct Conn {
     opened: Instant,
     /// A peer took one of its frames.
     known: bool,
+    /// When a peer last took one of its frames.
+    last_valid: Instant,
     /// WRITABLE interest is registered (the write buffer is not empty).
     want_write: bool,
+    /// The connection waits in the read queue.
+    queued: bool,
 }
 
 /// The listener and its connections.
@@ -71,13 +103,17 @@ pub(crate) struct TcpMedia {
     listener: TcpListener,
     conns: HashMap<Token, Conn>,
     by_remote: HashMap<SocketAddr, Token>,
+    per_ip: HashMap<IpAddr, usize>,
     next_token: usize,
     limits: TcpLimits,
-    /// Connections whose read stopped on the budget, not on `WouldBlock`
-    /// (the poll is edge-triggered: nobody would wake us for them).
-    unfinished: Vec<Token>,
-    /// The accept stopped on its budget.
-    accept_unfinished: bool,
+    /// Connections with data to read, in turn. The poll is edge-triggered:
+    /// a connection whose quantum ran out goes to the back, and nobody
+    /// would wake us for it.
+    ready: VecDeque<Token>,
+    /// Connections may be waiting at the listener.
+    accept_pending: bool,
+    /// Accepting is paused until then (the process ran out of descriptors).
+    accept_paused_until: Option<Instant>,
 }
 
 impl TcpMedia {
@@ -97,33 +133,87 @@ impl TcpMedia {
             listener,
             conns: HashMap::new(),
             by_remote: HashMap::new(),
+            per_ip: HashMap::new(),
             next_token: first_conn_token,
             limits,
-            unfinished: Vec::new(),
-            accept_unfinished: false,
+            ready: VecDeque::new(),
+            accept_pending: false,
+            accept_paused_until: None,
         })
     }
 
-    /// True if a read or an accept stopped on its budget and must go on
-    /// next turn (the loop then polls without sleeping).
+    /// True if connections wait to be read or accepted now (the loop then
+    /// polls without sleeping). A paused accept does not count: the loop
+    /// wakes at least every half second and tries again then.
     pub fn has_more(&self) -> bool {
-        self.accept_unfinished || !self.unfinished.is_empty()
+        !self.ready.is_empty() || (self.accept_pending && self.accept_paused_until.is_none())
     }
 
-    /// Connections to read again this turn, and whether to accept again.
-    pub fn take_unfinished(&mut self) -> (Vec<Token>, bool) {
-        let accept = std::mem::take(&mut self.accept_unfinished);
-        (std::mem::take(&mut self.unfinished), accept)
+    /// The listener is readable: connections wait.
+    pub fn listener_ready(&mut self) {
+        self.accept_pending = true;
     }
 
-    /// Accepts pending connections, up to a budget (closing those over the
-    /// cap).
+    /// A connection's poll event: writes what waits, queues it for reading.
+    pub fn on_event(
+        &mut self,
+        token: Token,
+        readable: bool,
+        writable: bool,
+        registry: &Registry,
+        metrics: &Metrics,
+    ) {
+        if writable {
+            self.flush(token, registry, metrics);
+        }
+        if readable {
+            self.queue(token);
+        }
+    }
+
+    fn queue(&mut self, token: Token) {
+        if let Some(c) = self.conns.get_mut(&token) {
+            if !c.queued {
+                c.queued = true;
+                self.ready.push_back(token);
+            }
+        }
+    }
+
+    /// The next connection whose turn it is to be read.
+    pub fn next_ready(&mut self) -> Option<Token> {
+        while let Some(t) = self.ready.pop_front() {
+            if let Some(c) = self.conns.get_mut(&t) {
+                c.queued = false;
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    /// Accepts waiting connections, up to a budget, closing those over a
+    /// cap; backs off when the process is out of file descriptors.
     pub fn accept(&mut self, registry: &Registry, now: Instant, metrics: &Metrics) {
+        if !self.accept_pending || self.accept_paused_until.is_some_and(|t| now < t) {
+            return;
+        }
+        self.accept_paused_until = None;
         for _ in 0..ACCEPT_BUDGET {
             let (mut stream, remote) = match self.listener.accept() {
                 Ok(c) => c,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.accept_pending = false;
+                    return;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    metrics.tcp_dropped("fd_exhausted");
+                    self.accept_paused_until = Some(now + FD_BACKOFF);
+                    FD_EXHAUSTED.log(now, |more| {
+                        warn!("ICE-TCP accept: out of file descriptors ({e}); pausing accepts for {FD_BACKOFF:?} ({more} more since the last warning). See the README's fd budget")
+                    });
+                    return;
+                }
                 Err(e) => {
                     debug!("ICE-TCP accept failed: {e}");
                     metrics.tcp_dropped("accept_error");
@@ -133,6 +223,11 @@ impl TcpMedia {
             if self.conns.len() >= self.limits.max_connections {
                 metrics.tcp_dropped("connection_limit");
                 continue; // dropped: closed
+            }
+            let from_ip = self.per_ip.get(&remote.ip()).copied().unwrap_or(0);
+            if from_ip >= self.limits.max_per_ip {
+                metrics.tcp_dropped("per_ip_limit");
+                continue;
             }
             let token = Token(self.next_token);
             self.next_token += 1;
@@ -145,6 +240,7 @@ impl TcpMedia {
                 continue;
             }
             self.by_remote.insert(remote, token);
+            *self.per_ip.entry(remote.ip()).or_default() += 1;
             self.conns.insert(
                 token,
                 Conn {
@@ -154,12 +250,16 @@ impl TcpMedia {
                     wbuf: Vec::new(),
                     opened: now,
                     known: false,
+                    last_valid: now,
                     want_write: false,
+                    queued: false,
                 },
             );
+            // Data may have arrived before the registration.
+            self.queue(token);
             metrics.tcp_connections.set(self.conns.len() as i64);
         }
-        self.accept_unfinished = true;
+        // The budget ran out: more may wait.
     }
 
     /// True if `token` is one of our connections.
@@ -167,63 +267,80 @@ impl TcpMedia {
         self.conns.contains_key(&token)
     }
 
-    /// Reads what a connection has; appends each complete frame, with the
-    /// connection's remote address, to `frames`. Closes the connection on
-    /// EOF or error.
+    /// Reads one quantum off a connection: appends its complete frames,
+    /// with the connection's remote address, to `frames`, and puts the
+    /// connection at the back of the queue if it may hold more. Closes it on
+    /// EOF or error. Returns what the quantum cost: bytes read or framed
+    /// (whichever is more) and frames taken (empty ones too).
     pub fn read(
         &mut self,
         token: Token,
         registry: &Registry,
         frames: &mut Vec<(SocketAddr, Vec<u8>)>,
         metrics: &Metrics,
-    ) {
+    ) -> (usize, usize) {
         let Some(c) = self.conns.get_mut(&token) else {
-            return;
+            return (0, 0);
         };
-        let mut chunk = [0u8; 16 * 1024];
+        let mut empty = 0u64;
+        let mut framed = 0;
+        let mut chunk = [0u8; QUANTUM];
+        let (mut read, mut taken, mut at) = (0, 0, 0);
         let mut closed = false;
-        let mut budget = READ_BUDGET;
-        loop {
-            if budget == 0 {
-                if !self.unfinished.contains(&token) {
-                    self.unfinished.push(token);
-                }
-                break;
-            }
-            let want = chunk.len().min(budget);
-            match c.stream.read(&mut chunk[..want]) {
-                Ok(0) => {
-                    closed = true;
+        let more = loop {
+            // Complete frames first, then more bytes.
+            while taken < QUANTUM_FRAMES && c.rbuf.len() - at >= 2 {
+                let len = usize::from(u16::from_be_bytes([c.rbuf[at], c.rbuf[at + 1]]));
+                if c.rbuf.len() - at - 2 < len {
                     break;
                 }
-                Ok(n) => {
-                    budget -= n;
-                    c.rbuf.extend_from_slice(&chunk[..n]);
-                    let mut at = 0;
-                    while c.rbuf.len() - at >= 2 {
-                        let len = usize::from(u16::from_be_bytes([c.rbuf[at], c.rbuf[at + 1]]));
-                        if c.rbuf.len() - at - 2 < len {
-                            break;
-                        }
-                        frames.push((c.remote, c.rbuf[at + 2..at + 2 + len].to_vec()));
-                        metrics.tcp_frames_in.inc();
-                        at += 2 + len;
-                    }
-                    c.rbuf.drain(..at);
-                    debug_assert!(c.rbuf.len() < 2 + MAX_FRAME);
+                if len == 0 {
+                    empty += 1;
+                } else {
+                    frames.push((c.remote, c.rbuf[at + 2..at + 2 + len].to_vec()));
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                taken += 1;
+                at += 2 + len;
+                framed += 2 + len;
+            }
+            if taken >= QUANTUM_FRAMES || read >= QUANTUM {
+                break true;
+            }
+            c.rbuf.drain(..at);
+            at = 0;
+            match c.stream.read(&mut chunk[..QUANTUM - read]) {
+                Ok(0) => {
+                    closed = true;
+                    break false;
+                }
+                Ok(n) => {
+                    read += n;
+                    c.rbuf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => {
                     closed = true;
-                    break;
+                    break false;
                 }
             }
+        };
+        c.rbuf.drain(..at);
+        debug_assert!(c.rbuf.len() <= QUANTUM + 2 + MAX_FRAME);
+        if c.rbuf.capacity() > c.rbuf.len() + SPARE {
+            c.rbuf.shrink_to(c.rbuf.len() + SPARE / 4);
         }
+        if empty > 0 {
+            metrics.tcp_drops_by("empty_frame", empty);
+        }
+        metrics.tcp_frames_in.inc_by(taken as u64 - empty);
         if closed {
             self.close(token, registry);
             metrics.tcp_connections.set(self.conns.len() as i64);
+        } else if more {
+            self.queue(token);
         }
+        (read.max(framed), taken)
     }
 
     /// Marks the connection a peer took a frame from as known (it survives
@@ -235,7 +352,24 @@ impl TcpMedia {
             .and_then(|t| self.conns.get_mut(t))
         {
             c.known = true;
+            c.last_valid = Instant::now();
         }
+    }
+
+    /// Closes the connections from these remotes (their peer is gone).
+    pub fn close_remotes(
+        &mut self,
+        remotes: &[SocketAddr],
+        registry: &Registry,
+        metrics: &Metrics,
+    ) {
+        for r in remotes {
+            if let Some(&t) = self.by_remote.get(r) {
+                metrics.tcp_dropped("peer_gone");
+                self.close(t, registry);
+            }
+        }
+        metrics.tcp_connections.set(self.conns.len() as i64);
     }
 
     /// Frames `data` onto the connection to `remote` and writes what the
@@ -313,18 +447,34 @@ impl TcpMedia {
         }
     }
 
-    /// Closes connections no peer took a frame from within the deadline.
+    /// Closes connections no peer took a frame from within the STUN
+    /// deadline, and those that carried no valid frame for the idle time.
     pub fn sweep(&mut self, now: Instant, registry: &Registry, metrics: &Metrics) {
-        let deadline = self.limits.stun_deadline;
-        let stale: Vec<Token> = self
+        let (deadline, idle) = (self.limits.stun_deadline, self.limits.idle);
+        let stale: Vec<(Token, &'static str)> = self
             .conns
             .iter()
-            .filter(|(_, c)| !c.known && now.saturating_duration_since(c.opened) >= deadline)
-            .map(|(t, _)| *t)
+            .filter_map(|(t, c)| {
+                if !c.known && now.saturating_duration_since(c.opened) >= deadline {
+                    Some((*t, "no_stun"))
+                } else if c.known && now.saturating_duration_since(c.last_valid) >= idle {
+                    Some((*t, "idle"))
+                } else {
+                    None
+                }
+            })
             .collect();
-        for t in stale {
-            metrics.tcp_dropped("no_stun");
+        for (t, why) in stale {
+            metrics.tcp_dropped(why);
             self.close(t, registry);
+        }
+        if self.by_remote.capacity() > 64 && self.by_remote.len() * 4 < self.by_remote.capacity() {
+            self.by_remote.shrink_to(self.by_remote.len() * 2);
+            self.conns.shrink_to(self.conns.len() * 2);
+            self.per_ip.shrink_to(self.per_ip.len() * 2);
+        }
+        if self.ready.capacity() > 1024 && self.ready.len() * 4 < self.ready.capacity() {
+            self.ready.shrink_to(self.ready.len() * 2);
         }
         metrics.tcp_connections.set(self.conns.len() as i64);
     }
@@ -334,6 +484,13 @@ impl TcpMedia {
             let _ = registry.deregister(&mut c.stream);
             if self.by_remote.get(&c.remote) == Some(&token) {
                 self.by_remote.remove(&c.remote);
+            }
+            let ip = c.remote.ip();
+            if let Some(n) = self.per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_ip.remove(&ip);
+                }
             }
         }
     }

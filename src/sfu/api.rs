@@ -71,6 +71,9 @@ pub enum SfuEvent {
         peer: PeerId,
         /// Why.
         reason: CloseReason,
+        /// The remote addresses of its ICE-TCP connections, for the driver
+        /// to close (they would otherwise hold their slots).
+        tcp: Vec<SocketAddr>,
     },
     /// A talk spurt is finished and ready to publish.
     Bite(FinishedBite),

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use log::info;
+use str0m::net::Protocol;
 use str0m::Input;
 
 use super::conversation::membership::PeerGone;
@@ -78,7 +79,15 @@ impl Sfu {
         }
         self.stats.peers_closed += 1;
         info!("{} closed: {reason}", peer.label());
-        self.events
-            .push_back(SfuEvent::PeerClosed { peer: id, reason });
+        self.events.push_back(SfuEvent::PeerClosed {
+            peer: id,
+            reason,
+            tcp: peer
+                .addrs()
+                .iter()
+                .filter(|(proto, _)| *proto == Protocol::Tcp)
+                .map(|(_, a)| *a)
+                .collect(),
+        });
     }
 }

@@ -43,6 +43,8 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
         max_peers: 100,
         max_peers_per_user: 16,
         max_signalling: 64,
+        max_tcp_connections: 1024,
+        max_tcp_per_ip: 16,
         connect_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(30),
         membership_grace: Duration::from_secs(60),
@@ -163,6 +165,11 @@ impl TestPeer {
     }
 
     /// Opens /connect, sends the offer in `style`, reads the answer.
+    /// A clone of this client's ICE-TCP connection, if it has one.
+    pub fn tcp_stream(&self) -> Option<TcpStream> {
+        self.tcp.as_ref()?.stream.as_ref()?.try_clone().ok()
+    }
+
     pub fn signal(&mut self, http: SocketAddr, style: OfferStyle) -> Result<(), String> {
         let sdp = self.rtc.offer(true, 0)?;
         let text = match style {

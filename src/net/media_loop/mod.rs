@@ -42,6 +42,12 @@ const TCP_LISTENER: Token = Token(2);
 const FIRST_TCP_CONN: usize = 3;
 /// Datagrams read per wake before timers and commands get a turn.
 const READ_BATCH: usize = 512;
+/// Bytes read off all ICE-TCP connections together per turn (about 256 KB
+/// a turn: the UDP socket's 512 datagrams get their turn in between).
+const TCP_TURN_BUDGET: usize = 256 * 1024;
+/// Frames taken off ICE-TCP connections per turn (each may cost a trip
+/// into the core): about 40 clients' worth of a second of audio.
+const TCP_TURN_FRAMES: usize = 2_048;
 /// Commands handled per wake.
 const COMMAND_BATCH: usize = 256;
 /// How often the core's counters are copied into the shared metrics.
@@ -69,6 +75,8 @@ pub(crate) struct MediaLoopConfig {
     pub health: Arc<LoopHealth>,
     /// The ICE-TCP listener, if TCP is served.
     pub tcp: Option<std::net::TcpListener>,
+    /// Bounds on ICE-TCP connections.
+    pub tcp_limits: TcpLimits,
     /// The other nodes, when this one is part of a cluster.
     pub cluster: Option<ClusterPort>,
 }
@@ -122,7 +130,7 @@ pub(crate) fn spawn(
             poll.registry(),
             TCP_LISTENER,
             FIRST_TCP_CONN,
-            TcpLimits::default(),
+            config.tcp_limits,
         )?),
         None => None,
     };
@@ -210,6 +218,7 @@ impl MediaLoop {
                 break;
             }
             wakes += 1;
+            let turn = Instant::now();
             self.health.beat();
             if !self.stopping && self.inbox.stop.load(Ordering::SeqCst) {
                 self.stop(Instant::now());
@@ -232,6 +241,9 @@ impl MediaLoop {
             self.sfu.handle_timeout(Instant::now());
             self.flush();
             self.heartbeat();
+            self.metrics
+                .loop_turn_seconds
+                .observe(turn.elapsed().as_secs_f64());
             if self.stopping && self.sfu.is_drained() {
                 break;
             }
@@ -363,7 +375,10 @@ impl MediaLoop {
             had_events = true;
             match e {
                 SfuEvent::PeerConnected(peer) => self.notify(peer, PeerNotice::Connected, false),
-                SfuEvent::PeerClosed { peer, reason } => {
+                SfuEvent::PeerClosed { peer, reason, tcp } => {
+                    if let Some(conns) = &mut self.tcp {
+                        conns.close_remotes(&tcp, self.poll.registry(), &self.metrics);
+                    }
                     self.notify(peer, PeerNotice::Closed(reason), true)
                 }
                 SfuEvent::Bite(b) if self.stopping => {
@@ -409,40 +424,42 @@ impl MediaLoop {
     /// Accepts ICE-TCP connections, reads their frames into the core, and
     /// writes what waits for writable connections.
     /// Returns true if a connection has more to read next turn.
+    /// Accepts and reads ICE-TCP connections for one turn: connections
+    /// with data are served round-robin, a quantum each, up to
+    /// [`TCP_TURN_BUDGET`] bytes in all; each quantum's frames go to the
+    /// core before the next connection is read. True if more wait.
     fn handle_tcp_events(&mut self, events: &Events) -> bool {
         let Some(tcp) = &mut self.tcp else {
             return false;
         };
         let registry = self.poll.registry();
-        let (unfinished, accept_again) = tcp.take_unfinished();
-        if accept_again {
-            tcp.accept(registry, Instant::now(), &self.metrics);
-        }
-        for token in unfinished {
-            tcp.read(token, registry, &mut self.tcp_frames, &self.metrics);
-        }
         for e in events.iter() {
             let token = e.token();
             if token == TCP_LISTENER {
-                tcp.accept(registry, Instant::now(), &self.metrics);
+                tcp.listener_ready();
             } else if tcp.owns(token) {
-                if e.is_writable() {
-                    tcp.flush(token, registry, &self.metrics);
-                }
-                if e.is_readable() || e.is_read_closed() || e.is_error() {
-                    tcp.read(token, registry, &mut self.tcp_frames, &self.metrics);
-                }
+                let readable = e.is_readable() || e.is_read_closed() || e.is_error();
+                tcp.on_event(token, readable, e.is_writable(), registry, &self.metrics);
             }
         }
+        tcp.accept(registry, Instant::now(), &self.metrics);
+        let (mut bytes, mut taken) = (0, 0);
         let mut frames = std::mem::take(&mut self.tcp_frames);
-        for (remote, frame) in frames.drain(..) {
-            let now = Instant::now();
-            if self.sfu.handle_receive(now, Protocol::Tcp, remote, &frame) {
-                if let Some(tcp) = &mut self.tcp {
-                    tcp.mark_known(remote);
+        while bytes < TCP_TURN_BUDGET && taken < TCP_TURN_FRAMES {
+            let Some(tcp) = &mut self.tcp else { break };
+            let Some(token) = tcp.next_ready() else { break };
+            let (b, f) = tcp.read(token, self.poll.registry(), &mut frames, &self.metrics);
+            bytes += b.max(1);
+            taken += f;
+            for (remote, frame) in frames.drain(..) {
+                let now = Instant::now();
+                if self.sfu.handle_receive(now, Protocol::Tcp, remote, &frame) {
+                    if let Some(tcp) = &mut self.tcp {
+                        tcp.mark_known(remote);
+                    }
                 }
+                self.send_transmits();
             }
-            self.send_transmits();
         }
         self.tcp_frames = frames;
         self.tcp.as_ref().is_some_and(TcpMedia::has_more)
