@@ -86,6 +86,7 @@ fn start_sink(config: &Config, metrics: &Arc<Metrics>) -> io::Result<(Option<Sin
             spool_dir: config.spool_dir.clone(),
             jetstream: config.nats_jetstream,
             auth: config.nats_auth.clone(),
+            ping: config.nats_ping,
         }),
         dir: config.bites_dir.clone(),
     };

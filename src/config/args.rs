@@ -147,6 +147,13 @@ pub struct Args {
     #[arg(long, env = "NATS_JETSTREAM", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub nats_jetstream: bool,
 
+    /// Seconds a round trip to NATS may take before a bite is sent again,
+    /// and how often an idle connection is probed (two misses drop the
+    /// connection and dial again). The `nats` client's own keep-alive is
+    /// two minutes.
+    #[arg(long, env = "NATS_PING_SECS", default_value_t = 5)]
+    pub nats_ping_secs: u64,
+
     /// Seconds the media loop may go without a turn before the process
     /// exits (non-zero) so its supervisor restarts it.
     #[arg(long, env = "LOOP_STALL_SECS", default_value_t = 10)]

@@ -83,6 +83,8 @@ pub struct Config {
     pub loop_stall: Duration,
     /// Publish through JetStream with acknowledgements.
     pub nats_jetstream: bool,
+    /// Round-trip deadline and idle probe interval for NATS.
+    pub nats_ping: Duration,
     /// This node's id in the cluster.
     pub node_id: String,
     /// The cluster's subject prefix; `None` (or no NATS) keeps the node alone.
@@ -190,6 +192,7 @@ impl Config {
             spool_dir,
             loop_stall: Duration::from_secs(a.loop_stall_secs),
             nats_jetstream: a.nats_jetstream,
+            nats_ping: Duration::from_secs(a.nats_ping_secs),
             node_id,
             cluster_subject,
             cluster_keys,
@@ -263,6 +266,7 @@ fn check_limits(a: &Args) -> Result<(), String> {
         ("--bite-silence-ms", a.bite_silence_ms, 10_000),
         ("--bite-max-ms", a.bite_max_ms, 600_000),
         ("--loop-stall-secs", a.loop_stall_secs, 3_600),
+        ("--nats-ping-secs", a.nats_ping_secs, 600),
     ] {
         if v == 0 || v > max {
             return Err(format!("{flag}: must be between 1 and {max}"));

@@ -56,6 +56,7 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
         spool_dir: None,
         loop_stall: Duration::from_secs(10),
         nats_jetstream: false,
+        nats_ping: Duration::from_secs(2),
         node_id: "test-node".into(),
         cluster_subject: None,
         cluster_keys: Vec::new(),
@@ -641,6 +642,27 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the server (SIGSTOP): its sockets stay open and silent, as
+    /// a hung server or a network black hole looks to a client.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = std::process::Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} nats-server");
+        }
+    }
+
     /// Kills the server the hard way (SIGKILL).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -659,6 +681,7 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
+        self.resume();
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
