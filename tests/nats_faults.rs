@@ -40,7 +40,7 @@ fn collect_bites(
     (nc, seen)
 }
 
-fn distinct(seen: &Arc<Mutex<(HashSet<(String, u64)>, usize)>>) -> usize {
+fn distinct(seen: &Seen) -> usize {
     seen.lock().map(|s| s.0.len()).unwrap_or(0)
 }
 
