@@ -17,14 +17,12 @@ use prost::Message as _;
 
 use beep_sfu::proto::Bite;
 
+/// The distinct bites (user, start) seen, and the messages in all.
+type Seen = Arc<Mutex<(HashSet<(String, u64)>, usize)>>;
+
 /// Every distinct bite (user, start) that arrived on `bite`, and how many
 /// messages arrived in all (duplicates are allowed, losses are not).
-fn collect_bites(
-    url: &str,
-) -> (
-    nats::Connection,
-    Arc<Mutex<(HashSet<(String, u64)>, usize)>>,
-) {
+fn collect_bites(url: &str) -> (nats::Connection, Seen) {
     let nc = nats::connect(url).expect("nats connects");
     let seen = Arc::new(Mutex::new((HashSet::new(), 0)));
     let s = seen.clone();
