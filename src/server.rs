@@ -191,6 +191,8 @@ impl Server {
         let sfu = sfu_config(config, udp_addr.port(), tcp_port);
         let candidates = sfu.candidates.clone();
         let health = Arc::new(LoopHealth::new());
+        let spool = bites.clone();
+        health.set_last_rites(Box::new(move |wait| spool.spool_now(wait)));
         let (cluster_port, cluster_side) = match cluster_config(config) {
             Some(c) => {
                 info!("cluster: node {} on {} under {}.*", c.node, c.url, c.prefix);

@@ -170,3 +170,85 @@ fn a_backlog_overflow_drops_only_bites_not_in_flight_and_the_counts_add_up() {
     // one dropped: at least the first two arrived.
     assert!(distinct(&seen) >= 2);
 }
+
+#[test]
+fn a_panic_exit_spools_and_the_next_start_publishes_the_spooled_bites() {
+    let dir = std::env::temp_dir().join(format!("beep-sfu-panic-spool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spool = dir.join("spool");
+    let trigger = dir.join("panic-now");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spool_arg = spool.to_string_lossy().into_owned();
+    let args = |nats: &str| {
+        vec![
+            "--dev".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--udp".into(),
+            "127.0.0.1:0".into(),
+            "--tcp".into(),
+            "none".into(),
+            "--bites-dir".into(),
+            "none".into(),
+            "--spool-dir".into(),
+            spool_arg.clone(),
+            "--nats".into(),
+            nats.to_string(),
+        ]
+    };
+    // NATS unreachable: the bites wait in the backlog.
+    let first = args("nats://127.0.0.1:1");
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    let trigger_arg = trigger.to_string_lossy().into_owned();
+    let (mut child, http, log) =
+        spawn_binary_with(&first, &[("BEEP_SFU_TEST_PANIC_FILE", &trigger_arg)]);
+    let (mut a, mut b) = in_room(http);
+    talk(&mut [&mut a, &mut b], 1, 0..20);
+    talk(&mut [&mut a, &mut b], 1, 100..120);
+    assert!(wait_for(Duration::from_secs(10), || metric(
+        http,
+        "beep_sfu_bite_backlog "
+    ) == Some(2.0)));
+    std::fs::write(&trigger, b"").unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the panic did not end the process"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(70));
+    std::thread::sleep(Duration::from_millis(200)); // the last stderr lines
+    let lines = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+    assert!(lines.contains("media loop panicked"), "{lines}");
+    assert!(
+        lines.contains("spooled 2 bite(s) before exiting"),
+        "{lines}"
+    );
+    let files = std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(files, 2, "one spool file per bite");
+    // The next start, with NATS there, publishes them and empties the spool.
+    let nats = NatsServer::start();
+    let (_sub, seen) = collect_bites(&nats.url());
+    let second = args(&nats.url());
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    let (mut again, _, _) = spawn_binary_with(&second, &[]);
+    assert!(
+        wait_for(Duration::from_secs(15), || distinct(&seen) == 2),
+        "the spooled bites arrived: {}",
+        distinct(&seen)
+    );
+    assert!(wait_for(Duration::from_secs(5), || std::fs::read_dir(
+        &spool
+    )
+    .map(|d| d.count())
+    .unwrap_or(0)
+        == 0));
+    let _ = again.kill();
+    let _ = again.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

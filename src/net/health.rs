@@ -4,20 +4,28 @@
 //! guessing.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::error;
+use log::{error, info, warn};
 
 /// Exit status when the media loop panicked or stalled (EX_SOFTWARE).
 pub(crate) const EXIT_LOOP_FAILED: i32 = 70;
+/// Longest the failure exits wait for the sink to spool its backlog.
+const SPOOL_ON_EXIT: Duration = Duration::from_secs(3);
 
-/// When the loop last turned, and whether it is stopping on purpose.
-#[derive(Debug)]
+/// What a failure exit does before it ends the process: spools the bites
+/// not yet delivered, within a deadline; returns how many were kept.
+pub(crate) type LastRites = Box<dyn Fn(Duration) -> Option<usize> + Send>;
+
+/// When the loop last turned, whether it is stopping on purpose, and what
+/// to save before a failure exit.
 pub(crate) struct LoopHealth {
     epoch: Instant,
     last_turn_ms: AtomicU64,
     stopping: AtomicBool,
+    last_rites: Mutex<Option<LastRites>>,
 }
 
 impl LoopHealth {
@@ -27,7 +35,34 @@ impl LoopHealth {
             epoch: Instant::now(),
             last_turn_ms: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            last_rites: Mutex::new(None),
         }
+    }
+
+    /// What to save before a failure exit (the server sets the sink's
+    /// spool here once it runs).
+    pub fn set_last_rites(&self, f: LastRites) {
+        if let Ok(mut r) = self.last_rites.lock() {
+            *r = Some(f);
+        }
+    }
+
+    /// Ends the process with [`EXIT_LOOP_FAILED`] after spooling what the
+    /// sink holds, waiting at most [`SPOOL_ON_EXIT`]. Never returns.
+    pub fn fail(&self) -> ! {
+        self.set_stopping();
+        let rites = self.last_rites.lock().ok().and_then(|mut r| r.take());
+        if let Some(spool) = rites {
+            match spool(SPOOL_ON_EXIT) {
+                Some(n) => {
+                    info!("spooled {n} bite(s) before exiting; the next start publishes them")
+                }
+                None => warn!(
+                    "the bite sink did not spool within {SPOOL_ON_EXIT:?}; its bites are lost"
+                ),
+            }
+        }
+        std::process::exit(EXIT_LOOP_FAILED);
     }
 
     /// The loop turned (one relaxed store).
@@ -70,7 +105,7 @@ pub(crate) fn watch(health: std::sync::Arc<LoopHealth>, stall: Duration) -> std:
                     age.as_millis(),
                     stall.as_millis()
                 );
-                std::process::exit(EXIT_LOOP_FAILED);
+                health.fail();
             }
         })
         .map(|_| ())

@@ -39,6 +39,9 @@ enum SinkMsg {
     /// These last bites, then publish what is left until the deadline
     /// (spooling what NATS did not take), then stop.
     Finish(Vec<FinishedBite>, Instant),
+    /// The process is about to exit on a failure: take what is queued,
+    /// spool the backlog, and say how many bites were kept.
+    Spool(Sender<usize>),
 }
 
 /// The media loop's end of the queue.
@@ -63,6 +66,17 @@ impl BiteQueue {
             }
             Err(_) => self.metrics.bite_dropped("sink_stopped"),
         }
+    }
+
+    /// Asks the sink thread to take what is queued and spool its backlog,
+    /// waiting at most `wait`; how many bites it kept, or `None` in time.
+    /// For the failure exits only (the sink then takes no more bites).
+    pub fn spool_now(&self, wait: Duration) -> Option<usize> {
+        let deadline = Instant::now() + wait;
+        let (ack, done) = crossbeam_channel::bounded(1);
+        self.tx.send_timeout(SinkMsg::Spool(ack), wait).ok()?;
+        done.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()
     }
 
     /// A queue nobody reads (no sink configured): bites are counted as dropped.
@@ -139,6 +153,15 @@ fn run(config: SinkConfig, rx: Receiver<SinkMsg>, metrics: Arc<Metrics>) {
                     store_bite(&config, nats.as_mut(), &metrics, b);
                 }
                 finish_by = Some(deadline);
+            }
+            Ok(SinkMsg::Spool(ack)) => {
+                // Bites queued before the request are the ones to keep.
+                while let Ok(SinkMsg::Bite(b)) = rx.try_recv() {
+                    store_bite(&config, nats.as_mut(), &metrics, &b);
+                }
+                let kept = nats.as_mut().map_or(0, NatsPublisher::spool);
+                let _ = ack.send(kept);
+                return;
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => finish_by = finish_by.or(Some(Instant::now())),

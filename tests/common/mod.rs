@@ -697,9 +697,20 @@ fn rand_suffix() -> u64 {
 /// Starts the server binary with `args` (stderr read for its "ready" line,
 /// then logged through at `RUST_LOG=info`); returns it and its HTTP address.
 pub fn spawn_binary(args: &[&str]) -> (std::process::Child, SocketAddr) {
+    let (child, addr, _) = spawn_binary_with(args, &[]);
+    (child, addr)
+}
+
+/// [`spawn_binary`] with environment variables; also returns every stderr
+/// line the server writes, as it writes them.
+pub fn spawn_binary_with(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_beep-sfu"))
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -707,6 +718,8 @@ pub fn spawn_binary(args: &[&str]) -> (std::process::Child, SocketAddr) {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let kept = lines.clone();
     thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
@@ -715,6 +728,9 @@ pub fn spawn_binary(args: &[&str]) -> (std::process::Child, SocketAddr) {
             if let Some(addr) = line.split("ready: http://").nth(1) {
                 let _ = tx.send(addr.trim().to_string());
             }
+            if let Ok(mut k) = kept.lock() {
+                k.push(line);
+            }
         }
     });
     let addr = rx
@@ -722,7 +738,7 @@ pub fn spawn_binary(args: &[&str]) -> (std::process::Child, SocketAddr) {
         .expect("server ready")
         .parse()
         .unwrap();
-    (child, addr)
+    (child, addr, lines)
 }
 
 /// Waits until `f` holds, up to `timeout`.

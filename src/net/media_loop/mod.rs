@@ -24,7 +24,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 mod presence;
 
 use super::clock::unix_clock_now;
-use super::health::{LoopHealth, EXIT_LOOP_FAILED};
+use super::health::LoopHealth;
 use super::memory::HeapTrim;
 use super::tcp::{TcpLimits, TcpMedia};
 use super::udp::{send_to, unmapped};
@@ -112,7 +112,7 @@ struct MediaLoop {
 
 /// Starts the media loop thread; returns the handle side threads use and the
 /// thread to join after a shutdown, which yields the bites finished while
-/// stopping. A panic on the loop ends the process (see [`EXIT_LOOP_FAILED`]).
+/// stopping. A panic on the loop ends the process (see [`super::health::EXIT_LOOP_FAILED`]).
 pub(crate) fn spawn(
     config: MediaLoopConfig,
 ) -> io::Result<(LoopHandle, JoinHandle<Vec<FinishedBite>>)> {
@@ -178,8 +178,7 @@ fn supervised(media: MediaLoop) -> Vec<FinishedBite> {
             error!(
                 "the media loop panicked ({why}); exiting so the supervisor restarts the service"
             );
-            health.set_stopping();
-            std::process::exit(EXIT_LOOP_FAILED);
+            health.fail();
         }
     }
 }
@@ -190,6 +189,8 @@ impl MediaLoop {
         if std::env::var_os("BEEP_SFU_TEST_PANIC_LOOP").is_some() {
             panic!("BEEP_SFU_TEST_PANIC_LOOP is set (fault injection for tests)");
         }
+        #[cfg(feature = "test-kit")]
+        let panic_file = std::env::var_os("BEEP_SFU_TEST_PANIC_FILE");
         #[cfg(feature = "test-kit")]
         if std::env::var_os("BEEP_SFU_TEST_STALL_LOOP").is_some() {
             // Fault injection for tests: a loop that never turns again.
@@ -237,6 +238,14 @@ impl MediaLoop {
                 self.trim_heap();
                 self.presence_dirty = true;
                 clock_anchored = Instant::now();
+                // Fault injection for tests: panic once this file exists.
+                #[cfg(feature = "test-kit")]
+                if panic_file
+                    .as_ref()
+                    .is_some_and(|f| std::path::Path::new(f).exists())
+                {
+                    panic!("BEEP_SFU_TEST_PANIC_FILE exists (fault injection for tests)");
+                }
             }
             self.sfu.handle_timeout(Instant::now());
             self.flush();
