@@ -2,13 +2,21 @@
 //! interval per kind of event, with a count of what was suppressed, so a
 //! flood of bad messages cannot flood the log.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// The moment the first rate-limited line was asked for; times are kept
+/// as milliseconds since it, in atomics (no lock, so the media loop may
+/// use it too).
+static EPOCH: OnceLock<Instant> = OnceLock::new();
 
 /// One rate-limited log line.
 pub(crate) struct LogLimit {
     every: Duration,
-    state: Mutex<(Option<Instant>, u64)>,
+    /// Milliseconds since [`EPOCH`] (plus one) of the last line; 0: none.
+    last: AtomicU64,
+    suppressed: AtomicU64,
 }
 
 impl LogLimit {
@@ -16,28 +24,28 @@ impl LogLimit {
     pub const fn new(every: Duration) -> Self {
         LogLimit {
             every,
-            state: Mutex::new((None, 0)),
+            last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
         }
     }
 
     /// Calls `log` with the number of events suppressed since the last
-    /// line, if a line is due; otherwise counts this one. Never blocks for
-    /// long (the lock is held only to update two numbers) and is never used
-    /// on the media loop.
+    /// line, if a line is due; otherwise counts this one. Lock-free.
     pub fn log(&self, now: Instant, log: impl FnOnce(u64)) {
-        let Ok(mut s) = self.state.lock() else {
-            return;
-        };
-        if s.0
-            .is_some_and(|at| now.saturating_duration_since(at) < self.every)
+        let epoch = *EPOCH.get_or_init(|| now);
+        let now_ms = now.saturating_duration_since(epoch).as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= self.every.as_millis() as u64;
+        if !due
+            || self
+                .last
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
         {
-            s.1 += 1;
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let suppressed = s.1;
-        *s = (Some(now), 0);
-        drop(s);
-        log(suppressed);
+        log(self.suppressed.swap(0, Ordering::Relaxed));
     }
 }
 

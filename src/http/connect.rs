@@ -15,6 +15,11 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
 use super::claims;
+use crate::log_limit::LogLimit;
+
+/// Refused offers are logged at most once a second, with the number left
+/// out (a client may retry in a loop).
+static REFUSED: LogLimit = LogLimit::new(Duration::from_secs(1));
 use super::request::Request;
 use super::response::Response;
 use super::Context;
@@ -233,10 +238,12 @@ impl Connection<'_> {
             }
             Ok(Reply::Connect(Err(e))) => {
                 self.ctx.metrics.outcome(outcome_label(&e));
-                info!(
-                    "offer from {}/{} refused: {e}",
-                    self.claim.userid, self.claim.clientid
-                );
+                REFUSED.log(Instant::now(), |more| {
+                    info!(
+                        "offer from {}/{} refused: {e} ({more} more refused since the last line)",
+                        self.claim.userid, self.claim.clientid
+                    )
+                });
                 ConnectReply::Answer(Err(e))
             }
             Ok(_) | Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {

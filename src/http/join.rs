@@ -14,6 +14,15 @@ use super::Context;
 use crate::command::{Command, SendError};
 use crate::permissions::Decision;
 use crate::sfu::{JoinError, Reply, Request};
+use std::time::Instant;
+
+use crate::log_limit::LogLimit;
+
+/// Refused joins are logged at most once a second (a client may retry in a
+/// loop), with the number left out.
+static DENIED: LogLimit = LogLimit::new(std::time::Duration::from_secs(1));
+/// The permissions service being down is logged at most once a second.
+static UNAVAILABLE: LogLimit = LogLimit::new(std::time::Duration::from_secs(1));
 
 /// Longest conversation id accepted, in bytes.
 pub const MAX_CONVERSATION_BYTES: usize = 256;
@@ -38,17 +47,21 @@ pub fn serve(req: &HttpRequest, ctx: &Context, rest: &str) -> Response {
             match decision {
                 Decision::Allowed => {}
                 Decision::Denied(status) => {
-                    info!(
-                        "join refused: user {} may not join {conversation} (permissions answered {status})",
-                        claim.userid
-                    );
+                    DENIED.log(Instant::now(), |more| {
+                        info!(
+                            "join refused: user {} may not join {conversation} (permissions answered {status}; {more} more refused since the last line)",
+                            claim.userid
+                        )
+                    });
                     return Response::text(401, "permission to join this conversation was denied");
                 }
                 Decision::Unavailable(why) => {
-                    warn!(
-                        "permissions service unavailable for user {}: {why}",
-                        claim.userid
-                    );
+                    UNAVAILABLE.log(Instant::now(), |more| {
+                        warn!(
+                            "permissions service unavailable for user {}: {why} ({more} more since the last line)",
+                            claim.userid
+                        )
+                    });
                     return Response::text(503, format!("permissions service unavailable: {why}"))
                         .header("Retry-After", "1");
                 }

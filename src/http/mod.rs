@@ -240,6 +240,10 @@ impl Drop for HttpServer {
     }
 }
 
+/// A failing accept (out of descriptors) is logged at most every 10 s.
+static ACCEPT_FAILED: crate::log_limit::LogLimit =
+    crate::log_limit::LogLimit::new(Duration::from_secs(10));
+
 fn accept_loop(listener: TcpListener, ctx: Arc<Context>, which: Listener) {
     let linger = linger::Linger::start();
     for stream in listener.incoming() {
@@ -250,7 +254,10 @@ fn accept_loop(listener: TcpListener, ctx: Arc<Context>, which: Listener) {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                warn!("accept failed: {e}");
+                ACCEPT_FAILED.log(Instant::now(), |more| {
+                    warn!("accept failed: {e} ({more} more since the last line)")
+                });
+                ctx.metrics.outcome("accept_error");
                 thread::sleep(Duration::from_millis(50));
                 continue;
             }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use log::{debug, error, info, warn};
 
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::sfu::FinishedBite;
 use nats::{NatsConfig, NatsPublisher};
@@ -24,6 +25,10 @@ use nats::{NatsConfig, NatsPublisher};
 pub const QUEUE: usize = 1024;
 /// How often the sink thread retries publishing while idle.
 const TICK: Duration = Duration::from_millis(50);
+
+/// A full sink queue is logged at most once a second (the loop calls this,
+/// and the limiter takes no lock).
+static QUEUE_FULL: LogLimit = LogLimit::new(Duration::from_secs(1));
 
 /// What the sink does with bites.
 #[derive(Debug, Clone, Default)]
@@ -59,10 +64,12 @@ impl BiteQueue {
             Ok(()) => {}
             Err(TrySendError::Full(SinkMsg::Bite(b))) => {
                 self.metrics.bite_dropped("sink_queue_full");
-                warn!(
-                    "bite sink queue full: dropped a bite of {}/{} in {}",
-                    b.userid, b.clientid, b.conversation
-                );
+                QUEUE_FULL.log(Instant::now(), |more| {
+                    warn!(
+                        "bite sink queue full: dropped a bite of {}/{} in {} ({more} more dropped since the last line)",
+                        b.userid, b.clientid, b.conversation
+                    )
+                });
             }
             Err(_) => self.metrics.bite_dropped("sink_stopped"),
         }

@@ -40,6 +40,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use log::{debug, info, warn};
 use prost::Message;
 
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::nats_connect::{self, Connecting, Dial, NatsAuth};
 use crate::proto::{Bite, Client, Store};
@@ -51,6 +52,8 @@ use worker::{Job, Worker};
 const PUBLISH_WAIT: Duration = Duration::from_millis(500);
 /// After this long in flight, a call is reported as stalled (once).
 const STALL_WARNING: Duration = Duration::from_secs(5);
+/// An overflowing backlog is logged at most once a second.
+static BACKLOG_FULL: LogLimit = LogLimit::new(Duration::from_secs(1));
 /// Round trips missed in a row before the connection is dropped and dialled
 /// again.
 const MAX_MISSED: u32 = 2;
@@ -269,11 +272,12 @@ impl NatsPublisher {
             };
             self.backlog_bytes -= old.size();
             self.metrics.bite_dropped("nats_backlog_full");
-            warn!(
-                "NATS backlog over {} bytes: dropped the oldest bite not yet sent ({} bytes)",
-                self.config.backlog_bytes,
-                old.size()
-            );
+            let (bound, size) = (self.config.backlog_bytes, old.size());
+            BACKLOG_FULL.log(Instant::now(), |more| {
+                warn!(
+                    "NATS backlog over {bound} bytes: dropped the oldest bite not yet sent ({size} bytes; {more} more dropped since the last line)"
+                )
+            });
         }
         self.publish_gauges();
     }
