@@ -55,6 +55,32 @@ fn cluster_config(config: &Config) -> Option<ClusterConfig> {
     })
 }
 
+/// Makes sure every directory the server will write to exists and takes a
+/// file, so a bite is never lost to a directory found unwritable later.
+fn check_writable(config: &Config) -> io::Result<()> {
+    let dirs = [
+        ("--bites-dir", &config.bites_dir),
+        ("--spool-dir", &config.spool_dir),
+    ];
+    for (flag, dir) in dirs {
+        let Some(dir) = dir else { continue };
+        let probe = dir.join(format!(".beep-sfu-write-test-{}", std::process::id()));
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&probe, b""))
+            .and_then(|()| std::fs::remove_file(&probe));
+        if let Err(e) = written {
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "{flag} {}: cannot write there ({e}); give a writable directory, or none",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Raises the open-files limit and checks that the caps fit under it.
 fn check_fd_budget(config: &Config) -> io::Result<()> {
     let (soft, hard) = fd_budget::raise_nofile()?;
@@ -174,6 +200,7 @@ impl Server {
     /// Binds `config.listen` and `config.udp` and starts every thread.
     pub fn start(config: &Config) -> io::Result<Server> {
         check_fd_budget(config)?;
+        check_writable(config)?;
         let socket = bind_media(config.udp)
             .map_err(|e| io::Error::new(e.kind(), format!("--udp {}: {e}", config.udp)))?;
         let udp_addr = socket.local_addr()?;

@@ -118,3 +118,27 @@ fn a_stalled_media_loop_is_noticed_and_ends_the_process() {
     assert_eq!(code, Some(70), "{err}");
     assert!(err.contains("has not turned for"), "{err}");
 }
+
+#[test]
+fn a_bites_or_spool_directory_that_cannot_be_written_stops_the_start_with_a_clear_line() {
+    // A path under a regular file: not even root can make it a directory.
+    let file = std::env::temp_dir().join(format!("beep-sfu-not-a-dir-{}", std::process::id()));
+    std::fs::write(&file, b"").unwrap();
+    let under = file.join("bites");
+    for flag in ["--bites-dir", "--spool-dir"] {
+        let out = Command::new(BIN)
+            .args(["--dev", "--listen", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
+            .arg(flag)
+            .arg(&under)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}: it refused to start");
+        assert!(
+            err.contains(&format!("{flag} {}: cannot write there", under.display())),
+            "{flag}: {err}"
+        );
+    }
+    let _ = std::fs::remove_file(&file);
+}

@@ -136,8 +136,9 @@ pub struct Args {
     pub allowed_origins: Vec<String>,
 
     /// Directory bites are written to when NATS cannot take them before
-    /// exit; they are published on the next start. "none" disables it.
-    /// [default: none, or ./bites/spool with --dev]
+    /// exit (a clean stop, or the panic and stall exits); they are
+    /// published on the next start. "none" disables it. [default: ./spool,
+    /// or ./bites/spool with --dev]
     #[arg(long, env = "SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
 

@@ -287,7 +287,7 @@ fn storage_dirs(a: &Args) -> (Option<PathBuf>, Option<PathBuf>) {
         Some(d) if d.as_os_str() == "none" => None,
         Some(d) => Some(d),
         None if a.dev => bites_dir.as_ref().map(|b| b.join("spool")),
-        None => None,
+        None => Some(PathBuf::from("spool")),
     };
     (bites_dir, spool_dir)
 }
