@@ -515,6 +515,9 @@ fn a_peer_that_keeps_changing_address_stays_routed_at_its_newest() {
         10,
         "media from the newest address is routed"
     );
+    // ... and the twelve addresses did not all stay routed: at most 8.
+    assert_eq!(h.sfu._peer_addrs(h.clients[a].peer), Some(8));
+    assert_eq!(h.sfu._routes(), 8 + 1, "alice's newest 8, and bob's one");
 }
 
 #[test]

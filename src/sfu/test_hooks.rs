@@ -16,6 +16,18 @@ impl Sfu {
         self.peers.get(peer).map(Peer::slot_count)
     }
 
+    /// UNSTABLE: test hook, not public API. How many addresses a peer is
+    /// known (routed) by.
+    pub fn _peer_addrs(&self, peer: PeerId) -> Option<usize> {
+        self.peers.get(peer).map(|p| p.addrs().len())
+    }
+
+    /// UNSTABLE: test hook, not public API. How many addresses the demux
+    /// routes, over all peers.
+    pub fn _routes(&self) -> usize {
+        self.peers._routes()
+    }
+
     /// UNSTABLE: test hook, not public API. True if this peer exists and
     /// is connected.
     pub fn _is_connected(&self, peer: PeerId) -> bool {

@@ -54,6 +54,12 @@ pub struct Demux {
 }
 
 impl Demux {
+    /// Addresses routed (for the test hooks).
+    #[cfg(any(test, feature = "test-kit"))]
+    pub fn _routes(&self) -> usize {
+        self.by_addr.len()
+    }
+
     /// The peer that owns datagrams from `source` (non-STUN).
     pub fn by_addr(&self, source: &Origin) -> Option<PeerId> {
         self.by_addr.get(source).copied()

@@ -60,6 +60,12 @@ impl PeerTable {
         self.demux.ufrag_taken(ufrag)
     }
 
+    /// Addresses the demux routes (for the test hooks).
+    #[cfg(any(test, feature = "test-kit"))]
+    pub fn _routes(&self) -> usize {
+        self.demux._routes()
+    }
+
     /// A peer by id.
     pub fn get(&self, id: PeerId) -> Option<&Peer> {
         self.peers.get(&id).map(|p| &**p)
