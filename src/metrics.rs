@@ -275,11 +275,6 @@ impl Metrics {
         self.tcp_drops.get_or_create(&Reason { reason }).inc();
     }
 
-    /// Counts `n` ICE-TCP frames dropped for one reason.
-    pub fn tcp_drops_by(&self, reason: &'static str, n: u64) {
-        self.tcp_drops.get_or_create(&Reason { reason }).inc_by(n);
-    }
-
     /// Counts one dropped bite.
     pub fn bite_dropped(&self, reason: &'static str) {
         self.bites_dropped.get_or_create(&Reason { reason }).inc();

@@ -55,6 +55,22 @@ fn cluster_config(config: &Config) -> Option<ClusterConfig> {
     })
 }
 
+/// The loop's and the NATS threads' ends of the cluster, if this node is
+/// part of one.
+fn cluster_ends(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> (Option<cluster::ClusterPort>, Option<cluster::ClusterSide>) {
+    match cluster_config(config) {
+        Some(c) => {
+            info!("cluster: node {} on {} under {}.*", c.node, c.url, c.prefix);
+            let (port, side) = cluster::channels(c, metrics.clone());
+            (Some(port), Some(side))
+        }
+        None => (None, None),
+    }
+}
+
 /// Makes sure every directory the server will write to exists and takes a
 /// file, so a bite is never lost to a directory found unwritable later.
 fn check_writable(config: &Config) -> io::Result<()> {
@@ -220,14 +236,7 @@ impl Server {
         let health = Arc::new(LoopHealth::new());
         let spool = bites.clone();
         health.set_last_rites(Box::new(move |wait| spool.spool_now(wait)));
-        let (cluster_port, cluster_side) = match cluster_config(config) {
-            Some(c) => {
-                info!("cluster: node {} on {} under {}.*", c.node, c.url, c.prefix);
-                let (port, side) = cluster::channels(c, metrics.clone());
-                (Some(port), Some(side))
-            }
-            None => (None, None),
-        };
+        let (cluster_port, cluster_side) = cluster_ends(config, &metrics);
         let (handle, media_thread) = net::spawn(MediaLoopConfig {
             sfu,
             socket,

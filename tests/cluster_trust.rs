@@ -29,12 +29,11 @@ fn now_ms() -> u64 {
 
 /// `beep_sfu_cluster_dropped_total` summed over kinds, for one reason.
 fn dropped(http: std::net::SocketAddr, reason: &str) -> f64 {
-    let (_, body) = get(http, "/metrics");
-    body.lines()
-        .filter(|l| l.starts_with("beep_sfu_cluster_dropped_total"))
-        .filter(|l| l.contains(&format!("reason=\"{reason}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(
+        http,
+        "beep_sfu_cluster_dropped_total",
+        &format!("reason=\"{reason}\""),
+    )
 }
 
 /// Counts what arrives on `subject` (wildcards allowed).
@@ -339,11 +338,11 @@ fn a_hundred_thousand_fresh_speaker_ids_stay_bounded() {
     }
     forger.flush().unwrap();
     let refused = || {
-        let (_, body) = get(ha, "/metrics");
-        body.lines()
-            .filter(|l| l.contains("relayed_too_many_speakers"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
+        metric_sum(
+            ha,
+            "beep_sfu_dropped_datagrams_total",
+            "relayed_too_many_speakers",
+        )
     };
     assert!(
         wait_for(Duration::from_secs(20), || refused() >= 98_000.0),

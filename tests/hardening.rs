@@ -341,7 +341,6 @@ fn a_tcp_connection_flooding_garbage_frames_cannot_starve_a_udp_call() {
         .map(|_| {
             let stop = stop.clone();
             thread::spawn(move || {
-                let mut s = TcpStream::connect(tcp).unwrap();
                 let mut frame = vec![0x05, 0xD0];
                 frame.extend(std::iter::repeat_n(0x80u8, 0x5D0));
                 let burst: Vec<u8> = frame
@@ -351,11 +350,19 @@ fn a_tcp_connection_flooding_garbage_frames_cannot_starve_a_udp_call() {
                     .take(frame.len() * 40)
                     .collect();
                 let mut sent = 0usize;
+                // The server closes a connection at its first junk frame:
+                // the attacker connects again, for as long as the call lasts.
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if s.write_all(&burst).is_err() {
-                        break;
+                    let Ok(mut s) = TcpStream::connect(tcp) else {
+                        thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if s.write_all(&burst).is_err() {
+                            break;
+                        }
+                        sent += burst.len();
                     }
-                    sent += burst.len();
                 }
                 sent
             })

@@ -45,12 +45,11 @@ fn turns(http: SocketAddr, le: &str) -> (f64, f64) {
 }
 
 fn tcp_drops(http: SocketAddr, reason: &str) -> f64 {
-    let (_, body) = get(http, "/metrics");
-    body.lines()
-        .filter(|l| l.starts_with("beep_sfu_tcp_drops_total"))
-        .filter(|l| l.contains(&format!("reason=\"{reason}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(
+        http,
+        "beep_sfu_tcp_drops_total",
+        &format!("reason=\"{reason}\""),
+    )
 }
 
 #[test]
@@ -64,7 +63,8 @@ fn three_hundred_connections_pouring_empty_frames_cannot_cost_a_udp_call_a_packe
     assert_eq!(join(http, &talker.claim, "room").0, 200);
     assert_eq!(join(http, &listener.claim, "room").0, 200);
     // 300 connections from 20 addresses (15 each, under the per-IP cap)
-    // pour `\0\0` (empty RFC 4571 frames) as fast as the kernel takes them.
+    // pour `\0\0` (empty RFC 4571 frames) as fast as the kernel takes them,
+    // connecting again whenever the server cuts them.
     let stop = Arc::new(AtomicBool::new(false));
     let connected = Arc::new(AtomicUsize::new(0));
     let flooders: Vec<_> = (0..300u32)
@@ -72,16 +72,19 @@ fn three_hundred_connections_pouring_empty_frames_cannot_cost_a_udp_call_a_packe
             let (stop, connected) = (stop.clone(), connected.clone());
             thread::spawn(move || {
                 let from = [127, 0, 1, 1 + (i / 15) as u8];
-                let Ok(mut s) = connect_from(from, tcp) else {
-                    return 0;
-                };
-                connected.fetch_add(1, Ordering::SeqCst);
                 let burst = vec![0u8; 64 * 1024];
                 let mut sent = 0usize;
                 while !stop.load(Ordering::Relaxed) {
-                    match s.write(&burst) {
-                        Ok(n) => sent += n,
-                        Err(_) => break,
+                    let Ok(mut s) = connect_from(from, tcp) else {
+                        thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    connected.fetch_add(1, Ordering::SeqCst);
+                    while !stop.load(Ordering::Relaxed) {
+                        match s.write(&burst) {
+                            Ok(n) => sent += n,
+                            Err(_) => break,
+                        }
                     }
                 }
                 sent
@@ -90,7 +93,7 @@ fn three_hundred_connections_pouring_empty_frames_cannot_cost_a_udp_call_a_packe
         .collect();
     assert!(
         wait_for(Duration::from_secs(10), || connected.load(Ordering::SeqCst)
-            == 300),
+            >= 300),
         "{} of 300 flooders connected",
         connected.load(Ordering::SeqCst)
     );
@@ -113,9 +116,10 @@ fn three_hundred_connections_pouring_empty_frames_cannot_cost_a_udp_call_a_packe
         (0..150).collect::<Vec<_>>(),
         "every packet, in order, under {flooded} bytes from 300 connections"
     );
+    let connects = connected.load(Ordering::SeqCst);
     assert!(
-        flooded > 10_000_000,
-        "the flood really flowed: {flooded} bytes"
+        flooded > 10_000_000 && connects > 600,
+        "the flood really flowed: {flooded} bytes over {connects} connections"
     );
     assert!(count - before.1 > 100.0, "the loop turned: {count}");
     assert_eq!(
@@ -123,8 +127,9 @@ fn three_hundred_connections_pouring_empty_frames_cannot_cost_a_udp_call_a_packe
         "every loop turn took under 500 ms (debug build, under the flood); {fast} of {count} under 50 ms"
     );
     assert!(
-        tcp_drops(http, "empty_frame") > 1_000.0,
-        "empty frames were read and counted"
+        tcp_drops(http, "empty_frame") > 300.0,
+        "connections pouring empty frames were cut: {}",
+        tcp_drops(http, "empty_frame")
     );
     assert!(server.shutdown());
 }

@@ -135,14 +135,7 @@ fn a_backlog_overflow_drops_only_bites_not_in_flight_and_the_counts_add_up() {
     for k in 1..9u32 {
         talk(&mut [&mut a, &mut b], 1, k * 100..k * 100 + 20);
     }
-    let dropped = || {
-        let (_, body) = get(http, "/metrics");
-        body.lines()
-            .filter(|l| l.starts_with("beep_sfu_bites_dropped_total"))
-            .filter(|l| l.contains("nats_backlog_full"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
+    let dropped = || metric_sum(http, "beep_sfu_bites_dropped_total", "nats_backlog_full");
     assert!(dropped() >= 1.0, "the backlog overflowed");
     nats.resume();
     let finished = || metric(http, "beep_sfu_bites_total").unwrap_or(-1.0);

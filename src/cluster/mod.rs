@@ -27,6 +27,7 @@
 #![allow(deprecated)]
 
 mod inbound;
+mod open;
 mod publisher;
 pub(crate) mod seal;
 pub(crate) mod validate;

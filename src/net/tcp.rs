@@ -17,9 +17,11 @@
 //!   [`TcpLimits::write_buffer`] bytes (a client that does not read is
 //!   dropped, never allowed to grow memory);
 //! - connections are capped in all and per remote IP;
-//! - a connection none of whose frames a peer took within
-//!   [`TcpLimits::stun_deadline`] is closed, and so is one that carried no
-//!   valid frame for [`TcpLimits::idle`], or whose peer is gone;
+//! - a connection is closed at its first frame no peer takes unless a
+//!   peer took one before (a client's first frame is a STUN check), at an
+//!   empty frame, when none of its frames was taken within
+//!   [`TcpLimits::stun_deadline`], when it carried no valid frame for
+//!   [`TcpLimits::idle`], and when its peer is gone;
 //! - running out of file descriptors at accept is counted and backs off
 //!   instead of spinning.
 
@@ -270,8 +272,8 @@ impl TcpMedia {
     /// Reads one quantum off a connection: appends its complete frames,
     /// with the connection's remote address, to `frames`, and puts the
     /// connection at the back of the queue if it may hold more. Closes it on
-    /// EOF or error. Returns what the quantum cost: bytes read or framed
-    /// (whichever is more) and frames taken (empty ones too).
+    /// EOF, error or an empty frame. Returns what the quantum cost: bytes
+    /// read or framed (whichever is more) and frames taken.
     pub fn read(
         &mut self,
         token: Token,
@@ -282,7 +284,6 @@ impl TcpMedia {
         let Some(c) = self.conns.get_mut(&token) else {
             return (0, 0);
         };
-        let mut empty = 0u64;
         let mut framed = 0;
         let mut chunk = [0u8; QUANTUM];
         let (mut read, mut taken, mut at) = (0, 0, 0);
@@ -295,13 +296,19 @@ impl TcpMedia {
                     break;
                 }
                 if len == 0 {
-                    empty += 1;
-                } else {
-                    frames.push((c.remote, c.rbuf[at + 2..at + 2 + len].to_vec()));
+                    // No ICE peer sends an empty frame: the connection is
+                    // junk, and reading on would only feed the flood.
+                    metrics.tcp_dropped("empty_frame");
+                    closed = true;
+                    break;
                 }
+                frames.push((c.remote, c.rbuf[at + 2..at + 2 + len].to_vec()));
                 taken += 1;
                 at += 2 + len;
                 framed += 2 + len;
+            }
+            if closed {
+                break false;
             }
             if taken >= QUANTUM_FRAMES || read >= QUANTUM {
                 break true;
@@ -330,10 +337,7 @@ impl TcpMedia {
         if c.rbuf.capacity() > c.rbuf.len() + SPARE {
             c.rbuf.shrink_to(c.rbuf.len() + SPARE / 4);
         }
-        if empty > 0 {
-            metrics.tcp_drops_by("empty_frame", empty);
-        }
-        metrics.tcp_frames_in.inc_by(taken as u64 - empty);
+        metrics.tcp_frames_in.inc_by(taken as u64);
         if closed {
             self.close(token, registry);
             metrics.tcp_connections.set(self.conns.len() as i64);
@@ -343,16 +347,32 @@ impl TcpMedia {
         (read.max(framed), taken)
     }
 
-    /// Marks the connection a peer took a frame from as known (it survives
-    /// the STUN deadline).
-    pub fn mark_known(&mut self, remote: SocketAddr) {
-        if let Some(c) = self
-            .by_remote
-            .get(&remote)
-            .and_then(|t| self.conns.get_mut(t))
-        {
+    /// What became of a frame from `remote`: a peer took it (the connection
+    /// is known and alive), or none did. A connection that never had a
+    /// frame taken is closed at its first frame no peer takes: an ICE-TCP
+    /// client's first frame is a STUN check for the ufrag of the answer it
+    /// just got, so anything else is junk, and a flood of it costs the loop
+    /// one frame per connection (and an accept), not a stream of them.
+    pub fn frame_outcome(
+        &mut self,
+        remote: SocketAddr,
+        taken: bool,
+        registry: &Registry,
+        metrics: &Metrics,
+    ) {
+        let Some(&token) = self.by_remote.get(&remote) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        if taken {
             c.known = true;
             c.last_valid = Instant::now();
+        } else if !c.known {
+            metrics.tcp_dropped("no_stun");
+            self.close(token, registry);
+            metrics.tcp_connections.set(self.conns.len() as i64);
         }
     }
 

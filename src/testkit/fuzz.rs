@@ -180,3 +180,68 @@ pub fn bite(data: &[u8]) {
         assert!(!crate::sink::bite_file::to_ogg(&b.audio).is_empty());
     }
 }
+
+/// A cluster message off NATS: the bytes as they came (they must never
+/// open without the key), and, from the second byte on, a body sealed with
+/// the key by a node the first byte names, so the checks an authenticated
+/// message still passes are fuzzed too. Whatever passes the checks is
+/// within the local bounds.
+pub fn cluster(data: &[u8]) {
+    use crate::cluster::seal::{ClusterKey, Kind, Opener, Sealer};
+    use crate::cluster::validate::{self, MAX_BATCH_PACKETS, MAX_HEARTBEAT_ITEMS};
+    use crate::sfu::ClusterInput;
+    let Ok(key) = ClusterKey::new(&[0x42; 32]) else {
+        return;
+    };
+    let now = Instant::now();
+    let now_ms = 1_700_000_000_000;
+    let mut opener = Opener::new(vec![key.clone()]);
+    assert!(
+        opener.open(data, "beep.sfu.join", now_ms, now).is_err(),
+        "bytes made without the key opened"
+    );
+    let Some((&which, body)) = data.split_first() else {
+        return;
+    };
+    let kind = match which % 3 {
+        0 => Kind::Heartbeat,
+        1 => Kind::Join,
+        _ => Kind::Media,
+    };
+    let node = ["a", "node-b", "x\r\n"][usize::from(which / 3) % 3];
+    let mut sealer = Sealer::new(&key, node, u64::from(which));
+    let sealed = sealer.seal(kind, "beep.sfu.heartbeat", now_ms, body);
+    let Ok(opened) = opener.open(&sealed, "beep.sfu.heartbeat", now_ms, now) else {
+        assert!(
+            node.contains('\r'),
+            "a sealed message from a valid node did not open"
+        );
+        return;
+    };
+    assert_eq!(opened.body, body, "the body round-trips");
+    let Ok(checked) = validate::check(opened.kind, &opened.node, &opened.body) else {
+        return;
+    };
+    match checked.input {
+        ClusterInput::Heartbeat {
+            conversations,
+            users,
+            ..
+        } => {
+            assert!(
+                conversations.len() <= MAX_HEARTBEAT_ITEMS && users.len() <= MAX_HEARTBEAT_ITEMS
+            );
+            assert!(users
+                .iter()
+                .all(|m| !m.userid.is_empty() && m.userid.len() <= 256));
+        }
+        ClusterInput::Media { packets, .. } => {
+            assert!(packets.len() <= MAX_BATCH_PACKETS);
+            assert!(packets
+                .iter()
+                .all(|p| !p.payload.is_empty() && p.payload.len() <= 1_500));
+        }
+        ClusterInput::Join(m) => assert!(!m.conversation.is_empty() && m.conversation.len() <= 256),
+        ClusterInput::Goodbye { .. } => {}
+    }
+}

@@ -452,6 +452,16 @@ pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     )
 }
 
+/// The sum of a metric family's samples whose labels contain `label`
+/// (for example `reason="idle"`), from the /metrics text.
+pub fn metric_sum(addr: SocketAddr, family: &str, label: &str) -> f64 {
+    let (_, body) = get(addr, "/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(family) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A value from the /metrics text (first sample line starting with `prefix`).
 pub fn metric(addr: SocketAddr, prefix: &str) -> Option<f64> {
     let (_, body) = get(addr, "/metrics");

@@ -21,6 +21,7 @@ use log::{debug, error, info};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+mod ice_tcp;
 mod presence;
 
 use super::clock::unix_clock_now;
@@ -42,12 +43,6 @@ const TCP_LISTENER: Token = Token(2);
 const FIRST_TCP_CONN: usize = 3;
 /// Datagrams read per wake before timers and commands get a turn.
 const READ_BATCH: usize = 512;
-/// Bytes read off all ICE-TCP connections together per turn (about 256 KB
-/// a turn: the UDP socket's 512 datagrams get their turn in between).
-const TCP_TURN_BUDGET: usize = 256 * 1024;
-/// Frames taken off ICE-TCP connections per turn (each may cost a trip
-/// into the core): about 40 clients' worth of a second of audio.
-const TCP_TURN_FRAMES: usize = 2_048;
 /// Commands handled per wake.
 const COMMAND_BATCH: usize = 256;
 /// How often the core's counters are copied into the shared metrics.
@@ -231,12 +226,7 @@ impl MediaLoop {
             if clock_anchored.elapsed() >= CLOCK_REANCHOR {
                 self.metrics.loop_wakes.inc_by(wakes);
                 wakes = 0;
-                self.sfu.set_unix_clock(unix_clock_now());
-                if let Some(tcp) = &mut self.tcp {
-                    tcp.sweep(Instant::now(), self.poll.registry(), &self.metrics);
-                }
-                self.trim_heap();
-                self.presence_dirty = true;
+                self.every_second();
                 clock_anchored = Instant::now();
                 // Fault injection for tests: panic once this file exists.
                 #[cfg(feature = "test-kit")]
@@ -268,6 +258,17 @@ impl MediaLoop {
             self.last_bites.len()
         );
         std::mem::take(&mut self.last_bites)
+    }
+
+    /// Housekeeping once a second: the core's Unix clock, stale ICE-TCP
+    /// connections, the heap, and a heartbeat due.
+    fn every_second(&mut self) {
+        self.sfu.set_unix_clock(unix_clock_now());
+        if let Some(tcp) = &mut self.tcp {
+            tcp.sweep(Instant::now(), self.poll.registry(), &self.metrics);
+        }
+        self.trim_heap();
+        self.presence_dirty = true;
     }
 
     /// Returns freed heap to the kernel once the load has halved since its
@@ -433,47 +434,6 @@ impl MediaLoop {
     /// Accepts ICE-TCP connections, reads their frames into the core, and
     /// writes what waits for writable connections.
     /// Returns true if a connection has more to read next turn.
-    /// Accepts and reads ICE-TCP connections for one turn: connections
-    /// with data are served round-robin, a quantum each, up to
-    /// [`TCP_TURN_BUDGET`] bytes in all; each quantum's frames go to the
-    /// core before the next connection is read. True if more wait.
-    fn handle_tcp_events(&mut self, events: &Events) -> bool {
-        let Some(tcp) = &mut self.tcp else {
-            return false;
-        };
-        let registry = self.poll.registry();
-        for e in events.iter() {
-            let token = e.token();
-            if token == TCP_LISTENER {
-                tcp.listener_ready();
-            } else if tcp.owns(token) {
-                let readable = e.is_readable() || e.is_read_closed() || e.is_error();
-                tcp.on_event(token, readable, e.is_writable(), registry, &self.metrics);
-            }
-        }
-        tcp.accept(registry, Instant::now(), &self.metrics);
-        let (mut bytes, mut taken) = (0, 0);
-        let mut frames = std::mem::take(&mut self.tcp_frames);
-        while bytes < TCP_TURN_BUDGET && taken < TCP_TURN_FRAMES {
-            let Some(tcp) = &mut self.tcp else { break };
-            let Some(token) = tcp.next_ready() else { break };
-            let (b, f) = tcp.read(token, self.poll.registry(), &mut frames, &self.metrics);
-            bytes += b.max(1);
-            taken += f;
-            for (remote, frame) in frames.drain(..) {
-                let now = Instant::now();
-                if self.sfu.handle_receive(now, Protocol::Tcp, remote, &frame) {
-                    if let Some(tcp) = &mut self.tcp {
-                        tcp.mark_known(remote);
-                    }
-                }
-                self.send_transmits();
-            }
-        }
-        self.tcp_frames = frames;
-        self.tcp.as_ref().is_some_and(TcpMedia::has_more)
-    }
-
     fn send_transmits(&mut self) {
         let (mut n, mut bytes) = (0u64, 0u64);
         while let Some(t) = self.sfu.poll_transmit() {

@@ -26,6 +26,7 @@
 // README), so the deprecation warnings are silenced here on purpose.
 #![allow(deprecated)]
 
+mod backlog;
 mod spool;
 mod worker;
 
@@ -37,10 +38,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
-use log::{debug, info, warn};
+use log::{info, warn};
 use prost::Message;
 
-use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::nats_connect::{self, Connecting, Dial, NatsAuth};
 use crate::proto::{Bite, Client, Store};
@@ -52,8 +52,6 @@ use worker::{Job, Worker};
 const PUBLISH_WAIT: Duration = Duration::from_millis(500);
 /// After this long in flight, a call is reported as stalled (once).
 const STALL_WARNING: Duration = Duration::from_secs(5);
-/// An overflowing backlog is logged at most once a second.
-static BACKLOG_FULL: LogLimit = LogLimit::new(Duration::from_secs(1));
 /// Round trips missed in a row before the connection is dropped and dialled
 /// again.
 const MAX_MISSED: u32 = 2;
@@ -226,60 +224,6 @@ impl NatsPublisher {
     /// Bites waiting to be published (the one in flight included).
     pub fn backlog_len(&self) -> usize {
         self.backlog.len()
-    }
-
-    /// Queues a bite, dropping the oldest ones if the backlog is over its bound.
-    /// A bite whose message would exceed the server's `max_payload` is
-    /// split in two (recursively) rather than refused by the server.
-    pub fn enqueue(&mut self, b: &FinishedBite, ogg: &[u8]) {
-        let bite = to_proto(b, ogg);
-        // The Store message carries the whole Bite, so it is the larger.
-        let size = bite.encoded_len() + 16;
-        if size > self.max_payload {
-            match super::bite_file::split(b) {
-                Some((x, y)) => {
-                    debug!(
-                        "bite of {} bytes is over NATS max_payload {}: split",
-                        size, self.max_payload
-                    );
-                    self.metrics.bites_split.inc();
-                    self.enqueue(&x, &super::bite_file::to_ogg(&x.audio));
-                    self.enqueue(&y, &super::bite_file::to_ogg(&y.audio));
-                }
-                None => {
-                    self.metrics.bite_dropped("too_large_for_nats");
-                    warn!(
-                        "a one-packet bite of {size} bytes is over NATS max_payload {}; dropped",
-                        self.max_payload
-                    );
-                }
-            }
-            return;
-        }
-        self.push(Encoded::new(&bite, false, None));
-    }
-
-    fn push(&mut self, e: Encoded) {
-        self.backlog_bytes += e.size();
-        self.backlog.push_back(e);
-        while self.backlog_bytes > self.config.backlog_bytes {
-            let front_started = matches!(self.in_flight, Some(InFlight::Front(_)))
-                || self.backlog.front().is_some_and(|f| f.stage != Stage::Bite);
-            let Some(old) = overflow_victim(self.backlog.len(), front_started)
-                .and_then(|i| self.backlog.remove(i))
-            else {
-                break;
-            };
-            self.backlog_bytes -= old.size();
-            self.metrics.bite_dropped("nats_backlog_full");
-            let (bound, size) = (self.config.backlog_bytes, old.size());
-            BACKLOG_FULL.log(Instant::now(), |more| {
-                warn!(
-                    "NATS backlog over {bound} bytes: dropped the oldest bite not yet sent ({size} bytes; {more} more dropped since the last line)"
-                )
-            });
-        }
-        self.publish_gauges();
     }
 
     /// Publishes as much of the backlog as the connection takes. Each call
@@ -497,78 +441,5 @@ impl NatsPublisher {
     }
 }
 
-/// Which bite an over-full backlog of `len` drops: the oldest not started
-/// (the front only if nothing of it went out yet); `None` when one bite is
-/// left (a bite larger than the whole backlog is still kept).
-fn overflow_victim(len: usize, front_started: bool) -> Option<usize> {
-    (len > 1).then_some(usize::from(front_started))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bite(n: u64) -> Bite {
-        Bite {
-            key: "c".into(),
-            start: n,
-            data: vec![0; 1_000],
-            client: None,
-        }
-    }
-
-    /// A publisher whose server never answers (nothing listens on port 1).
-    fn unconnected(backlog_bytes: usize) -> NatsPublisher {
-        let config = NatsConfig {
-            url: "nats://127.0.0.1:1".into(),
-            bite_subject: "bite".into(),
-            store_subject: "store".into(),
-            backlog_bytes,
-            spool_dir: None,
-            jetstream: true,
-            auth: NatsAuth::default(),
-            ping: Duration::from_secs(1),
-        };
-        NatsPublisher::start(config, Arc::new(Metrics::new()))
-    }
-
-    fn starts(p: &NatsPublisher) -> Vec<u64> {
-        p.backlog
-            .iter()
-            .map(|e| Bite::decode(e.bite.as_slice()).map_or(0, |b| b.start))
-            .collect()
-    }
-
-    #[test]
-    fn an_overflow_while_a_bite_is_in_flight_keeps_it_and_credits_it() {
-        let mut p = unconnected(5_000);
-        p.push(Encoded::new(&bite(1), false, None));
-        // Bite 1's first message is with the worker.
-        p.in_flight = Some(InFlight::Front(Stage::Bite));
-        p.push(Encoded::new(&bite(2), false, None));
-        p.push(Encoded::new(&bite(3), false, None));
-        assert_eq!(
-            starts(&p),
-            vec![1, 3],
-            "bite 2, not the one in flight, was dropped"
-        );
-        // The worker's acknowledgement belongs to bite 1.
-        p.in_flight = None;
-        p.advance(Stage::Bite);
-        assert!(p.backlog[0].bite_acked && p.backlog[0].stage == Stage::Store);
-        assert!(!p.backlog[1].bite_acked && p.backlog[1].stage == Stage::Bite);
-        p.advance(Stage::Store);
-        assert_eq!(starts(&p), vec![3]);
-        assert_eq!(p.metrics.bites_published.get(), 1);
-    }
-
-    #[test]
-    fn the_bite_in_flight_is_never_the_one_dropped() {
-        assert_eq!(overflow_victim(5, true), Some(1));
-        assert_eq!(overflow_victim(5, false), Some(0));
-        assert_eq!(overflow_victim(2, true), Some(1));
-        assert_eq!(overflow_victim(1, true), None, "only the one in flight");
-        assert_eq!(overflow_victim(1, false), None, "the last bite is kept");
-        assert_eq!(overflow_victim(0, false), None);
-    }
-}
+mod tests;
