@@ -57,11 +57,7 @@ fn three_hundred_connections_pouring_empty_frames_cannot_cost_a_udp_call_a_packe
     let server = start_with(|c| c.max_tcp_connections = 1_024);
     let http = server.http_addr();
     let tcp = server.tcp_addr().expect("ICE-TCP is served by default");
-    let mut talker = TestPeer::new("talker", "t");
-    let mut listener = TestPeer::new("listener", "l");
-    connect_all(http, &mut [&mut talker, &mut listener], &[OfferStyle::Raw]);
-    assert_eq!(join(http, &talker.claim, "room").0, 200);
-    assert_eq!(join(http, &listener.claim, "room").0, 200);
+    let (mut talker, mut listener) = two_in_room(http);
     // 300 connections from 20 addresses (15 each, under the per-IP cap)
     // pour `\0\0` (empty RFC 4571 frames) as fast as the kernel takes them,
     // connecting again whenever the server cuts them.

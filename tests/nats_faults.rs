@@ -64,22 +64,13 @@ fn published(http: std::net::SocketAddr) -> f64 {
     metric(http, "beep_sfu_bites_published_total").unwrap_or(-1.0)
 }
 
-fn in_room(http: std::net::SocketAddr) -> (TestPeer, TestPeer) {
-    let mut a = TestPeer::new("alice", "a");
-    let mut b = TestPeer::new("bob", "b");
-    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Raw]);
-    assert_eq!(join(http, &a.claim, "room").0, 200);
-    assert_eq!(join(http, &b.claim, "room").0, 200);
-    (a, b)
-}
-
 #[test]
 fn nats_frozen_mid_spurt_loses_no_bite_and_counts_none_before_the_server_has_it() {
     let nats = NatsServer::start();
     let (_sub, seen) = collect_bites(&nats.url());
     let server = server(&nats.url(), 64 << 20, false);
     let http = server.http_addr();
-    let (mut a, mut b) = in_room(http);
+    let (mut a, mut b) = two_in_room(http);
     talk(&mut [&mut a, &mut b], 1, 0..25);
     assert!(wait_for(Duration::from_secs(10), || published(http) == 1.0
         && distinct(&seen) == 1));
@@ -126,7 +117,7 @@ fn a_backlog_overflow_drops_only_bites_not_in_flight_and_the_counts_add_up() {
     // Room for about two short bites.
     let server = server(&nats.url(), 8 * 1024, true);
     let http = server.http_addr();
-    let (mut a, mut b) = in_room(http);
+    let (mut a, mut b) = two_in_room(http);
     talk(&mut [&mut a, &mut b], 1, 0..20);
     assert!(wait_for(Duration::from_secs(10), || distinct(&seen) == 1));
     nats.pause();
@@ -195,7 +186,7 @@ fn a_panic_exit_spools_and_the_next_start_publishes_the_spooled_bites() {
     let trigger_arg = trigger.to_string_lossy().into_owned();
     let (mut child, http, log) =
         spawn_binary_with(&first, &[("BEEP_SFU_TEST_PANIC_FILE", &trigger_arg)]);
-    let (mut a, mut b) = in_room(http);
+    let (mut a, mut b) = two_in_room(http);
     talk(&mut [&mut a, &mut b], 1, 0..20);
     talk(&mut [&mut a, &mut b], 1, 100..120);
     assert!(wait_for(Duration::from_secs(10), || metric(

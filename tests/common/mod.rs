@@ -452,6 +452,16 @@ pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     )
 }
 
+/// Alice and Bob connected (raw SDP offers) and joined to "room".
+pub fn two_in_room(http: SocketAddr) -> (TestPeer, TestPeer) {
+    let mut a = TestPeer::new("alice", "a");
+    let mut b = TestPeer::new("bob", "b");
+    connect_all(http, &mut [&mut a, &mut b], &[OfferStyle::Raw]);
+    assert_eq!(join(http, &a.claim, "room").0, 200);
+    assert_eq!(join(http, &b.claim, "room").0, 200);
+    (a, b)
+}
+
 /// The sum of a metric family's samples whose labels contain `label`
 /// (for example `reason="idle"`), from the /metrics text.
 pub fn metric_sum(addr: SocketAddr, family: &str, label: &str) -> f64 {
