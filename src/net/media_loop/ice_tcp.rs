@@ -1,6 +1,6 @@
 //! The media loop's ICE-TCP turn: accepts, then connections with data
 //! read round-robin within a per-turn budget, each quantum's frames handed
-//! to the core at once (`net/tcp.rs` owns the connections).
+//! to the core at once (`net/tcp/` owns the connections).
 
 use std::time::Instant;
 
