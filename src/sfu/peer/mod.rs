@@ -213,8 +213,22 @@ impl Peer {
     }
 
     /// Adds a trickled remote candidate and drains.
+    ///
+    /// The candidate came from the client, so str0m takes it behind the
+    /// panic guard: a panic closes this peer only.
     pub fn add_remote_candidate(&mut self, candidate: Candidate, out: &mut Outbox) {
-        self.rtc.add_remote_candidate(candidate);
+        let rtc = &mut self.rtc;
+        if catch_unwind(AssertUnwindSafe(|| rtc.add_remote_candidate(candidate))).is_err() {
+            warn!(
+                "{}: str0m panicked on a trickled candidate; closing the peer",
+                self.label()
+            );
+            out.pending.push_back(Pending::Close(
+                self.id,
+                CloseReason::Failed(PeerFailure::Panicked),
+            ));
+            return;
+        }
         self.drain(out);
     }
 
