@@ -72,11 +72,7 @@ fn cluster_key() -> ClusterKey {
 
 /// Alice and Bob on one node, both in `room`, hearing each other.
 fn a_call(http: std::net::SocketAddr) -> (TestPeer, TestPeer) {
-    let mut alice = TestPeer::new("alice", "a1");
-    let mut bob = TestPeer::new("bob", "b1");
-    connect_to(&mut [(&mut alice, http), (&mut bob, http)]);
-    assert_eq!(join(http, &alice.claim, "room").0, 200);
-    assert_eq!(join(http, &bob.claim, "room").0, 200);
+    let (mut alice, mut bob) = two_in_room(http);
     assert!(talk_until_heard(
         &mut [&mut alice, &mut bob],
         &[(0, 1), (1, 2)],
@@ -84,6 +80,36 @@ fn a_call(http: std::net::SocketAddr) -> (TestPeer, TestPeer) {
         0
     ));
     (alice, bob)
+}
+
+/// One node `a` on its own NATS under a prefix of the test's, Alice and
+/// Bob in a call on it, and a forger connected to the same NATS.
+struct Scene {
+    nats: NatsServer,
+    p: String,
+    _node: beep_sfu::server::Server,
+    ha: std::net::SocketAddr,
+    alice: TestPeer,
+    bob: TestPeer,
+    forger: nats::Connection,
+}
+
+fn one_node_with_a_call(test: &str) -> Scene {
+    let nats = NatsServer::start();
+    let p = prefix(test);
+    let node = start_node(&nats, &p, "a");
+    let ha = node.http_addr();
+    let (alice, bob) = a_call(ha);
+    let forger = nats::connect(nats.url()).expect("nats connects");
+    Scene {
+        nats,
+        p,
+        _node: node,
+        ha,
+        alice,
+        bob,
+        forger,
+    }
 }
 
 /// True if Alice and Bob still hear each other, with fresh packets.
@@ -109,12 +135,17 @@ fn member(userid: &str, conversation: &str, stamp: u64) -> Member {
 
 #[test]
 fn a_forged_join_moves_nobody_whoever_sealed_it() {
-    let nats = NatsServer::start();
-    let p = prefix("forged-join");
-    let a = start_node(&nats, &p, "a");
-    let ha = a.http_addr();
-    let (mut alice, mut bob) = a_call(ha);
-    let forger = nats::connect(nats.url()).expect("nats connects");
+    // Every field bound: a field left to `..` would be dropped (and its
+    // server stopped) at the end of this statement.
+    let Scene {
+        nats: _nats,
+        p,
+        _node,
+        ha,
+        mut alice,
+        mut bob,
+        forger,
+    } = one_node_with_a_call("forged-join");
     let subject = format!("{p}.join");
     let body = Join {
         member: Some(member("alice", "evil", u64::MAX)),
@@ -182,12 +213,17 @@ fn a_replayed_join_moves_nobody() {
 
 #[test]
 fn a_forged_heartbeat_gets_no_media_relayed_to_it() {
-    let nats = NatsServer::start();
-    let p = prefix("forged-heartbeat");
-    let a = start_node(&nats, &p, "a");
-    let ha = a.http_addr();
-    let (mut alice, mut bob) = a_call(ha);
-    let forger = nats::connect(nats.url()).expect("nats connects");
+    // Every field bound: a field left to `..` would be dropped (and its
+    // server stopped) at the end of this statement.
+    let Scene {
+        nats: _nats,
+        p,
+        _node,
+        ha,
+        mut alice,
+        mut bob,
+        forger,
+    } = one_node_with_a_call("forged-heartbeat");
     let relayed = count_on(&forger, &format!("{p}.media.>"));
     let subject = format!("{p}.heartbeat");
     let mut foreign = Forger::new(&foreign_key(), "evil", 1);
@@ -223,12 +259,17 @@ fn a_forged_heartbeat_gets_no_media_relayed_to_it() {
 
 #[test]
 fn a_crlf_node_id_is_refused_and_nothing_is_published_through_it() {
-    let nats = NatsServer::start();
-    let p = prefix("crlf");
-    let a = start_node(&nats, &p, "a");
-    let ha = a.http_addr();
-    let (mut alice, mut bob) = a_call(ha);
-    let forger = nats::connect(nats.url()).expect("nats connects");
+    // Every field bound: a field left to `..` would be dropped (and its
+    // server stopped) at the end of this statement.
+    let Scene {
+        nats: _nats,
+        p,
+        _node,
+        ha,
+        mut alice,
+        mut bob,
+        forger,
+    } = one_node_with_a_call("crlf");
     // The node's own bites go to `store` too: count only the injected one.
     let injected = count_matching(&forger, "store", |d| d == b"hello");
     let injected_y = count_on(&forger, "y");
@@ -312,12 +353,17 @@ fn a_2000_byte_relayed_payload_crashes_nothing_with_or_without_the_key() {
 
 #[test]
 fn a_hundred_thousand_fresh_speaker_ids_stay_bounded() {
-    let nats = NatsServer::start();
-    let p = prefix("speakers");
-    let a = start_node(&nats, &p, "a");
-    let ha = a.http_addr();
-    let (mut alice, mut bob) = a_call(ha);
-    let forger = nats::connect(nats.url()).expect("nats connects");
+    // Every field bound: a field left to `..` would be dropped (and its
+    // server stopped) at the end of this statement.
+    let Scene {
+        nats: _nats,
+        p,
+        _node,
+        ha,
+        mut alice,
+        mut bob,
+        forger,
+    } = one_node_with_a_call("speakers");
     let subject = format!("{p}.media.a");
     let mut inside = Forger::new(&cluster_key(), "evil", 5);
     for b in 0..100u64 {

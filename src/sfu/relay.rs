@@ -7,7 +7,7 @@
 //! their bites).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::info;
 use str0m::rtp::ExtensionValues;
@@ -20,6 +20,13 @@ use super::peer::slot::Incoming;
 use super::peer::Forward;
 use super::timer::TimerKey;
 use super::{Sfu, SfuEvent};
+use crate::log_limit::LogLimit;
+
+/// Nodes coming and going are logged at most once a second: node ids come
+/// from other nodes, one of which may be hostile.
+static NODE_CHANGES: LogLimit = LogLimit::new(Duration::from_secs(1));
+/// Joins applied from other nodes are logged at most once a second.
+static REMOTE_JOINS: LogLimit = LogLimit::new(Duration::from_secs(1));
 
 impl Sfu {
     /// Feeds what another node of the cluster said.
@@ -44,7 +51,9 @@ impl Sfu {
                     }
                 };
                 if self.nodes.node_count() > known {
-                    info!("cluster: node {node} is up");
+                    NODE_CHANGES.log(now, |more| {
+                        info!("cluster: node {node} is up ({more} more node changes since the last line)")
+                    });
                 }
                 self.forget_speakers(idle);
                 for m in &users {
@@ -54,7 +63,7 @@ impl Sfu {
                     }
                 }
             }
-            ClusterInput::Goodbye { node } => self.drop_node(&node, "said goodbye"),
+            ClusterInput::Goodbye { node } => self.drop_node(&node, "said goodbye", now),
             ClusterInput::Join(m) => self.apply_member(&m, now),
             ClusterInput::Media { node, packets } => {
                 for p in packets {
@@ -96,7 +105,7 @@ impl Sfu {
     pub(super) fn cluster_timeout(&mut self, now: Instant) {
         self.cluster_armed = false;
         for node in self.nodes.silent_nodes(now) {
-            self.drop_node(&node, "fell silent");
+            self.drop_node(&node, "fell silent", now);
         }
         let idle = self.nodes.prune_speakers(now);
         self.forget_speakers(idle);
@@ -119,19 +128,23 @@ impl Sfu {
             origin: m.origin.clone(),
         };
         if self.apply_join(now, &m.userid, &m.conversation, stamp) {
-            info!(
-                "user {} joined conversation {} on another node",
-                m.userid, m.conversation
-            );
+            REMOTE_JOINS.log(now, |more| {
+                info!(
+                    "user {} joined conversation {} on another node ({more} more since the last line)",
+                    m.userid, m.conversation
+                )
+            });
         }
     }
 
-    fn drop_node(&mut self, node: &str, why: &str) {
+    fn drop_node(&mut self, node: &str, why: &str, now: Instant) {
         if let Some(speakers) = self.nodes.remove_node(node) {
-            info!(
-                "cluster: node {node} {why}; {} of its speakers dropped",
-                speakers.len()
-            );
+            NODE_CHANGES.log(now, |more| {
+                info!(
+                    "cluster: node {node} {why}; {} of its speakers dropped ({more} more node changes since the last line)",
+                    speakers.len()
+                )
+            });
             self.forget_speakers(speakers);
         }
     }
