@@ -295,29 +295,23 @@ impl Peer {
         // The payload may come from another node: str0m must never be able
         // to take the process down with it. A panic closes this peer only.
         let written = catch_unwind(AssertUnwindSafe(|| {
-            let mut api = self.rtc.direct_api();
-            let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            let write = RtpWrite::new(
+                pt,
+                SeqNo::from(rw.seq),
+                rw.timestamp,
+                now,
+                pkt.payload.clone(),
+            )
+            .marker(rw.marker)
+            .csrc(&[pkt.csrc])
+            .ext_vals(pkt.ext.clone());
+            if !self.rtc.direct_api().write_rtp(mid, None, write) {
                 return false;
-            };
-            tx.write_rtp(
-                RtpWrite::new(
-                    pt,
-                    SeqNo::from(rw.seq),
-                    rw.timestamp,
-                    now,
-                    pkt.payload.clone(),
-                )
-                .marker(rw.marker)
-                .csrc(&[pkt.csrc])
-                .ext_vals(pkt.ext.clone()),
-            );
-            // str0m's pacer releases queued RTP on a timeout; hand it "now"
-            // at once so the packet leaves in this wake, not the next one,
-            // and drain once after both mutations (a drain between them
-            // only ever yields that timeout).
-            if self.rtc.handle_input(Input::Timeout(now)).is_ok() {
-                self.drain(out);
             }
+            // Our str0m releases the packet in this drain with no timeout
+            // fed, and the write re-polls events only, not every deadline
+            // (third_party/str0m/PATCHES.md, patch 1).
+            self.drain(out);
             true
         }));
         match written {

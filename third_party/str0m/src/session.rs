@@ -1229,11 +1229,15 @@ impl Session {
     }
 
     fn poll_packet(&mut self, now: Instant) -> Option<DatagramSend> {
-        let srtp_tx = self.srtp_tx.as_mut()?;
+        self.srtp_tx.as_ref()?;
 
         // Figure out which, if any, queue to poll
         // The cluster_id is captured by the pacer at poll time, before register_send() might clear it
-        let (midrid, cluster_id) = self.pacer.poll_queue()?;
+        let (midrid, cluster_id) = match self.pacer.poll_queue() {
+            Some(v) => v,
+            None if self.release_written(now) => self.pacer.poll_queue()?,
+            None => return None,
+        };
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
         let Some(media) = self.medias.iter().find(|m| m.mid() == stream.mid()) else {
             trace!("Pacer pointed to mid {} which has no media", midrid.mid());
@@ -1274,7 +1278,7 @@ impl Session {
             raw_packets.push_back(Box::new(RawPacket::RtpTx(header.clone(), buf.clone())));
         }
 
-        let protected = srtp_tx.protect_rtp(buf, &header, *seq_no);
+        let protected = self.srtp_tx.as_mut()?.protect_rtp(buf, &header, *seq_no);
 
         if twcc_enabled {
             let packet_id = if let Some(cluster) = cluster_id {
@@ -1296,6 +1300,26 @@ impl Session {
         }
 
         Some(protected.into())
+    }
+
+    /// Whether media written since the last timeout can leave without one:
+    /// only with the null pacer (it paces nothing, so the timeout would only
+    /// stamp the packets and snapshot the queues) and without BWE (which
+    /// probes on timeouts), once SRTP is keyed.
+    pub(crate) fn can_release_written(&self) -> bool {
+        self.srtp_tx.is_some() && self.bwe.is_none() && self.pacer.is_null()
+    }
+
+    /// Stamps media written since the last timeout with `now` (the last time
+    /// handed to the `Rtc`; time does not move) and snapshots the queues for
+    /// the null pacer, as a timeout would. Returns whether anything was
+    /// stamped, so the pacer has something new to hand out.
+    fn release_written(&mut self, now: Instant) -> bool {
+        if !self.can_release_written() || !self.streams.stamp_written(now) {
+            return false;
+        }
+        self.update_queue_state(now, None);
+        true
     }
 
     pub fn poll_timeout(&mut self) -> (Option<Instant>, Reason) {

@@ -12,7 +12,7 @@ use crate::poll::RtcMut;
 use crate::rtp_::MidRid;
 use crate::rtp_::{Mid, Rid, Ssrc};
 use crate::sctp::{ChannelConfig, SctpInitData};
-use crate::streams::{DEFAULT_RTX_CACHE_DURATION, DEFAULT_RTX_RATIO_CAP, StreamRx, StreamTx};
+use crate::streams::{DEFAULT_RTX_CACHE_DURATION, DEFAULT_RTX_RATIO_CAP, RtpWrite, StreamRx, StreamTx};
 
 /// Direct change strategy.
 ///
@@ -362,6 +362,34 @@ impl<'a> DirectApi<'a> {
     pub fn stream_tx_by_mid(&mut self, mid: Mid, rid: Option<Rid>) -> Option<&mut StreamTx> {
         let midrid = MidRid(mid, rid);
         self.rtc.session.streams.stream_tx_by_midrid(midrid)
+    }
+
+    /// Write one RTP packet on the send stream of `mid`/`rid`.
+    ///
+    /// The same as `stream_tx_by_mid(mid, rid)` and [`StreamTx::write_rtp`],
+    /// but with the null pacer and no BWE the packet leaves in the next
+    /// [`Rtc::poll_output()`] without an [`Input::Timeout`][crate::Input]:
+    /// the write re-polls events only, and the packet is stamped with the
+    /// last time handed to the `Rtc` (time does not move). With a pacer or
+    /// BWE, or before SRTP is keyed or the stream's first timeout, it falls
+    /// back to the full re-poll, and a timeout releases the packet as
+    /// before.
+    ///
+    /// Returns `false`, writing nothing, if there is no such stream.
+    pub fn write_rtp(&mut self, mid: Mid, rid: Option<Rid>, rtp: RtpWrite) -> bool {
+        let mut m = self.rtc.mutate();
+        let release = m.session.can_release_written();
+        let Some(stream) = m.session.streams.stream_tx_by_midrid(MidRid(mid, rid)) else {
+            m.no_events();
+            m.no_timeout();
+            return false;
+        };
+        let quick = release && stream.can_stamp_written();
+        stream.write_rtp(rtp);
+        if quick {
+            m.no_timeout();
+        }
+        true
     }
 
     /// Reset a transmit stream to use a new SSRC and optionally a new RTX SSRC.

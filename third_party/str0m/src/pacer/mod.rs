@@ -23,6 +23,11 @@ pub(crate) enum PacerImpl {
 }
 
 impl PacerImpl {
+    /// The null pacer sends whatever is queued at once.
+    pub fn is_null(&self) -> bool {
+        matches!(self, PacerImpl::Null(_))
+    }
+
     pub fn leaky_bucket(rate: Bitrate) -> PacerImpl {
         PacerImpl::LeakyBucket(LeakyBucketPacer::new(rate))
     }

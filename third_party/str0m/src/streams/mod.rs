@@ -410,6 +410,16 @@ impl Streams {
         self.streams_rx.values().find_map(|s| s.paused_at())
     }
 
+    /// Stamps the media written on every send stream since the last timeout
+    /// (see [`StreamTx::stamp_written`]). Returns whether any was stamped.
+    pub(crate) fn stamp_written(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        for stream in self.streams_tx.values_mut() {
+            any |= stream.stamp_written(now);
+        }
+        any
+    }
+
     pub(crate) fn send_stream(&self) -> Option<Instant> {
         if self.streams_tx.values().any(|s| s.need_timeout()) {
             Some(already_happened())

@@ -1292,6 +1292,23 @@ impl StreamTx {
         self.send_queue.handle_timeout(now);
     }
 
+    /// Stamps media written since the last timeout with `now`, as
+    /// [`StreamTx::handle_timeout`] does, once the stream has had its first
+    /// timeout (which learns its kind). Returns whether anything was stamped.
+    pub(crate) fn stamp_written(&mut self, now: Instant) -> bool {
+        if self.kind.is_none() || !self.send_queue.need_timeout() {
+            return false;
+        }
+        self.send_queue.handle_timeout(now);
+        true
+    }
+
+    /// Whether a packet written now can leave without a timeout: the stream
+    /// has had its first timeout, so [`StreamTx::stamp_written`] takes it.
+    pub(crate) fn can_stamp_written(&self) -> bool {
+        self.kind.is_some()
+    }
+
     fn on_first_timeout(&mut self, media: &Media, config: &CodecConfig) {
         // Always set on first timeout.
         self.kind = Some(media.kind());
