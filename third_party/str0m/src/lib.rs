@@ -2035,8 +2035,19 @@ impl Rtc {
         match input {
             Input::Timeout(now) => self.do_handle_timeout(now)?,
             Input::Receive(recv_time, r) => {
+                // When nothing is due before `recv_time`, a full timeout would
+                // walk ICE, every stream and the pacer to find nothing to do:
+                // advance time only. What the receive itself changes re-arms
+                // the readiness, so the next poll still recomputes deadlines.
+                let nothing_due = !self.need_init_time
+                    && !self.readiness.wants_timeout()
+                    && recv_time < self.cached_timeout;
                 self.do_handle_receive(recv_time, r)?;
-                self.do_handle_timeout(recv_time)?;
+                if nothing_due {
+                    self.last_now = self.last_now.max(recv_time);
+                } else {
+                    self.do_handle_timeout(recv_time)?;
+                }
             }
         }
         Ok(())
