@@ -29,6 +29,20 @@ impl RtxCache {
         }
     }
 
+    /// A cache that holds nothing and allocates nothing: for streams that
+    /// cannot resend (no RTX), where every cached packet would be dead weight.
+    pub fn inert() -> Self {
+        Self {
+            packet_by_seq_no: EvictingBuffer::new(0, Duration::ZERO, 0),
+            seq_no_by_quantized_size: [SeqNo::MAX; RTX_CACHE_QUANTIZE_SLOTS],
+        }
+    }
+
+    /// Whether this cache holds nothing by construction ([`RtxCache::inert`]).
+    pub fn is_inert(&self) -> bool {
+        self.packet_by_seq_no.is_inert()
+    }
+
     pub fn cache_sent_packet(&mut self, packet: RtpPacket, now: Instant) {
         assert!(packet.nackable);
         let seq_no = packet.seq_no;

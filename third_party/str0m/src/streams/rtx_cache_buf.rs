@@ -67,7 +67,7 @@ impl<T> EvictingBuffer<T> {
     }
 
     #[inline(always)]
-    fn is_inert(&self) -> bool {
+    pub fn is_inert(&self) -> bool {
         self.buf.is_empty() || self.max_age.is_zero()
     }
 

@@ -144,6 +144,9 @@ pub struct StreamTx {
     /// Cache of sent packets to be able to answer to NACKs as well as
     /// sending spurious resends as padding.
     rtx_cache: RtxCache,
+    /// What [`StreamTx::set_rtx_cache`] asked for, kept while the stream has
+    /// no RTX (and so an inert cache) in case RTX comes with a new SSRC.
+    rtx_cache_config: (usize, Duration, Option<f32>),
 
     /// Determines retransmitted bytes ratio value to clear queued resends.
     rtx_ratio_cap: Option<f32>,
@@ -379,7 +382,13 @@ impl StreamTx {
             resends: VecDeque::new(),
             padding: 0,
             blank_packet: RtpPacket::blank(),
-            rtx_cache: RtxCache::new(2000, DEFAULT_RTX_CACHE_DURATION),
+            // Without RTX nothing is ever resent: cache nothing.
+            rtx_cache: if rtx.is_some() {
+                RtxCache::new(2000, DEFAULT_RTX_CACHE_DURATION)
+            } else {
+                RtxCache::inert()
+            },
+            rtx_cache_config: (2000, DEFAULT_RTX_CACHE_DURATION, DEFAULT_RTX_RATIO_CAP),
             rtx_ratio_cap: DEFAULT_RTX_RATIO_CAP,
             last_sender_report: already_happened(),
             pending_request_keyframe: None,
@@ -461,6 +470,17 @@ impl StreamTx {
         max_age: Duration,
         rtx_ratio_cap: Option<f32>,
     ) {
+        self.rtx_cache_config = (max_packets, max_age, rtx_ratio_cap);
+        // Without RTX nothing is resent: the cache and the resend ratio's
+        // per-packet history would cost memory and time for nothing. Taken
+        // up again if RTX comes with a new SSRC (`reset_ssrc`).
+        if self.rtx.is_none() {
+            self.rtx_cache = RtxCache::inert();
+            self.stats.bytes_transmitted = None;
+            self.stats.bytes_retransmitted = None;
+            self.rtx_ratio_cap = None;
+            return;
+        }
         // Dump old cache to avoid having to deal with resizing logic inside the cache impl.
         self.rtx_cache = RtxCache::new(max_packets, max_age);
         if rtx_ratio_cap.is_some() {
@@ -1372,6 +1392,11 @@ impl StreamTx {
         // Reset all statistics - preserve whether stats tracking is enabled
         let stats_enabled = self.stats.bytes_transmitted.is_some();
         self.stats = StreamTxStats::new(stats_enabled);
+        // RTX may have come or gone: the cache follows it.
+        if new_rtx.is_some() == self.rtx_cache.is_inert() {
+            let (max_packets, max_age, rtx_ratio_cap) = self.rtx_cache_config;
+            self.set_rtx_cache(max_packets, max_age, rtx_ratio_cap);
+        }
         self.rtx_ratio = (0.0, already_happened());
         self.remote_acked_ssrc = false;
 
