@@ -1,3 +1,4 @@
+use std::mem;
 use std::collections::{HashMap, VecDeque};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -925,7 +926,9 @@ impl Session {
             }
         }
 
-        for fb in RtcpFb::from_rtcp(self.feedback_rx.drain(..)) {
+        // Taken, not drained: a burst's capacity (1 KiB per queued `Rtcp`)
+        // is given back instead of staying with the session for its life.
+        for fb in RtcpFb::from_rtcp(mem::take(&mut self.feedback_rx)) {
             if let RtcpFb::AppSpecificFeedback(asf) = fb {
                 self.pending_app_feedback = Some(AppSpecificFeedback {
                     sender_ssrc: asf.sender_ssrc,
@@ -1168,8 +1171,8 @@ impl Session {
     /// To be called in lieu of [`Self::poll_datagram`] when the owner is not in a position to transmit any
     /// generated feedback, and thus such feedback should be dropped.
     pub fn clear_feedback(&mut self) {
-        self.feedback_rx.clear();
-        self.feedback_tx.clear();
+        self.feedback_rx = VecDeque::new();
+        self.feedback_tx = VecDeque::new();
     }
 
     pub fn close_rtp(&mut self) {
@@ -1210,6 +1213,11 @@ impl Session {
         };
 
         let len = Rtcp::write_packet(&mut self.feedback_tx, &mut data, output);
+
+        // Once drained, give a burst's capacity back (1 KiB per queued `Rtcp`).
+        if self.feedback_tx.is_empty() {
+            self.feedback_tx = VecDeque::new();
+        }
 
         if len == 0 {
             return None;
