@@ -594,3 +594,75 @@ fn only_packets_that_can_matter_are_relayed_to_other_nodes() {
     }
     assert_eq!(relayed(&mut h), 5, "silence from an active speaker");
 }
+
+#[test]
+fn the_answer_asks_for_dtx() {
+    let mut h = Harness::new();
+    let mut c = beep_sfu::testkit::OpusClient::new("10.1.0.9:40009".parse().unwrap(), h.now)
+        .expect("client");
+    let offer = c.offer(true, 1).expect("offer");
+    let claim = beep_sfu::sfu::Claim {
+        userid: "u".into(),
+        clientid: "c".into(),
+    };
+    let (_, answer) = h.connect(claim, &offer).expect("answered");
+    let fmtp: Vec<&str> = answer
+        .lines()
+        .filter(|l| l.starts_with("a=fmtp:"))
+        .collect();
+    assert!(!fmtp.is_empty(), "{answer}");
+    for l in fmtp {
+        assert!(l.contains("usedtx=1"), "{l}");
+        assert!(l.contains("useinbandfec=1"), "{l}");
+    }
+}
+
+/// A sender in discontinuous transmission: one TOC-only Opus packet every
+/// 400 ms, as libopus sends in silence. Speaker selection and bites treat
+/// it as silence, even when its level claims otherwise (or it has none).
+#[test]
+fn a_sender_in_dtx_is_silent_to_speaker_selection_and_bites() {
+    let mut h = Harness::new();
+    let listener = h.add_client("lis", "l", false, 1);
+    let a = h.add_client("a", "a", true, 0);
+    let b = h.add_client("b", "b", true, 0);
+    h.connect_all();
+    for i in [listener, a, b] {
+        h.join(i, "room");
+    }
+    talk(&mut h, &[a], 25);
+    // Four seconds of DTX from a: the first half with a silent level, the
+    // second with a level a misbehaving client might claim.
+    for n in 0..10 {
+        h.send(a, &[0xF8], if n < 5 { -127 } else { LOUD });
+        h.step(Duration::from_millis(400));
+    }
+    let done = bites(&mut h);
+    assert_eq!(done.len(), 1, "a's spurt ended although DTX went on");
+    assert_eq!(done[0].userid, "a");
+    assert_eq!(done[0].packets, 25, "the DTX tail is trimmed");
+    assert_eq!(done[0].duration_ms, 500);
+
+    // b talks while a is still in DTX: the one slot goes to b at once, since
+    // a counts as silent (a voiced incumbent would hold it for its dwell).
+    let before = h.clients[listener].received.len();
+    for n in 0..25u32 {
+        h.send(b, &payload(b, n), LOUD);
+        if n % 20 == 0 {
+            h.send(a, &[0xF8], LOUD);
+        }
+        h.step(Duration::from_millis(20));
+    }
+    let heard_b = h.clients[listener].received[before..]
+        .iter()
+        .filter(|r| r.payload.len() > 2 && r.payload[0] == b as u8)
+        .count();
+    assert_eq!(heard_b, 25, "b took the slot from the first packet");
+    // The DTX frames a sent while it held the slot reached the listener
+    // (its decoder needs them for comfort noise).
+    let dtx = h.clients[listener].received[..before]
+        .iter()
+        .filter(|r| r.payload == [0xF8])
+        .count();
+    assert!(dtx >= 9, "DTX frames forwarded: {dtx}");
+}

@@ -8,6 +8,7 @@ use str0m::rtp::{ExtensionValues, RtpPacket};
 
 use super::bite::Owner;
 use super::ids::{PeerId, SpeakerId};
+use super::opus;
 use super::peer::budget::Overrun;
 use super::peer::slot::Incoming;
 use super::peer::{Forward, Refused};
@@ -33,10 +34,11 @@ impl Sfu {
         }
         let level = pkt.header.ext_vals.audio_level;
         let speaker = SpeakerId::from(src);
-        let Some(heard) = self.convs.on_packet(key, speaker, level, now) else {
+        let heard_level = opus::heard_level(level, &pkt.payload);
+        let Some(heard) = self.convs.on_packet(key, speaker, heard_level, now) else {
             return;
         };
-        let voiced = self.config.speaker.is_voiced(level);
+        let voiced = self.config.speaker.is_voiced(heard_level);
         if let Some(peer) = self.peers.get(src) {
             let owner = Owner {
                 conversation: heard.name,

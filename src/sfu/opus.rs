@@ -18,6 +18,22 @@ pub struct TimedPacket<'a> {
     pub data: &'a [u8],
 }
 
+/// Longest Opus packet that carries no audio: a TOC byte and at most one
+/// more, which is what libopus emits for a frame in discontinuous
+/// transmission (DTX) and what a decoder treats as a lost frame.
+pub const DTX_MAX_BYTES: usize = 2;
+
+/// The RFC 6464 level a packet counts at for speaker selection and bites: a
+/// DTX frame is silence whatever level it claims (or when it has none, which
+/// would otherwise count as moderately loud).
+pub fn heard_level(level: Option<i8>, payload: &[u8]) -> Option<i8> {
+    if payload.len() <= DTX_MAX_BYTES {
+        Some(-127)
+    } else {
+        level
+    }
+}
+
 /// Duration of an Opus packet in 48 kHz samples, from its TOC byte
 /// (RFC 6716 section 3.1). `None` for an empty or malformed packet.
 pub fn packet_samples(packet: &[u8]) -> Option<u32> {

@@ -16,6 +16,7 @@ use super::api::{ClusterInput, Member, Presence, RelayedPacket};
 use super::conversation::membership::Stamp;
 use super::ids::SpeakerId;
 use super::nodes::{NodeRefusal, RemoteSpeaker};
+use super::opus;
 use super::peer::slot::Incoming;
 use super::peer::Forward;
 use super::timer::TimerKey;
@@ -200,7 +201,8 @@ impl Sfu {
         }
         let level = p.level.and_then(|l| i8::try_from(l).ok());
         let payload: Arc<[u8]> = Arc::from(p.payload);
-        let Some(heard) = self.convs.on_packet(key, s.id, level, now) else {
+        let heard_level = opus::heard_level(level, &payload);
+        let Some(heard) = self.convs.on_packet(key, s.id, heard_level, now) else {
             return;
         };
         let ext = ExtensionValues {

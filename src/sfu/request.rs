@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use log::info;
 use str0m::change::SdpOffer;
+use str0m::format::{Codec, FormatParams};
+use str0m::media::{Frequency, Pt};
 use str0m::net::TcpType;
 use str0m::rtp::Extension;
 use str0m::{Candidate, Input, RtcConfig};
@@ -19,6 +21,10 @@ use super::peer::{offer, Limits, Peer, Setup};
 use super::timer::TimerKey;
 use super::Sfu;
 
+/// Our preferred Opus payload type (str0m's and the browsers' usual 111);
+/// the answer follows the offer's.
+const OPUS_PT: u8 = 111;
+
 /// The `Rtc` settings every peer shares, with one DTLS certificate for all
 /// (generating one per peer would stall the loop for milliseconds).
 pub(super) fn rtc_config() -> RtcConfig {
@@ -26,7 +32,6 @@ pub(super) fn rtc_config() -> RtcConfig {
     let mut rtc_config = RtcConfig::new()
         .set_ice_lite(true)
         .clear_codecs()
-        .enable_opus(true, false)
         .set_rtp_mode(true)
         .set_stats_interval(None)
         // Opus is not retransmitted: a short send buffer saves memory per slot.
@@ -38,6 +43,23 @@ pub(super) fn rtc_config() -> RtcConfig {
         .clear_extension_map()
         .set_extension(1, Extension::AudioLevel)
         .set_extension(4, Extension::RtpMid);
+    // Opus as str0m's `enable_opus` offers it (in-band FEC, 10 ms minimum
+    // frames), plus DTX: `usedtx=1` in the answer tells the browser it may
+    // send one packet per 400 ms in silence instead of fifty a second, which
+    // is most of a real conversation (docs/ARCHITECTURE.md, decision 28).
+    rtc_config.codec_config().add_config(
+        Pt::from(OPUS_PT),
+        None,
+        Codec::Opus,
+        Frequency::FORTY_EIGHT_KHZ,
+        Some(2),
+        FormatParams {
+            min_p_time: Some(10),
+            use_inband_fec: Some(true),
+            use_dtx: Some(true),
+            ..Default::default()
+        },
+    );
     if let Some(cert) = provider.dtls_provider.generate_certificate() {
         rtc_config = rtc_config.set_dtls_cert(cert);
     }
