@@ -22,7 +22,7 @@ use serde_json::json;
 use super::outcome::{report, Outcome};
 use super::participant::WebRtcParticipant;
 use super::runs::measure;
-use super::{probe, Driver, RunArgs};
+use super::{probe, Driver, RunArgs, Voice};
 
 /// How long one client keeps retrying before it counts as failed.
 const GIVE_UP: Duration = Duration::from_secs(120);
@@ -172,7 +172,7 @@ fn arrive(d: &mut Driver, ps: &mut Vec<WebRtcParticipant>, w: &Wave) -> Result<W
     let rx = signal_wave(w, &retries);
     let first_index = ps.len();
     let mut handed = 0u32;
-    let silent = |_: usize| false;
+    let silent = |_: usize, _: Instant| Voice::Quiet;
     loop {
         while let Ok(r) = rx.try_recv() {
             handed += 1;
@@ -196,7 +196,7 @@ fn arrive(d: &mut Driver, ps: &mut Vec<WebRtcParticipant>, w: &Wave) -> Result<W
                     continue;
                 }
                 pending += 1;
-                p.on_tick(d.epoch, None, false);
+                p.on_tick(d.epoch, None, Voice::Quiet);
             }
         }
         if handed == w.n && pending == 0 {
@@ -288,7 +288,7 @@ pub fn goodbye(d: &mut Driver, ps: &mut Vec<WebRtcParticipant>) {
     for p in ps.iter_mut() {
         p.close(d.epoch);
     }
-    let silent = |_: usize| false;
+    let silent = |_: usize, _: Instant| Voice::Quiet;
     d.drive(ps, Instant::now() + Duration::from_millis(200), &silent);
     ps.clear();
 }
@@ -385,7 +385,7 @@ pub fn churn(a: &RunArgs, threads: usize, cycles: u32, drain_secs: u64) -> Resul
                 p.close(d.epoch);
             }
         }
-        let silent = |_: usize| false;
+        let silent = |_: usize, _: Instant| Voice::Quiet;
         d.drive(
             &mut ps,
             Instant::now() + Duration::from_millis(200),

@@ -15,6 +15,7 @@ mod participant;
 mod probe;
 mod relay;
 mod runs;
+mod voice;
 
 use runs::{baseline, ramp, run};
 
@@ -26,6 +27,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use outcome::{multiset_minus, percentile, report, room_sizes, summarise, Outcome};
 use participant::{Placement, Tally, UdpParticipant, WebRtcParticipant, Window};
+use voice::{Load, Voice};
 
 /// Packets per second per talker (20 ms Opus frames).
 const PPS: u64 = 50;
@@ -122,7 +124,13 @@ struct Shape {
     /// Conversation size.
     #[arg(long, short = 'r', default_value_t = 4)]
     room_size: usize,
-    /// Share of participants talking at once (1.0 = all, the worst case).
+    /// Which load: everyone talking (the worst case), conversations taking
+    /// turns with DTX in silence, or one large room of 10 talkers and
+    /// one-slot listeners (room size and slots are then set for it).
+    #[arg(long, value_enum, default_value_t = Load::Everyone)]
+    load: Load,
+    /// Share of participants talking at once with `--load everyone`
+    /// (1.0 = all, the worst case).
     #[arg(long, default_value_t = 1.0)]
     talkers: f64,
     /// Seconds of warm-up before measuring.
@@ -213,8 +221,26 @@ fn sum(parts: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     v.filter(|v| !v.is_empty()).map(|v| v.iter().sum())
 }
 
+/// A large room is one room of everyone, each listening on one slot.
+fn fit_load(shape: &mut Shape, slots: Option<&mut Option<usize>>) {
+    if shape.load == Load::LargeRoom {
+        shape.room_size = LARGE_ROOM_SIZE;
+        if let Some(s) = slots {
+            *s = Some(1);
+        }
+    }
+}
+
+/// The room size standing for "one room of everyone".
+const LARGE_ROOM_SIZE: usize = 1_000_000;
+
 fn main() {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    match &mut cli.cmd {
+        Cmd::Run(a) | Cmd::Ramp { run: a, .. } => fit_load(&mut a.shape, Some(&mut a.slots)),
+        Cmd::Baseline { shape, .. } => fit_load(shape, None),
+        _ => {}
+    }
     let result = match cli.cmd {
         Cmd::Run(a) => run(&a).map(|r| report(&[r], a.shape.json.as_deref())),
         Cmd::Ramp { run: a, step, max } => ramp(&a, step, max),
@@ -247,7 +273,7 @@ fn main() {
 trait Endpoint {
     fn register(&mut self, registry: &mio::Registry, token: Token) -> std::io::Result<()>;
     fn readable(&mut self, epoch: Instant, w: Option<Window>);
-    fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool);
+    fn tick(&mut self, epoch: Instant, w: Option<Window>, voice: Voice);
 }
 
 /// Both participant kinds have the same `on_*` methods.
@@ -261,8 +287,8 @@ macro_rules! endpoint {
             fn readable(&mut self, epoch: Instant, w: Option<Window>) {
                 self.on_readable(epoch, w)
             }
-            fn tick(&mut self, epoch: Instant, w: Option<Window>, talk: bool) {
-                self.on_tick(epoch, w, talk)
+            fn tick(&mut self, epoch: Instant, w: Option<Window>, voice: Voice) {
+                self.on_tick(epoch, w, voice)
             }
         }
     )*};
@@ -301,8 +327,14 @@ impl Driver {
             .map_err(|e| e.to_string())
     }
 
-    /// Drives every endpoint until `until`; participant `i` talks if `talk(i)`.
-    fn drive<E: Endpoint>(&mut self, ps: &mut [E], until: Instant, talk: &dyn Fn(usize) -> bool) {
+    /// Drives every endpoint until `until`; participant `i` sends what
+    /// `voice(i, now)` says.
+    fn drive<E: Endpoint>(
+        &mut self,
+        ps: &mut [E],
+        until: Instant,
+        voice: &dyn Fn(usize, Instant) -> Voice,
+    ) {
         let period = Duration::from_millis(1000 / PPS) / PHASES as u32;
         while Instant::now() < until {
             let timeout = self.next_phase.saturating_duration_since(Instant::now());
@@ -317,7 +349,7 @@ impl Driver {
                 let phase = self.phase % PHASES;
                 for (i, p) in ps.iter_mut().enumerate() {
                     if i as u64 % PHASES == phase {
-                        p.tick(self.epoch, self.window, talk(i));
+                        p.tick(self.epoch, self.window, voice(i, now));
                     }
                 }
                 self.phase += 1;
@@ -333,9 +365,4 @@ impl Driver {
     fn ns(&self, t: Instant) -> u64 {
         t.duration_since(self.epoch).as_nanos() as u64
     }
-}
-
-fn talk_fn(shape: &Shape) -> impl Fn(usize) -> bool {
-    let talkers = (shape.participants as f64 * shape.talkers.clamp(0.0, 1.0)).round() as usize;
-    move |i| i < talkers
 }

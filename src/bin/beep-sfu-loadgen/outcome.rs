@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::participant::Tally;
+use crate::voice::{self, Load};
 use crate::Shape;
 
 /// Results of one measured window.
@@ -82,7 +83,7 @@ pub(crate) fn summarise(
     setup: Option<&[f64]>,
     rss_kib: Option<f64>,
 ) -> Outcome {
-    let talkers = (n as f64 * shape.talkers.clamp(0.0, 1.0)).round() as usize;
+    let talkers = voice::talker_count(shape, n);
     let mut latencies: Vec<u32> = tallies
         .iter()
         .flat_map(|t| t.latencies_us.iter().copied())
@@ -90,11 +91,23 @@ pub(crate) fn summarise(
     latencies.sort_unstable();
     // Every packet sent in the window should reach each other member of the
     // sender's room that can hear it.
-    let expected: f64 = tallies
-        .iter()
-        .enumerate()
-        .map(|(i, t)| t.sent_in_window as f64 * hearers.min(room_of[i].saturating_sub(1)) as f64)
-        .sum();
+    let expected: f64 = if shape.load == Load::LargeRoom {
+        // Each participant hears as many of the talkers (not itself) as
+        // it has slots, each sending what the average talker sent.
+        let sent: f64 = tallies.iter().map(|t| t.sent_in_window as f64).sum();
+        let per_talker = sent / talkers.max(1) as f64;
+        (0..n)
+            .map(|i| hearers.min(talkers - usize::from(i < talkers)) as f64 * per_talker)
+            .sum()
+    } else {
+        tallies
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.sent_in_window as f64 * hearers.min(room_of[i].saturating_sub(1)) as f64
+            })
+            .sum()
+    };
     let received: f64 = tallies.iter().map(|t| t.received_in_window as f64).sum();
     let loss = if expected > 0.0 {
         (1.0 - received / expected).max(0.0) * 100.0

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use beep_sfu::testkit::{ClientOutput, OpusClient};
 use mio::net::UdpSocket;
+
+use crate::voice::{self, Voice};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::Message;
 
@@ -127,6 +129,8 @@ pub struct WebRtcParticipant {
     buf: Vec<u8>,
     /// Where everyone is, for telling cross-node packets apart.
     pub placement: Placement,
+    /// When it last sent a DTX frame.
+    last_dtx: Option<Instant>,
 }
 
 /// How a participant reaches the server: its own UDP socket, or one ICE-TCP
@@ -262,6 +266,7 @@ impl WebRtcParticipant {
             tally: Tally::default(),
             buf: vec![0; 2048],
             placement: Placement::default(),
+            last_dtx: None,
         })
     }
 
@@ -337,10 +342,17 @@ impl WebRtcParticipant {
         }
     }
 
-    /// Advances time; sends one packet if `talk`.
-    pub fn on_tick(&mut self, epoch: Instant, window: Option<Window>, talk: bool) {
+    /// Advances time; sends one packet of speech, or a DTX frame when one
+    /// is due, as `voice` says.
+    pub fn on_tick(&mut self, epoch: Instant, window: Option<Window>, voice: Voice) {
         let now = Instant::now();
-        if talk && self.connected_at.is_some() {
+        if voice == Voice::Dtx
+            && self.connected_at.is_some()
+            && voice::dtx_due(&mut self.last_dtx, now)
+        {
+            self.rtc.send(&voice::DTX_FRAME, -127, now);
+        }
+        if voice == Voice::Talk && self.connected_at.is_some() {
             let sent_ns = now.duration_since(epoch).as_nanos() as u64;
             let data = payload(self.id, self.sent, sent_ns);
             if self.rtc.send(&data, -25, now) {
@@ -404,6 +416,8 @@ pub struct UdpParticipant {
     /// What it measured.
     pub tally: Tally,
     buf: Vec<u8>,
+    /// When it last sent a DTX frame.
+    last_dtx: Option<Instant>,
 }
 
 impl UdpParticipant {
@@ -424,6 +438,7 @@ impl UdpParticipant {
             seq: 0,
             tally: Tally::default(),
             buf: vec![0; 2048],
+            last_dtx: None,
         };
         // A registration datagram (the relay does not forward `REGISTER`).
         p.socket
@@ -466,9 +481,17 @@ impl UdpParticipant {
         }
     }
 
-    /// Sends one packet if `talk`.
-    pub fn on_tick(&mut self, epoch: Instant, window: Option<Window>, talk: bool) {
-        if !talk {
+    /// Sends one packet of speech, or a DTX frame when one is due, as
+    /// `voice` says.
+    pub fn on_tick(&mut self, epoch: Instant, window: Option<Window>, voice: Voice) {
+        if voice == Voice::Dtx && voice::dtx_due(&mut self.last_dtx, Instant::now()) {
+            let mut d = self.datagram(self.seq, 0);
+            d.truncate(8 + 12);
+            d.extend_from_slice(&voice::DTX_FRAME);
+            self.seq = self.seq.wrapping_add(1) % crate::relay::LEAVE;
+            let _ = self.socket.send_to(&d, self.relay);
+        }
+        if voice != Voice::Talk {
             return;
         }
         let sent_ns = Instant::now().duration_since(epoch).as_nanos() as u64;

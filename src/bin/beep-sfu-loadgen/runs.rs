@@ -63,7 +63,7 @@ fn add_participants(
     let slots = a
         .slots
         .unwrap_or(a.shape.room_size.saturating_sub(1).max(1));
-    let talk = talk_fn(&a.shape);
+    let talk = voice::voice_fn(&a.shape);
     for _ in 0..n {
         let i = ps.len();
         let room = i / a.shape.room_size.max(1);
@@ -81,7 +81,7 @@ fn add_participants(
             let until = Instant::now() + Duration::from_millis(2);
             d.drive(ps, until, &talk);
             // Let a fresh participant's handshake progress between phases.
-            ps[i].on_tick(d.epoch, None, false);
+            ps[i].on_tick(d.epoch, None, Voice::Quiet);
         }
         if ps[i].connected_at.is_none() {
             return Err(format!("participant {i} did not connect within 10 s"));
@@ -103,7 +103,7 @@ pub(super) fn measure(
     a: &RunArgs,
     idle_rss: Option<u64>,
 ) -> Result<Outcome, String> {
-    let talk = talk_fn(&a.shape);
+    let talk = voice::voice_fn(&a.shape);
     let warm = Instant::now() + Duration::from_secs(a.shape.warmup);
     d.drive(ps, warm, &talk);
     for p in ps.iter_mut() {
@@ -193,7 +193,7 @@ pub(super) fn baseline(
         d.register(&mut p, i)?;
         ps.push(p);
     }
-    let talk = talk_fn(shape);
+    let talk = voice::voice_fn(shape);
     d.drive(
         &mut ps,
         Instant::now() + Duration::from_secs(shape.warmup),
