@@ -136,14 +136,14 @@ impl Pair {
         }
     }
 
-    fn to_a(&mut self, datagrams: Vec<Vec<u8>>) {
+    fn deliver_to_a(&mut self, datagrams: Vec<Vec<u8>>) {
         for d in datagrams {
             let r = Receive::new(Protocol::Udp, self.b_addr, self.a_addr, &d).unwrap();
             self.a.handle_input(Input::Receive(self.now, r)).unwrap();
         }
     }
 
-    fn to_b(&mut self, datagrams: Vec<Vec<u8>>) {
+    fn deliver_to_b(&mut self, datagrams: Vec<Vec<u8>>) {
         for d in datagrams {
             let r = Receive::new(Protocol::Udp, self.a_addr, self.b_addr, &d).unwrap();
             self.b.handle_input(Input::Receive(self.now, r)).unwrap();
@@ -167,8 +167,8 @@ impl Pair {
                 }
                 return ta.min(tb);
             }
-            self.to_a(from_b);
-            self.to_b(from_a);
+            self.deliver_to_a(from_b);
+            self.deliver_to_b(from_a);
         }
     }
 
@@ -190,7 +190,13 @@ impl Pair {
     /// b writes one packet on its first m-line, through the patched path.
     fn write(&mut self, seq: u64, payload: &[u8]) -> bool {
         let (mid, pt, now) = (self.mids[0], self.pt(), self.now);
-        let w = RtpWrite::new(pt, SeqNo::from(seq), seq as u32 * 960, now, payload.to_vec());
+        let w = RtpWrite::new(
+            pt,
+            SeqNo::from(seq),
+            seq as u32 * 960,
+            now,
+            payload.to_vec(),
+        );
         self.b.direct_api().write_rtp(mid, None, w)
     }
 }
@@ -207,7 +213,7 @@ fn a_written_packet_leaves_in_the_next_poll_output_with_no_timeout_fed() {
     match p.b.poll_output().unwrap() {
         Output::Transmit(t) => {
             let d = t.contents.to_vec();
-            p.to_a(vec![d]);
+            p.deliver_to_a(vec![d]);
         }
         other => panic!("expected the packet at once, got {other:?}"),
     }
@@ -280,7 +286,11 @@ fn rtcp_queues_give_memory_back_after_a_burst() {
     p.run_for(Duration::from_secs(2));
     let before = CountingAlloc::live_bytes();
     // A burst of 500 feedback messages (about 520 KiB of queued `Rtcp`).
-    let ssrc = p.b.direct_api().stream_tx_by_mid(p.mids[0], None).unwrap().ssrc();
+    let ssrc =
+        p.b.direct_api()
+            .stream_tx_by_mid(p.mids[0], None)
+            .unwrap()
+            .ssrc();
     for _ in 0..500 {
         p.b.direct_api().send_pli_feedback(ssrc, ssrc);
     }
