@@ -169,16 +169,23 @@ fn user_in_two_conversations_in_turn() {
     assert!(from.contains(&(c as u8)) && !from.contains(&(b as u8)));
 }
 
-#[test]
-fn speaker_change_on_one_slot_is_one_continuous_stream() {
+/// A listener with one slot and two speakers (`a`, `b` are their user
+/// ids), joined to one room: (harness, listener, a, b).
+fn one_slot_listener_and(a: &str, b: &str) -> (Harness, usize, usize, usize) {
     let mut h = Harness::new();
     let listener = h.add_client("lis", "l", false, 1);
-    let a = h.add_client("a", "a", true, 0);
-    let b = h.add_client("b", "b", true, 0);
+    let a = h.add_client(a, &a[..1], true, 0);
+    let b = h.add_client(b, &b[..1], true, 0);
     h.connect_all();
     for i in [listener, a, b] {
         h.join(i, "room");
     }
+    (h, listener, a, b)
+}
+
+#[test]
+fn speaker_change_on_one_slot_is_one_continuous_stream() {
+    let (mut h, listener, a, b) = one_slot_listener_and("a", "b");
     talk(&mut h, &[a], 25);
     h.step(Duration::from_millis(1200));
     talk(&mut h, &[b], 25);
@@ -208,14 +215,7 @@ fn speaker_change_on_one_slot_is_one_continuous_stream() {
 
 #[test]
 fn louder_newcomer_takes_a_one_slot_listener_only_after_the_dwell() {
-    let mut h = Harness::new();
-    let listener = h.add_client("lis", "l", false, 1);
-    let soft = h.add_client("soft", "s", true, 0);
-    let loud = h.add_client("loud", "l", true, 0);
-    h.connect_all();
-    for i in [listener, soft, loud] {
-        h.join(i, "room");
-    }
+    let (mut h, listener, soft, loud) = one_slot_listener_and("soft", "loud");
     for n in 0..100u32 {
         h.send(soft, &payload(soft, n), -50);
         if n >= 10 {
@@ -622,14 +622,7 @@ fn the_answer_asks_for_dtx() {
 /// it as silence, even when its level claims otherwise (or it has none).
 #[test]
 fn a_sender_in_dtx_is_silent_to_speaker_selection_and_bites() {
-    let mut h = Harness::new();
-    let listener = h.add_client("lis", "l", false, 1);
-    let a = h.add_client("a", "a", true, 0);
-    let b = h.add_client("b", "b", true, 0);
-    h.connect_all();
-    for i in [listener, a, b] {
-        h.join(i, "room");
-    }
+    let (mut h, listener, a, b) = one_slot_listener_and("a", "b");
     talk(&mut h, &[a], 25);
     // Four seconds of DTX from a: the first half with a silent level, the
     // second with a level a misbehaving client might claim.
