@@ -1630,6 +1630,21 @@ impl Rtc {
         }
 
         if !self.readiness.wants_events() {
+            // Nothing but written media is new: the event sources are
+            // quiescent, so poll the send path alone.
+            if self.readiness.wants_media() {
+                if let Some(send) = &self.send_addr {
+                    if let Some(contents) = self.session.poll_datagram(self.last_now) {
+                        return Ok(Some(Output::Transmit(net::Transmit {
+                            proto: send.proto,
+                            source: send.source,
+                            destination: send.destination,
+                            contents,
+                        })));
+                    }
+                }
+                self.readiness.clear_media();
+            }
             return Ok(Some(Output::Timeout(self.poll_timeout())));
         }
 
@@ -1892,6 +1907,7 @@ impl Rtc {
         }
 
         self.readiness.clear_events();
+        self.readiness.clear_media();
 
         Ok(Some(Output::Timeout(self.poll_timeout())))
     }

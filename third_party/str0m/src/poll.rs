@@ -151,6 +151,9 @@ impl Drop for Mutation<'_> {
 pub(crate) struct Readiness {
     events: bool,
     timeout: bool,
+    /// Media was written and only the send path needs polling (a narrower
+    /// `events`: see `DirectApi::write_rtp`).
+    media: bool,
 }
 
 impl Readiness {
@@ -159,7 +162,21 @@ impl Readiness {
         Readiness {
             events: true,
             timeout: true,
+            media: true,
         }
+    }
+
+    /// Media was written: only the send path needs polling.
+    pub(crate) fn wake_media(&mut self) {
+        self.media = true;
+    }
+
+    pub(crate) fn wants_media(&self) -> bool {
+        self.media
+    }
+
+    pub(crate) fn clear_media(&mut self) {
+        self.media = false;
     }
 
     pub(crate) fn wants_events(&self) -> bool {
@@ -228,6 +245,7 @@ impl Readiness {
         Self {
             events: false,
             timeout: false,
+            media: false,
         }
     }
 }

@@ -387,7 +387,10 @@ impl<'a> DirectApi<'a> {
         let quick = release && stream.can_stamp_written();
         stream.write_rtp(rtp);
         if quick {
+            // Only the send path has something new: poll just that.
+            m.no_events();
             m.no_timeout();
+            m.readiness.wake_media();
         }
         true
     }
