@@ -15,6 +15,7 @@ mod participant;
 mod probe;
 mod relay;
 mod runs;
+mod udp_participant;
 mod voice;
 
 use runs::{baseline, ramp, run};
@@ -26,7 +27,8 @@ use clap::{Args, Parser, Subcommand};
 use mio::{Events, Interest, Poll, Token};
 
 use outcome::{multiset_minus, percentile, report, room_sizes, summarise, Outcome};
-use participant::{Placement, Tally, UdpParticipant, WebRtcParticipant, Window};
+use participant::{Placement, Tally, WebRtcParticipant, Window};
+use udp_participant::UdpParticipant;
 use voice::{Load, Voice};
 
 /// Packets per second per talker (20 ms Opus frames).

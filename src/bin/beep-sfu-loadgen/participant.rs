@@ -1,8 +1,9 @@
-//! Simulated participants. [`WebRtcParticipant`] is a full str0m client of
-//! beep-sfu (WebSocket offer/answer, `POST /join`, ICE/DTLS/SRTP over UDP);
-//! [`UdpParticipant`] speaks plain UDP to the bare relay baseline. Both send
+//! Simulated WebRTC participants and what every participant measures.
+//! [`WebRtcParticipant`] is a full str0m client of beep-sfu (WebSocket
+//! offer/answer, `POST /join`, ICE/DTLS/SRTP over UDP); the relay
+//! baseline's plain-UDP one is in `udp_participant.rs`. Both send
 //! Opus-sized packets carrying their sender id, sequence and send time, and
-//! record what they receive.
+//! record what they receive ([`Tally`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -64,7 +65,7 @@ pub struct Window {
 }
 
 impl Window {
-    fn contains(&self, ns: u64) -> bool {
+    pub fn contains(&self, ns: u64) -> bool {
         ns >= self.from_ns && ns < self.to_ns
     }
 }
@@ -90,7 +91,7 @@ pub fn parse(p: &[u8]) -> Option<(u32, u64)> {
     Some((sender, sent))
 }
 
-fn record(
+pub fn record(
     tally: &mut Tally,
     window: Option<Window>,
     epoch: Instant,
@@ -400,106 +401,5 @@ impl WebRtcParticipant {
             }
             wbuf.drain(..written);
         }
-    }
-}
-
-/// A plain-UDP participant of the bare relay baseline.
-pub struct UdpParticipant {
-    /// Index, also the sender id.
-    pub id: u32,
-    /// Group (room) id.
-    pub room: u32,
-    /// Its socket.
-    pub socket: UdpSocket,
-    relay: SocketAddr,
-    seq: u32,
-    /// What it measured.
-    pub tally: Tally,
-    buf: Vec<u8>,
-    /// When it last sent a DTX frame.
-    last_dtx: Option<Instant>,
-}
-
-impl UdpParticipant {
-    /// Binds a socket and registers with the relay.
-    pub fn new(
-        id: u32,
-        room: u32,
-        relay: SocketAddr,
-        bind_ip: std::net::IpAddr,
-    ) -> std::io::Result<Self> {
-        let s = std::net::UdpSocket::bind((bind_ip, 0))?;
-        s.set_nonblocking(true)?;
-        let p = UdpParticipant {
-            id,
-            room,
-            socket: UdpSocket::from_std(s),
-            relay,
-            seq: 0,
-            tally: Tally::default(),
-            buf: vec![0; 2048],
-            last_dtx: None,
-        };
-        // A registration datagram (the relay does not forward `REGISTER`).
-        p.socket
-            .send_to(&p.datagram(crate::relay::REGISTER, 0), relay)?;
-        Ok(p)
-    }
-
-    /// Tells the relay this participant is gone, so a later run's packets
-    /// are not also sent to this run's closed sockets.
-    pub fn leave(&self) {
-        let _ = self
-            .socket
-            .send_to(&self.datagram(crate::relay::LEAVE, 0), self.relay);
-    }
-
-    fn datagram(&self, seq: u32, sent_ns: u64) -> Vec<u8> {
-        let mut d = Vec::with_capacity(8 + 12 + PAYLOAD);
-        d.extend_from_slice(&self.room.to_be_bytes());
-        d.extend_from_slice(&seq.to_be_bytes());
-        // Pad like an RTP header with the audio level extension would.
-        d.extend_from_slice(&[0u8; 12]);
-        d.extend_from_slice(&payload(self.id, seq, sent_ns));
-        d
-    }
-
-    /// Reads everything waiting on the socket.
-    pub fn on_readable(&mut self, epoch: Instant, window: Option<Window>) {
-        loop {
-            match self.socket.recv_from(&mut self.buf) {
-                Ok((n, _)) => {
-                    let now = Instant::now();
-                    if n >= 20 {
-                        if let Some((_, sent)) = parse(&self.buf[20..n]) {
-                            record(&mut self.tally, window, epoch, now, sent, false);
-                        }
-                    }
-                }
-                Err(_) => return,
-            }
-        }
-    }
-
-    /// Sends one packet of speech, or a DTX frame when one is due, as
-    /// `voice` says.
-    pub fn on_tick(&mut self, epoch: Instant, window: Option<Window>, voice: Voice) {
-        if voice == Voice::Dtx && voice::dtx_due(&mut self.last_dtx, Instant::now()) {
-            let mut d = self.datagram(self.seq, 0);
-            d.truncate(8 + 12);
-            d.extend_from_slice(&voice::DTX_FRAME);
-            self.seq = self.seq.wrapping_add(1) % crate::relay::LEAVE;
-            let _ = self.socket.send_to(&d, self.relay);
-        }
-        if voice != Voice::Talk {
-            return;
-        }
-        let sent_ns = Instant::now().duration_since(epoch).as_nanos() as u64;
-        if window.is_some_and(|w| w.contains(sent_ns)) {
-            self.tally.sent_in_window += 1;
-        }
-        let d = self.datagram(self.seq, sent_ns);
-        self.seq = self.seq.wrapping_add(1) % crate::relay::LEAVE;
-        let _ = self.socket.send_to(&d, self.relay);
     }
 }

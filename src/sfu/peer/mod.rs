@@ -197,14 +197,7 @@ impl Peer {
                 false
             }
             Err(_) => {
-                warn!(
-                    "{}: str0m panicked on input; closing the peer",
-                    self.label()
-                );
-                out.pending.push_back(Pending::Close(
-                    self.id,
-                    CloseReason::Failed(PeerFailure::Panicked),
-                ));
+                self.close_after_panic("on input", out);
                 return false;
             }
         };
@@ -219,14 +212,7 @@ impl Peer {
     pub fn add_remote_candidate(&mut self, candidate: Candidate, out: &mut Outbox) {
         let rtc = &mut self.rtc;
         if catch_unwind(AssertUnwindSafe(|| rtc.add_remote_candidate(candidate))).is_err() {
-            warn!(
-                "{}: str0m panicked on a trickled candidate; closing the peer",
-                self.label()
-            );
-            out.pending.push_back(Pending::Close(
-                self.id,
-                CloseReason::Failed(PeerFailure::Panicked),
-            ));
+            self.close_after_panic("on a trickled candidate", out);
             return;
         }
         self.drain(out);
@@ -309,23 +295,17 @@ impl Peer {
                 return false;
             }
             // Our str0m releases the packet in this drain with no timeout
-            // fed, and the write re-polls events only, not every deadline
-            // (third_party/str0m/PATCHES.md, patch 1).
+            // fed, and the write wakes only its send path, not every event
+            // source or deadline (third_party/str0m/PATCHES.md, patches 1
+            // and 6).
             self.drain(out);
             true
         }));
         match written {
             Ok(w) => Ok(w),
             Err(_) => {
-                warn!(
-                    "{}: str0m panicked writing a packet; closing the peer",
-                    self.label()
-                );
                 self.connected = false;
-                out.pending.push_back(Pending::Close(
-                    self.id,
-                    CloseReason::Failed(PeerFailure::Panicked),
-                ));
+                self.close_after_panic("writing a packet", out);
                 Err(Panicked)
             }
         }
@@ -388,6 +368,16 @@ impl Peer {
     }
 
     // ---- internals ----
+
+    /// str0m panicked while doing `what` with this peer's input: the `Rtc`
+    /// is not trusted any more, so this peer (and only it) closes.
+    fn close_after_panic(&self, what: &str, out: &mut Outbox) {
+        warn!("{}: str0m panicked {what}; closing the peer", self.label());
+        out.pending.push_back(Pending::Close(
+            self.id,
+            CloseReason::Failed(PeerFailure::Panicked),
+        ));
+    }
 
     /// Drains the `Rtc` to its timeout.
     fn drain(&mut self, out: &mut Outbox) {
