@@ -277,6 +277,15 @@ impl PayloadParams {
         self.red
     }
 
+    /// Sets the RFC 2198 RED payload type offered to wrap this primary codec (audio only).
+    ///
+    /// The audio enable fns set it through their `use_red` argument; this lets a payload type
+    /// configured with [`CodecConfig::add_config`][crate::format::CodecConfig::add_config] (own
+    /// format parameters, such as `usedtx`) offer RED too.
+    pub fn set_red(&mut self, red: Option<Pt>) {
+        self.red = red
+    }
+
     pub(crate) fn match_score(&self, o: &PayloadParams) -> Option<usize> {
         // we don't want to compare PT
         let c0 = self.spec;
