@@ -68,6 +68,11 @@ pub struct Args {
     #[arg(long, env = "BITE_MAX_MS", default_value_t = 10_000)]
     pub bite_max_ms: u64,
 
+    /// Previous packets carried as RED (RFC 2198) redundancy on each packet
+    /// to a listener that offers RED (0 to 3; 0 does not negotiate RED).
+    #[arg(long, env = "RED_DISTANCE", default_value_t = 2)]
+    pub red_distance: usize,
+
     /// Audio level (dBov, RFC 6464) below which a packet counts as silence.
     #[arg(long, env = "SILENCE_DBOV", default_value_t = -60, allow_negative_numbers = true)]
     pub silence_dbov: i32,

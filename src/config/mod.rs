@@ -47,6 +47,8 @@ pub struct Config {
     pub bite_max: Duration,
     /// Loudness (127 + dBov) at or above which a packet is voiced.
     pub voiced_loudness: f32,
+    /// Previous packets sent as RED redundancy (0: RED not negotiated).
+    pub red_distance: usize,
     /// Permissions service base URL without a trailing slash.
     pub permissions_host: String,
     /// Development mode.
@@ -174,6 +176,7 @@ impl Config {
             bite_silence: Duration::from_millis(a.bite_silence_ms),
             bite_max: Duration::from_millis(a.bite_max_ms),
             voiced_loudness: (127 + a.silence_dbov) as f32,
+            red_distance: a.red_distance,
             permissions_host,
             dev: a.dev,
             max_peers: a.max_peers,
@@ -243,6 +246,12 @@ fn check_limits(a: &Args) -> Result<(), String> {
     }
     if a.bite_max_ms < 100 || a.bite_silence_ms == 0 {
         return Err("--bite-max-ms must be at least 100 and --bite-silence-ms above 0".into());
+    }
+    if a.red_distance > crate::sfu::MAX_RED_DISTANCE {
+        return Err(format!(
+            "--red-distance: must be between 0 and {}",
+            crate::sfu::MAX_RED_DISTANCE
+        ));
     }
     if a.max_peers_per_user == 0 {
         return Err("--max-peers-per-user: must be at least 1".into());

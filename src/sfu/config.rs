@@ -38,7 +38,14 @@ pub struct SfuConfig {
     pub bites: BiteConfig,
     /// Each peer's media budget.
     pub budget: BudgetConfig,
+    /// How many of a speaker's previous packets ride as RED (RFC 2198)
+    /// redundancy on each packet to a listener that negotiated RED, at most
+    /// [`MAX_RED_DISTANCE`]; 0 does not negotiate RED at all.
+    pub red_distance: usize,
 }
+
+/// Most redundant packets per RED packet (`red_distance`).
+pub const MAX_RED_DISTANCE: usize = super::red::MAX_DISTANCE;
 
 impl SfuConfig {
     /// The candidate a datagram of `proto` from `source` was delivered to:
@@ -70,6 +77,7 @@ impl SfuConfig {
             speaker: SpeakerConfig::default(),
             bites: BiteConfig::default(),
             budget: BudgetConfig::default(),
+            red_distance: 2,
         }
     }
 }

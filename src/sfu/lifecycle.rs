@@ -8,7 +8,7 @@ use str0m::net::Protocol;
 use str0m::Input;
 
 use super::conversation::membership::PeerGone;
-use super::ids::{ConvKey, PeerId};
+use super::ids::{ConvKey, PeerId, SpeakerId};
 use super::peer::PeerTimer;
 use super::timer::TimerKey;
 use super::{bite_event, CloseReason, Sfu, SfuEvent};
@@ -70,6 +70,7 @@ impl Sfu {
         let Some(mut peer) = self.peers.remove(id) else {
             return;
         };
+        self.histories.remove(&SpeakerId::from(id));
         // Say goodbye (DTLS close_notify, RTCP BYE) if the peer got that far.
         peer.close(&mut self.out);
         let userid = &peer.claim().userid;

@@ -33,6 +33,7 @@ mod lifecycle;
 mod nodes;
 pub(crate) mod opus;
 mod peer;
+mod red;
 mod relay;
 mod request;
 mod stats;
@@ -42,7 +43,7 @@ mod test_hooks;
 mod test_rng;
 mod timer;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -56,7 +57,7 @@ pub use api::{
 };
 pub use bite::{BiteAudio, BiteConfig, FinishedBite};
 pub use clock::UnixClock;
-pub use config::SfuConfig;
+pub use config::{SfuConfig, MAX_RED_DISTANCE};
 pub use conversation::speaker::{speaker_csrc, SpeakerConfig};
 pub use ids::PeerId;
 pub use peer::budget::BudgetConfig;
@@ -69,6 +70,7 @@ pub use test_hooks::internals;
 use bite::BiteAssembler;
 use conversation::membership::{Grace, Memberships};
 use conversation::Conversations;
+use ids::SpeakerId;
 use nodes::Nodes;
 use peer::outbox::{Outbox, Pending};
 use peer::table::{Dropped, PeerTable};
@@ -95,6 +97,9 @@ pub struct Sfu {
     shutting_down: bool,
     /// Due timers popped before any is handled (handling may arm new ones).
     due: Vec<(Instant, TimerKey)>,
+    /// Each speaker's last packets, for RED listeners and uplink recovery
+    /// (empty when RED is off).
+    histories: HashMap<SpeakerId, red::History>,
 }
 
 impl Sfu {
@@ -102,7 +107,6 @@ impl Sfu {
     /// Unix time an `Instant` was (bite start times derive from it).
     pub fn new(config: SfuConfig, clock: UnixClock) -> Self {
         Sfu {
-            rtc_config: request::rtc_config(),
             peers: PeerTable::default(),
             members: Memberships::new(config.membership_grace),
             convs: Conversations::new(config.speaker),
@@ -116,6 +120,8 @@ impl Sfu {
             stats: CoreStats::default(),
             shutting_down: false,
             due: Vec::new(),
+            histories: HashMap::new(),
+            rtc_config: request::rtc_config(config.red_distance > 0),
             config,
         }
     }

@@ -20,7 +20,7 @@ use super::opus;
 use super::peer::slot::Incoming;
 use super::peer::Forward;
 use super::timer::TimerKey;
-use super::{Sfu, SfuEvent};
+use super::{forward, Sfu, SfuEvent};
 use crate::log_limit::LogLimit;
 
 /// Nodes coming and going are logged at most once a second: node ids come
@@ -152,6 +152,7 @@ impl Sfu {
 
     fn forget_speakers(&mut self, speakers: Vec<RemoteSpeaker>) {
         for s in speakers {
+            self.histories.remove(&s.id);
             self.convs.remove_speaker(s.conv, s.id);
         }
     }
@@ -210,23 +211,30 @@ impl Sfu {
             voice_activity: p.voice_activity,
             ..Default::default()
         };
+        let incoming = Incoming {
+            speaker: s.id,
+            ssrc: p.ssrc,
+            seq: p.seq,
+            timestamp: p.timestamp,
+            marker: p.marker,
+        };
+        let red = forward::remember(
+            &mut self.histories,
+            self.config.red_distance,
+            &incoming,
+            &payload,
+        );
         let fwd = Forward {
-            incoming: Incoming {
-                speaker: s.id,
-                ssrc: p.ssrc,
-                seq: p.seq,
-                timestamp: p.timestamp,
-                marker: p.marker,
-            },
+            incoming,
             csrc: p.csrc,
             ext: &ext,
             payload: &payload,
+            red: &red,
         };
-        let (written, panicked) =
-            self.peers
-                .fan_out(heard.listeners, &fwd, now, &mut self.timers, &mut self.out);
-        self.stats.forwarded += written;
-        self.stats.forward_panics += panicked;
+        let n = self
+            .peers
+            .fan_out(heard.listeners, &fwd, now, &mut self.timers, &mut self.out);
+        forward::count_fan_out(&mut self.stats, n);
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use log::info;
 use str0m::change::SdpOffer;
-use str0m::format::{Codec, FormatParams};
+use str0m::format::{Codec, CodecConfig, FormatParams};
 use str0m::media::{Frequency, Pt};
 use str0m::net::TcpType;
 use str0m::rtp::Extension;
@@ -25,9 +25,14 @@ use super::Sfu;
 /// the answer follows the offer's.
 const OPUS_PT: u8 = 111;
 
+/// Our preferred RED payload type (Chromium's usual 63); the answer follows
+/// the offer's.
+const RED_PT: u8 = 63;
+
 /// The `Rtc` settings every peer shares, with one DTLS certificate for all
-/// (generating one per peer would stall the loop for milliseconds).
-pub(super) fn rtc_config() -> RtcConfig {
+/// (generating one per peer would stall the loop for milliseconds). With
+/// `red`, Opus may be wrapped in RED (RFC 2198) for peers that offer it.
+pub(super) fn rtc_config(red: bool) -> RtcConfig {
     let provider = str0m::crypto::from_feature_flags();
     let mut rtc_config = RtcConfig::new()
         .set_ice_lite(true)
@@ -60,6 +65,17 @@ pub(super) fn rtc_config() -> RtcConfig {
             ..Default::default()
         },
     );
+    // RED (`red/48000/2`) when the client offers it too: the listener's own
+    // loss protection, since Opus FEC only adapts to the sender's uplink
+    // (docs/ARCHITECTURE.md, decision 29). str0m keeps it only if offered.
+    if red {
+        let codecs = rtc_config.codec_config();
+        let mut params = codecs.params().to_vec();
+        for p in params.iter_mut().filter(|p| p.spec().codec == Codec::Opus) {
+            p.set_red(Some(Pt::from(RED_PT)));
+        }
+        *codecs = CodecConfig::new_from_payload_params(params);
+    }
     if let Some(cert) = provider.dtls_provider.generate_certificate() {
         rtc_config = rtc_config.set_dtls_cert(cert);
     }

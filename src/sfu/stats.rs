@@ -73,6 +73,12 @@ core_stats! {
     dropped_not_source => Dropped("not_source_mline");
     /// RTP packets whose payload type is not Opus.
     dropped_not_opus => Dropped("not_opus");
+    /// RED packets whose blocks do not check out (structure, block count, codec, offsets).
+    dropped_red_malformed => Dropped("red_malformed");
+    /// Packets an uplink lost that the next packet's RED redundancy carried.
+    red_recovered => Counter { name: "red_recovered_packets", help: "Packets lost on a speaker's uplink and recovered from the RED redundancy of the packets after them (forwarded and kept in bites)" };
+    /// RED packets written to listeners that negotiated RED.
+    red_written => Counter { name: "red_packets_written", help: "RTP packets written to listeners as RED (RFC 2198), with their speaker's previous packets as redundancy" };
     /// RTP packets over the peer's packet rate.
     dropped_over_packet_rate => Dropped("over_packet_rate");
     /// RTP packets over the peer's byte rate.

@@ -1,8 +1,9 @@
 //! Each peer's media budget: token buckets on packets and bytes, and a cap
 //! on payload size, checked before a packet reaches speaker selection, bites
 //! or forwarding. Sized well above real Opus (50 packets/s, at most about
-//! 64 KB/s at 510 kbit/s), so only a sender that is broken or hostile meets
-//! them; what it sends beyond them is dropped and counted, and nobody else's
+//! 64 KB/s at 510 kbit/s, twice that wrapped in RED with one redundant
+//! block, as browsers send it), so only a sender that is broken or hostile
+//! meets them; what it sends beyond them is dropped and counted, and nobody else's
 //! call pays for it.
 
 use std::time::Instant;
@@ -27,8 +28,8 @@ impl Default for BudgetConfig {
         BudgetConfig {
             packets_per_sec: 100.0,
             packet_burst: 50.0,
-            bytes_per_sec: 64_000.0,
-            byte_burst: 32_000.0,
+            bytes_per_sec: 128_000.0,
+            byte_burst: 64_000.0,
             max_payload: 1_500,
         }
     }

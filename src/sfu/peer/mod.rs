@@ -27,11 +27,12 @@ pub(crate) mod table;
 
 use super::api::{Claim, CloseReason, PeerFailure};
 use super::ids::PeerId;
+use super::red::Redundancy;
 use super::timer::{TimerHeap, TimerKey};
 use budget::{Budget, Overrun};
 use demux::Origin;
 use outbox::{Outbox, Pending};
-use slot::{Incoming, Slot};
+use slot::{Incoming, Slot, SlotPts};
 
 /// A peer's timers, by name (quinn's timer table, for three entries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,19 @@ pub(crate) enum PeerTimer {
 /// Most slots (receiving audio m-lines) one peer gets; further m-lines stay
 /// silent. A 64 KiB offer could otherwise ask for about 800.
 pub(crate) const MAX_SLOTS: usize = 16;
+
+/// How an admitted packet carries its Opus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carried {
+    /// Plain Opus.
+    Opus,
+    /// Wrapped in RED (RFC 2198) whose blocks must carry this Opus payload
+    /// type.
+    Red {
+        /// The peer's Opus payload type.
+        opus_pt: u8,
+    },
+}
 
 /// Why a peer's packet was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +82,17 @@ pub(crate) struct Limits {
     pub idle: Duration,
 }
 
+/// What a write put on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wrote {
+    /// Nothing: not connected, no such slot, or a duplicate or late packet.
+    Nothing,
+    /// Plain Opus.
+    Opus,
+    /// Opus wrapped in RED.
+    Red,
+}
+
 /// str0m panicked on a write; the peer is closing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Panicked;
@@ -82,6 +107,9 @@ pub(crate) struct Forward<'a> {
     pub ext: &'a ExtensionValues,
     /// The Opus payload, shared by every subscriber's write.
     pub payload: &'a Arc<[u8]>,
+    /// The same packet wrapped with its speaker's previous ones, for the
+    /// subscribers that negotiated RED.
+    pub red: &'a Redundancy,
 }
 
 /// A connected or connecting client.
@@ -219,8 +247,9 @@ impl Peer {
     }
 
     /// Decides whether a decrypted packet from this peer is taken: from its
-    /// one source m-line, Opus, and within its media budget.
-    pub fn admit(&mut self, pkt: &RtpPacket, now: Instant) -> Result<(), Refused> {
+    /// one source m-line, Opus (plain or in RED), and within its media
+    /// budget.
+    pub fn admit(&mut self, pkt: &RtpPacket, now: Instant) -> Result<Carried, Refused> {
         if self.sending_mlines > 1 {
             let mid = self
                 .rtc
@@ -232,18 +261,26 @@ impl Peer {
             }
         }
         let pt = pkt.header.payload_type;
-        let opus = self
+        let carried = self
             .rtc
             .codec_config()
             .params()
             .iter()
-            .any(|p| p.pt() == pt && p.spec().codec == Codec::Opus);
-        if !opus {
-            return Err(Refused::NotOpus);
-        }
+            .filter(|p| p.spec().codec == Codec::Opus)
+            .find_map(|p| {
+                if p.pt() == pt {
+                    Some(Carried::Opus)
+                } else if p.red() == Some(pt) {
+                    Some(Carried::Red { opus_pt: *p.pt() })
+                } else {
+                    None
+                }
+            })
+            .ok_or(Refused::NotOpus)?;
         self.budget
             .admit(pkt.payload.len(), now)
-            .map_err(Refused::Over)
+            .map_err(Refused::Over)?;
+        Ok(carried)
     }
 
     /// Marks the peer connected; false if it already was.
@@ -255,51 +292,57 @@ impl Peer {
     }
 
     /// Writes one packet on slot `idx` with continuous sequence numbers and
-    /// timestamps, and releases it at once. Returns whether it was written,
-    /// or that str0m panicked (the peer is then closing).
+    /// timestamps, and releases it at once. Returns what it wrote, or that
+    /// str0m panicked (the peer is then closing).
     pub fn forward(
         &mut self,
         idx: usize,
         pkt: &Forward<'_>,
         now: Instant,
         out: &mut Outbox,
-    ) -> Result<bool, Panicked> {
+    ) -> Result<Wrote, Panicked> {
         if !self.connected {
-            return Ok(false);
+            return Ok(Wrote::Nothing);
         }
         let Some(mid) = self.slots.get(idx).map(|s| s.mid) else {
-            return Ok(false);
+            return Ok(Wrote::Nothing);
         };
-        if self.slots[idx].pt.is_none() {
-            self.slots[idx].pt = self.opus_pt(mid);
+        if self.slots[idx].pts.is_none() {
+            self.slots[idx].pts = self.slot_pts(mid);
         }
         let slot = &mut self.slots[idx];
-        let Some(pt) = slot.pt else { return Ok(false) };
+        let Some(pts) = slot.pts else {
+            return Ok(Wrote::Nothing);
+        };
         let Some(rw) = slot.rewrite(pkt.incoming, now) else {
-            return Ok(false);
+            return Ok(Wrote::Nothing);
+        };
+        // A RED subscriber gets RED on every packet, with as many of the
+        // speaker's previous packets as belong to this slot's current run
+        // (none right after a switch); the others get the primary alone.
+        let (pt, payload, wrote) = match pts.red {
+            Some(red) => {
+                let blocks = pkt.red.allowed(rw.since_run);
+                (red, pkt.red.payload(blocks, *pts.opus), Wrote::Red)
+            }
+            None => (pts.opus, pkt.payload.clone(), Wrote::Opus),
         };
         // The payload may come from another node: str0m must never be able
         // to take the process down with it. A panic closes this peer only.
         let written = catch_unwind(AssertUnwindSafe(|| {
-            let write = RtpWrite::new(
-                pt,
-                SeqNo::from(rw.seq),
-                rw.timestamp,
-                now,
-                pkt.payload.clone(),
-            )
-            .marker(rw.marker)
-            .csrc(&[pkt.csrc])
-            .ext_vals(pkt.ext.clone());
+            let write = RtpWrite::new(pt, SeqNo::from(rw.seq), rw.timestamp, now, payload)
+                .marker(rw.marker)
+                .csrc(&[pkt.csrc])
+                .ext_vals(pkt.ext.clone());
             if !self.rtc.direct_api().write_rtp(mid, None, write) {
-                return false;
+                return Wrote::Nothing;
             }
             // Our str0m releases the packet in this drain with no timeout
             // fed, and the write wakes only its send path, not every event
             // source or deadline (third_party/str0m/PATCHES.md, patches 1
             // and 6).
             self.drain(out);
-            true
+            wrote
         }));
         match written {
             Ok(w) => Ok(w),
@@ -413,9 +456,11 @@ impl Peer {
         }
     }
 
-    /// The peer's payload type for Opus on `mid`.
-    fn opus_pt(&self, mid: Mid) -> Option<Pt> {
+    /// The peer's payload types for Opus on `mid`, and for RED if it
+    /// offered RED there and it was negotiated.
+    fn slot_pts(&self, mid: Mid) -> Option<SlotPts> {
         let remote = self.rtc.media(mid).map(|m| m.remote_pts()).unwrap_or(&[]);
+        let offered = |pt: Pt| remote.is_empty() || remote.contains(&pt);
         let opus = self
             .rtc
             .codec_config()
@@ -424,10 +469,14 @@ impl Peer {
             .filter(|p| p.spec().codec == Codec::Opus);
         let mut first = None;
         for p in opus {
-            if remote.is_empty() || remote.contains(&p.pt()) {
-                return Some(p.pt());
+            let pts = SlotPts {
+                opus: p.pt(),
+                red: p.red().filter(|&r| offered(r)),
+            };
+            if offered(p.pt()) {
+                return Some(pts);
             }
-            first.get_or_insert(p.pt());
+            first.get_or_insert(pts);
         }
         first
     }

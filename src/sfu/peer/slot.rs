@@ -24,9 +24,18 @@ const WINDOW: u64 = 64;
 pub struct Slot {
     /// The m-line this slot sends on.
     pub mid: Mid,
-    /// The subscriber's payload type for Opus on this m-line, learned lazily.
-    pub pt: Option<Pt>,
+    /// The subscriber's payload types on this m-line, learned lazily.
+    pub pts: Option<SlotPts>,
     seq: SeqState,
+}
+
+/// What a subscriber negotiated on one m-line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotPts {
+    /// Its payload type for Opus.
+    pub opus: Pt,
+    /// Its payload type for RED (RFC 2198) over Opus, if it offered RED.
+    pub red: Option<Pt>,
 }
 
 /// One incoming packet as the rewriter sees it.
@@ -71,6 +80,9 @@ struct Run {
     last_out_seq: u64,
     /// First outgoing sequence number of the run: nothing older is sent.
     first_out_seq: u64,
+    /// The sender's timestamp of the run's first packet: no redundancy
+    /// older than it rides on this run.
+    first_in_ts: u32,
     /// Added (wrapping) to input timestamps.
     ts_offset: u32,
 }
@@ -84,6 +96,9 @@ pub struct Rewritten {
     pub timestamp: u32,
     /// Set on the first packet of a run and where the sender set it.
     pub marker: bool,
+    /// Sender ticks from the run's first packet to this one: redundant
+    /// blocks further back than this belong to another speaker or stream.
+    pub since_run: u32,
 }
 
 impl Slot {
@@ -92,7 +107,7 @@ impl Slot {
     pub fn new(mid: Mid, first_seq: u16, first_ts: u32) -> Self {
         Slot {
             mid,
-            pt: None,
+            pts: None,
             seq: SeqState {
                 // Stay below 2^15 so the first ROC is 0 and no wrap is near.
                 next_seq: u64::from(first_seq & 0x7fff),
@@ -134,6 +149,7 @@ impl Slot {
                 seq: out,
                 timestamp: ts,
                 marker: pkt.marker,
+                since_run: run.since_start(pkt.timestamp),
             });
         }
         // Late (or a duplicate): it may only fill a gap of this run that was
@@ -146,7 +162,21 @@ impl Slot {
             seq: out,
             timestamp: ts,
             marker: pkt.marker,
+            since_run: run.since_start(pkt.timestamp),
         })
+    }
+}
+
+impl Run {
+    /// Sender ticks from the run's first packet to `ts` (0 if `ts` is
+    /// before it, as a late packet's may be).
+    fn since_start(&self, ts: u32) -> u32 {
+        let d = ts.wrapping_sub(self.first_in_ts);
+        if d < 1 << 31 {
+            d
+        } else {
+            0
+        }
     }
 }
 
@@ -163,6 +193,7 @@ impl SeqState {
             last_in_seq: pkt.seq,
             last_out_seq: out,
             first_out_seq: out,
+            first_in_ts: pkt.timestamp,
             ts_offset: ts.wrapping_sub(pkt.timestamp),
         });
         self.last_out = Some((ts, now));
@@ -170,6 +201,7 @@ impl SeqState {
             seq: out,
             timestamp: ts,
             marker: true,
+            since_run: 0,
         }
     }
 
@@ -241,7 +273,8 @@ mod tests {
             Rewritten {
                 seq: 100,
                 timestamp: 5000,
-                marker: true
+                marker: true,
+                since_run: 0,
             }
         );
         let r2 = s.rewrite(inc(a, 11, 1960), t0).unwrap();
@@ -250,7 +283,8 @@ mod tests {
             Rewritten {
                 seq: 101,
                 timestamp: 5960,
-                marker: false
+                marker: false,
+                since_run: 960,
             }
         );
         // A loss of one packet stays visible as a gap.

@@ -11,9 +11,20 @@ use str0m::Input;
 
 use super::demux::{self, Demux};
 use super::outbox::Outbox;
-use super::{Forward, Panicked, Peer};
+use super::{Forward, Panicked, Peer, Wrote};
 use crate::sfu::ids::PeerId;
 use crate::sfu::timer::TimerHeap;
+
+/// What one packet's fan-out did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FanOut {
+    /// Writes made.
+    pub written: u64,
+    /// Of those, writes as RED.
+    pub red: u64,
+    /// Writes that panicked inside str0m.
+    pub panicked: u64,
+}
 
 /// Why a datagram reached no `Rtc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,8 +123,9 @@ impl PeerTable {
 
     /// Writes one packet to each listener's slot and re-arms each
     /// listener's timer: local and relayed packets take this same path.
-    /// Returns how many writes were made, and how many panicked inside
-    /// str0m (each of those listeners is closing).
+    /// Returns how many writes were made (and how many of those as RED),
+    /// and how many panicked inside str0m (each of those listeners is
+    /// closing).
     pub fn fan_out(
         &mut self,
         listeners: &[(PeerId, usize)],
@@ -121,20 +133,24 @@ impl PeerTable {
         now: Instant,
         timers: &mut TimerHeap,
         out: &mut Outbox,
-    ) -> (u64, u64) {
-        let (mut written, mut panicked) = (0, 0);
+    ) -> FanOut {
+        let mut n = FanOut::default();
         for &(sub, idx) in listeners {
             let Some(peer) = self.peers.get_mut(&sub) else {
                 continue;
             };
             match peer.forward(idx, fwd, now, out) {
-                Ok(true) => written += 1,
-                Ok(false) => {}
-                Err(Panicked) => panicked += 1,
+                Ok(Wrote::Opus) => n.written += 1,
+                Ok(Wrote::Red) => {
+                    n.written += 1;
+                    n.red += 1;
+                }
+                Ok(Wrote::Nothing) => {}
+                Err(Panicked) => n.panicked += 1,
             }
             peer.arm(timers);
         }
-        (written, panicked)
+        n
     }
 
     /// Routes one datagram to its peer and feeds it there. `local` is the
