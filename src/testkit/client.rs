@@ -1,7 +1,8 @@
 //! A WebRTC client as the tests, benchmarks and load generator use it: a
-//! str0m `Rtc` in RTP mode with Opus only, one host candidate, an offer of
-//! one send-receive audio m-line plus receive-only ones, and a `send` that
-//! writes one 20 ms packet with its own sequence numbers and timestamps.
+//! str0m `Rtc` in RTP mode with Opus only (and RED, RFC 2198, if asked),
+//! one host candidate, an offer of one send-receive audio m-line plus
+//! receive-only ones, and a `send` that writes one 20 ms packet with its own
+//! sequence numbers and timestamps.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -33,6 +34,7 @@ pub struct OpusClient {
     send_mid: Option<Mid>,
     pending: Option<SdpPendingOffer>,
     pt: Option<Pt>,
+    red: bool,
     seq: u64,
     timestamp: u32,
     /// When the client's `Rtc` last asked to be woken.
@@ -43,7 +45,14 @@ impl OpusClient {
     /// A client whose one host candidate is `addr`, over UDP.
     pub fn new(addr: SocketAddr, now: Instant) -> Result<Self, String> {
         let c = Candidate::host(addr, "udp").map_err(|e| e.to_string())?;
-        Self::with_candidate(addr, c, now)
+        Self::with_candidate(addr, c, now, false)
+    }
+
+    /// A UDP client that offers RED (`red/48000/2`) beside Opus, as
+    /// Chromium does.
+    pub fn new_red(addr: SocketAddr, now: Instant) -> Result<Self, String> {
+        let c = Candidate::host(addr, "udp").map_err(|e| e.to_string())?;
+        Self::with_candidate(addr, c, now, true)
     }
 
     /// A client that reaches the server over TCP only (an active ICE-TCP
@@ -55,17 +64,18 @@ impl OpusClient {
             .tcptype(TcpType::Active)
             .build()
             .map_err(|e| e.to_string())?;
-        Self::with_candidate(addr, c, now)
+        Self::with_candidate(addr, c, now, false)
     }
 
     fn with_candidate(
         addr: SocketAddr,
         candidate: Candidate,
         now: Instant,
+        red: bool,
     ) -> Result<Self, String> {
         let mut rtc = RtcConfig::new()
             .clear_codecs()
-            .enable_opus(true, false)
+            .enable_opus(true, red)
             .set_rtp_mode(true)
             .set_stats_interval(None)
             .build(now);
@@ -76,6 +86,7 @@ impl OpusClient {
             send_mid: None,
             pending: None,
             pt: None,
+            red,
             seq: 0,
             timestamp: 0,
             next_timeout: None,
@@ -126,9 +137,14 @@ impl OpusClient {
     /// Writes one 20 ms Opus packet with an RFC 6464 level (`-127..=0`).
     /// Returns false if the client has no send m-line or no Opus yet.
     pub fn send(&mut self, payload: &[u8], level: i8, now: Instant) -> bool {
-        let Some(mid) = self.send_mid else {
-            return false;
-        };
+        match self.opus_pt() {
+            Some(pt) => self.send_as(pt, payload, level, now),
+            None => false,
+        }
+    }
+
+    /// The negotiated Opus payload type.
+    pub fn opus_pt(&mut self) -> Option<Pt> {
         if self.pt.is_none() {
             self.pt = self
                 .rtc
@@ -138,7 +154,29 @@ impl OpusClient {
                 .find(|p| p.spec().codec == Codec::Opus)
                 .map(|p| p.pt());
         }
-        let Some(pt) = self.pt else { return false };
+        self.pt
+    }
+
+    /// The negotiated RED payload type, if this client offered RED and the
+    /// server answered it.
+    pub fn red_pt(&mut self) -> Option<Pt> {
+        if !self.red {
+            return None;
+        }
+        self.rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.spec().codec == Codec::Opus)
+            .and_then(|p| p.red())
+    }
+
+    /// Writes one 20 ms packet of payload type `pt` (for RED: a payload the
+    /// caller wrapped), advancing the sequence number and timestamp.
+    pub fn send_as(&mut self, pt: Pt, payload: &[u8], level: i8, now: Instant) -> bool {
+        let Some(mid) = self.send_mid else {
+            return false;
+        };
         let ext = ExtensionValues {
             audio_level: Some(level),
             voice_activity: Some(level > -127),

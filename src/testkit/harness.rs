@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use str0m::media::Mid;
+use str0m::media::{Mid, Pt};
 use str0m::rtp::Ssrc;
 
 use super::client::{ClientOutput, OpusClient};
@@ -29,6 +29,8 @@ pub struct Received {
     pub timestamp: u32,
     /// Marker bit.
     pub marker: bool,
+    /// Payload type.
+    pub pt: u8,
     /// Contributing sources.
     pub csrc: Vec<u32>,
     /// Payload bytes.
@@ -51,6 +53,24 @@ pub struct Client {
     pub connected: bool,
 }
 
+/// Which way a datagram goes, for a test that loses some.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    /// From client `i` to the core.
+    Up(usize),
+    /// From the core to client `i`.
+    Down(usize),
+}
+
+/// Decides whether a datagram in flight is lost.
+pub type Loss = Box<dyn FnMut(Leg, &[u8]) -> bool>;
+
+/// True if a datagram is SRTP media (RTP version 2, not an RTCP packet
+/// type): what a lossy-network test drops, leaving ICE, DTLS and RTCP be.
+pub fn is_rtp(d: &[u8]) -> bool {
+    d.len() >= 12 && d[0] >> 6 == 2 && !(192..=223).contains(&d[1])
+}
+
 /// The core plus its clients, stepped together in simulated time.
 pub struct Harness {
     /// The core under test.
@@ -61,6 +81,8 @@ pub struct Harness {
     pub now: Instant,
     /// Events the core emitted.
     pub events: Vec<SfuEvent>,
+    /// Datagrams this returns true for are lost in flight (none if unset).
+    pub loss: Option<Loss>,
     server_addr: SocketAddr,
 }
 
@@ -80,6 +102,7 @@ impl Harness {
             clients: Vec::new(),
             now,
             events: Vec::new(),
+            loss: None,
             server_addr,
         }
     }
@@ -94,12 +117,29 @@ impl Harness {
         send: bool,
         extra_recv: usize,
     ) -> usize {
+        self.add_client_with(userid, clientid, send, extra_recv, false)
+    }
+
+    /// As [`Harness::add_client`], offering RED (`red/48000/2`) if `red`.
+    pub fn add_client_with(
+        &mut self,
+        userid: &str,
+        clientid: &str,
+        send: bool,
+        extra_recv: usize,
+        red: bool,
+    ) -> usize {
         let n = self.clients.len() as u32;
         let addr = SocketAddr::new(
             IpAddr::V4(Ipv4Addr::new(10, 1, (n / 250) as u8, (n % 250 + 2) as u8)),
             40000 + (n % 20000) as u16,
         );
-        let mut rtc = OpusClient::new(addr, self.now).expect("valid simulated address");
+        let mut rtc = if red {
+            OpusClient::new_red(addr, self.now)
+        } else {
+            OpusClient::new(addr, self.now)
+        }
+        .expect("valid simulated address");
         let offer = rtc.offer(send, extra_recv).expect("offer with media");
         let claim = Claim {
             userid: userid.into(),
@@ -207,6 +247,9 @@ impl Harness {
     /// checks this way afterwards, so its clients stay connected).
     pub fn deliver(&mut self, source: SocketAddr, destination: SocketAddr, contents: &[u8]) {
         if let Some(i) = self.clients.iter().position(|c| c.addr == destination) {
+            if self.lost(Leg::Down(i), contents) {
+                return;
+            }
             self.clients[i]
                 .rtc
                 .handle_datagram(self.now, source, contents);
@@ -219,6 +262,9 @@ impl Harness {
         while let Some(out) = self.clients[i].rtc.poll_output() {
             match out {
                 ClientOutput::Transmit(t) => {
+                    if self.lost(Leg::Up(i), &t.contents) {
+                        continue;
+                    }
                     let source = self.clients[i].addr;
                     self.sfu.handle_datagram(now, source, &t.contents);
                 }
@@ -229,6 +275,7 @@ impl Harness {
                     seq: *p.seq_no,
                     timestamp: p.header.timestamp,
                     marker: p.header.marker,
+                    pt: *p.header.payload_type,
                     csrc: p.header.csrc[..p.header.csrc_count.min(15)].to_vec(),
                     payload: p.payload.to_vec(),
                 }),
@@ -266,9 +313,35 @@ impl Harness {
         }
         let source = self.clients[i].addr;
         for d in self.produce(i, payload, level) {
-            self.sfu.handle_datagram(self.now, source, &d);
+            if !self.lost(Leg::Up(i), &d) {
+                self.sfu.handle_datagram(self.now, source, &d);
+            }
         }
         true
+    }
+
+    /// Client `i` sends one packet of payload type `pt` (a RED payload it
+    /// wrapped, or anything a test forges), delivered to the core at once.
+    pub fn send_as(&mut self, i: usize, pt: Pt, payload: &[u8], level: i8) -> bool {
+        let now = self.now;
+        if !self.clients[i].rtc.send_as(pt, payload, level, now) {
+            return false;
+        }
+        let source = self.clients[i].addr;
+        while let Some(o) = self.clients[i].rtc.poll_output() {
+            if let ClientOutput::Transmit(t) = o {
+                if !self.lost(Leg::Up(i), &t.contents) {
+                    self.sfu.handle_datagram(now, source, &t.contents);
+                }
+            }
+        }
+        self.pump();
+        true
+    }
+
+    /// Whether the test's loss function drops this datagram.
+    fn lost(&mut self, leg: Leg, d: &[u8]) -> bool {
+        self.loss.as_mut().is_some_and(|f| f(leg, d))
     }
 
     /// Client `i` encrypts one packet and returns the datagram(s) it would

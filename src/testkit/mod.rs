@@ -14,4 +14,4 @@ pub mod load;
 
 pub use crate::sfu::internals;
 pub use client::{ClientOutput, OpusClient};
-pub use harness::{Client, Harness, Received};
+pub use harness::{is_rtp, Client, Harness, Leg, Loss, Received};

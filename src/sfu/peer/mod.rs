@@ -456,8 +456,8 @@ impl Peer {
         }
     }
 
-    /// The peer's payload types for Opus on `mid`, and for RED if it
-    /// offered RED there and it was negotiated.
+    /// The peer's payload types for Opus on `mid`, and for RED if it was
+    /// negotiated.
     fn slot_pts(&self, mid: Mid) -> Option<SlotPts> {
         let remote = self.rtc.media(mid).map(|m| m.remote_pts()).unwrap_or(&[]);
         let offered = |pt: Pt| remote.is_empty() || remote.contains(&pt);
@@ -469,9 +469,12 @@ impl Peer {
             .filter(|p| p.spec().codec == Codec::Opus);
         let mut first = None;
         for p in opus {
+            // str0m folds RED into the Opus parameters it negotiated (kept
+            // only if the remote offered RED too), not into the m-line's
+            // payload types.
             let pts = SlotPts {
                 opus: p.pt(),
-                red: p.red().filter(|&r| offered(r)),
+                red: p.red(),
             };
             if offered(p.pt()) {
                 return Some(pts);

@@ -316,7 +316,9 @@ mod tests {
         assert!(r.marker);
         // 200 ms - 80 ms since the last packet = 120 ms = 5760 ticks.
         assert_eq!(r.timestamp, 4 * 960 + 5760);
+        assert_eq!(r.since_run, 0, "no redundancy from before the switch");
         let r2 = s.rewrite(inc(b, 40_001, 123 + 960), t_switch).unwrap();
+        assert_eq!(r2.since_run, 960, "one frame of b's run behind it");
         assert_eq!(
             (r2.seq, r2.timestamp, r2.marker),
             (13, 4 * 960 + 5760 + 960, false)
