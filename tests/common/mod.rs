@@ -85,6 +85,7 @@ pub struct Got {
     pub csrc: Vec<u32>,
     pub seq: u64,
     pub timestamp: u32,
+    pub pt: u8,
     pub payload: Vec<u8>,
 }
 
@@ -99,10 +100,37 @@ pub struct TestPeer {
     pub ws_close: Option<(u16, String)>,
     pub connected: bool,
     pub received: Vec<Got>,
+    /// Loses this percentage of the SRTP media it receives, at random
+    /// (seeded), and notes each lost sequence number: a lossy downlink.
+    pub loss: Option<RandomLoss>,
     buf: Vec<u8>,
     /// Over TCP: the connection to the server's passive candidate (opened
     /// on the first transmit) and what was read of it.
     tcp: Option<TcpLink>,
+}
+
+/// Random loss of incoming SRTP media, and what it took.
+pub struct RandomLoss {
+    pub percent: u64,
+    pub state: u64,
+    pub lost: Vec<u16>,
+}
+
+impl RandomLoss {
+    /// Whether to lose this datagram (media only; ICE, DTLS and RTCP pass).
+    fn lose(&mut self, d: &[u8]) -> bool {
+        if !beep_sfu::testkit::is_rtp(d) {
+            return false;
+        }
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let lose = self.state % 100 < self.percent;
+        if lose {
+            self.lost.push(u16::from_be_bytes([d[2], d[3]]));
+        }
+        lose
+    }
 }
 
 /// An ICE-TCP client's connection: RFC 4571 frames both ways.
@@ -127,10 +155,20 @@ impl TestPeer {
 
     /// A client whose socket (and only candidate) is on `ip`.
     pub fn new_on(ip: &str, userid: &str, clientid: &str) -> Self {
+        Self::with_red(ip, userid, clientid, false)
+    }
+
+    /// A client on `ip` that offers RED (`red/48000/2`) if `red`.
+    pub fn with_red(ip: &str, userid: &str, clientid: &str, red: bool) -> Self {
         let socket = UdpSocket::bind((ip, 0)).unwrap();
         socket.set_nonblocking(true).unwrap();
         let addr = socket.local_addr().unwrap();
-        let rtc = OpusClient::new(addr, Instant::now()).unwrap();
+        let rtc = if red {
+            OpusClient::new_red(addr, Instant::now())
+        } else {
+            OpusClient::new(addr, Instant::now())
+        }
+        .unwrap();
         TestPeer {
             name: format!("{userid}/{clientid}"),
             claim: claim(userid, clientid),
@@ -141,6 +179,7 @@ impl TestPeer {
             ws_close: None,
             connected: false,
             received: Vec::new(),
+            loss: None,
             buf: vec![0; 2000],
             tcp: None,
         }
@@ -215,6 +254,11 @@ impl TestPeer {
         loop {
             match self.socket.recv_from(&mut self.buf) {
                 Ok((n, source)) => {
+                    if let Some(l) = &mut self.loss {
+                        if l.lose(&self.buf[..n]) {
+                            continue;
+                        }
+                    }
                     self.rtc
                         .handle_datagram(Instant::now(), source, &self.buf[..n]);
                     self.drain();
@@ -324,6 +368,7 @@ impl TestPeer {
                     csrc: p.header.csrc[..p.header.csrc_count.min(15)].to_vec(),
                     seq: *p.seq_no,
                     timestamp: p.header.timestamp,
+                    pt: *p.header.payload_type,
                     payload: p.payload.to_vec(),
                 }),
             }
