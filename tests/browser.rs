@@ -278,6 +278,37 @@ fn chromium_pages_hear_each_other_and_not_other_conversations() {
         "ann stays on UDP"
     );
     assert!(metric(http, "beep_sfu_tcp_connections ").unwrap_or(0.0) >= 1.0);
+    // Chromium offers RED and the answer carries it. Each page then sends
+    // RED (the bites below decode to the tone: the core unwrapped it) and
+    // is sent RED (its level above shows it decodes it). Chromium's
+    // getStats names the decoded codec, audio/opus, for a RED stream, so
+    // the server's counters are what tell RED went both ways.
+    for p in [&p1, &p2] {
+        let answer = b.eval(p, "window.beep.pc.remoteDescription.sdp");
+        assert!(
+            answer.as_str().unwrap_or("").contains(" red/48000/2"),
+            "the answer carries RED: {answer}"
+        );
+    }
+    let received: u64 = [&p1, &p2]
+        .iter()
+        .map(|p| parse(stats(&mut b, p))["received"].as_u64().unwrap_or(0))
+        .sum();
+    let count = |name: &str| metric(http, &format!("beep_sfu_{name}_total ")).unwrap_or(0.0);
+    let end = Instant::now() + Duration::from_secs(5);
+    while count("red_packets_written") < received as f64 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        count("red_packets_written") >= received as f64,
+        "every packet the pages received was sent as RED: {} of {received}",
+        count("red_packets_written")
+    );
+    assert!(
+        count("red_packets_in") > 100.0,
+        "the pages send RED: {}",
+        count("red_packets_in")
+    );
     // Every packet names its speaker by CSRC: each blue page sees its mate's
     // CSRC through getContributingSources(), never its own user's, and the
     // page names the speaker through the same rule (WebCrypto SHA-256).

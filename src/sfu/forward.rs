@@ -68,6 +68,7 @@ impl Sfu {
             self.take(from, incoming, &ext, &pkt.payload, now);
             return;
         };
+        self.stats.red_in += 1;
         let unwrapped = match red::unwrap(&pkt.payload, opus_pt) {
             Ok(u) => u,
             Err(why) => {

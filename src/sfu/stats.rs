@@ -73,6 +73,8 @@ core_stats! {
     dropped_not_source => Dropped("not_source_mline");
     /// RTP packets whose payload type is not Opus.
     dropped_not_opus => Dropped("not_opus");
+    /// RED packets received from speakers (admitted, before unwrapping).
+    red_in => Counter { name: "red_packets_in", help: "RTP packets received from speakers wrapped in RED (RFC 2198)" };
     /// RED packets whose blocks do not check out (structure, block count, codec, offsets).
     dropped_red_malformed => Dropped("red_malformed");
     /// Packets an uplink lost that the next packet's RED redundancy carried.
