@@ -163,6 +163,8 @@ pub(crate) struct HttpServer {
     admin_addr: Option<SocketAddr>,
     ctx: Arc<Context>,
     acceptors: Vec<JoinHandle<()>>,
+    /// A handle on each listening socket, to shut it down at stop.
+    listeners: Vec<TcpListener>,
 }
 
 impl HttpServer {
@@ -175,11 +177,13 @@ impl HttpServer {
         let local_addr = listener.local_addr()?;
         let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
         let mut acceptors = Vec::new();
+        let mut listeners = Vec::new();
         for (l, which, name) in [(Some(listener), Listener::Public, "http-accept")]
             .into_iter()
             .chain([(admin, Listener::Admin, "admin-accept")])
         {
             let Some(l) = l else { continue };
+            listeners.push(l.try_clone()?);
             let actx = ctx.clone();
             acceptors.push(
                 thread::Builder::new()
@@ -196,6 +200,7 @@ impl HttpServer {
             admin_addr,
             ctx,
             acceptors,
+            listeners,
         })
     }
 
@@ -225,6 +230,13 @@ impl HttpServer {
                 });
             }
             let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        }
+        // The connection cannot reach a listener whose address went away
+        // (its interface or network namespace removed): shutting the
+        // socket down wakes a blocked accept() on Linux all the same, so
+        // a stop never waits forever.
+        for l in &self.listeners {
+            let _ = socket2::SockRef::from(l).shutdown(std::net::Shutdown::Both);
         }
         for t in self.acceptors.drain(..) {
             let _ = t.join();
