@@ -162,6 +162,7 @@ fn sfu_config(config: &Config, udp_port: u16, tcp_port: Option<u16>) -> SfuConfi
     sfu.membership_grace = config.membership_grace;
     sfu.speaker.voiced_loudness = config.voiced_loudness;
     sfu.red_distance = config.red_distance;
+    sfu.opus_dtx = config.opus_dtx;
     sfu.bites = BiteConfig {
         silence: config.bite_silence,
         max_len: config.bite_max,

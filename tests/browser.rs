@@ -4,163 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use beep_sfu::testkit::chromium::{tone_wav, Browser};
 use serde_json::{json, Value};
-use tungstenite::{Message, WebSocket};
 
 use common::*;
 
-const CHROMIUM: &str = "/usr/lib/chromium/chromium";
-
-/// A 48 kHz mono 16-bit WAV of a sine tone.
-fn tone_wav(path: &std::path::Path, hz: f64, secs: u32) {
-    let rate = 48_000u32;
-    let n = rate * secs;
-    let mut data = Vec::with_capacity(44 + n as usize * 2);
-    data.extend_from_slice(b"RIFF");
-    data.extend_from_slice(&(36 + n * 2).to_le_bytes());
-    data.extend_from_slice(b"WAVEfmt ");
-    data.extend_from_slice(&16u32.to_le_bytes());
-    data.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    data.extend_from_slice(&1u16.to_le_bytes()); // mono
-    data.extend_from_slice(&rate.to_le_bytes());
-    data.extend_from_slice(&(rate * 2).to_le_bytes());
-    data.extend_from_slice(&2u16.to_le_bytes());
-    data.extend_from_slice(&16u16.to_le_bytes());
-    data.extend_from_slice(b"data");
-    data.extend_from_slice(&(n * 2).to_le_bytes());
-    for i in 0..n {
-        let v = (f64::from(i) * hz * 2.0 * std::f64::consts::PI / f64::from(rate)).sin()
-            * 0.5
-            * 32767.0;
-        data.extend_from_slice(&(v as i16).to_le_bytes());
-    }
-    std::fs::write(path, data).unwrap();
-}
-
-struct Browser {
-    child: Child,
-    ws: WebSocket<TcpStream>,
-    next_id: u64,
-    dir: std::path::PathBuf,
-}
-
-impl Browser {
-    fn start(wav: &std::path::Path, dir: std::path::PathBuf) -> Browser {
-        assert!(
-            std::path::Path::new(CHROMIUM).exists(),
-            "Chromium is required for this test: apt-get install chromium (scripts/test does it)"
-        );
-        let mut child = Command::new(CHROMIUM)
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--use-fake-device-for-media-stream",
-                "--use-fake-ui-for-media-stream",
-                "--allow-loopback-in-peer-connection",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--autoplay-policy=no-user-gesture-required",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!(
-                "--use-file-for-fake-audio-capture={}",
-                wav.display()
-            ))
-            .arg(format!("--user-data-dir={}", dir.join("profile").display()))
-            .arg("about:blank")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("Chromium failed to start: {e}"));
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("DevTools listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("Chromium did not print its DevTools address within 30 s");
-        let (ws, _) = tungstenite::connect(url.as_str()).expect("DevTools connects");
-        let ws = match ws.into_inner() {
-            tungstenite::stream::MaybeTlsStream::Plain(s) => {
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                WebSocket::from_raw_socket(s, tungstenite::protocol::Role::Client, None)
-            }
-            _ => panic!("plain DevTools socket expected"),
-        };
-        Browser {
-            child,
-            ws,
-            next_id: 1,
-            dir,
-        }
-    }
-
-    /// One DevTools call; returns its result.
-    fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut msg = json!({"id": id, "method": method, "params": params});
-        if let Some(s) = session {
-            msg["sessionId"] = json!(s);
-        }
-        self.ws.send(Message::text(msg.to_string())).unwrap();
-        loop {
-            let m = self.ws.read().expect("DevTools answers");
-            let Message::Text(t) = m else { continue };
-            let v: Value = serde_json::from_str(t.as_str()).unwrap();
-            if v["id"] == json!(id) {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].clone();
-            }
-        }
-    }
-
-    /// Opens a page; returns its session id.
-    fn open(&mut self, url: &str) -> String {
-        let target = self.call(None, "Target.createTarget", json!({"url": url}));
-        let id = target["targetId"].as_str().unwrap().to_string();
-        let att = self.call(
-            None,
-            "Target.attachToTarget",
-            json!({"targetId": id, "flatten": true}),
-        );
-        att["sessionId"].as_str().unwrap().to_string()
-    }
-
-    fn eval(&mut self, session: &str, expr: &str) -> Value {
-        let r = self.call(
-            Some(session),
-            "Runtime.evaluate",
-            json!({"expression": expr, "returnByValue": true}),
-        );
-        r["result"]["value"].clone()
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Decodes an Ogg Opus file with `opusdec` (Debian's opus-tools) and returns
-/// (seconds of audio, dominant frequency by zero crossings).
 fn decode(ogg: &std::path::Path) -> (f64, f64) {
     let wav = ogg.with_extension("wav");
     let status = Command::new("opusdec")
@@ -194,8 +45,8 @@ fn chromium_pages_hear_each_other_and_not_other_conversations() {
     let server = beep_sfu::server::Server::start(&cfg).unwrap();
     let http = server.http_addr();
     let wav = dir.join("tone.wav");
-    tone_wav(&wav, 440.0, 10);
-    let mut b = Browser::start(&wav, dir.join("chromium"));
+    tone_wav(&wav, 440.0, 10).unwrap();
+    let mut b = Browser::start(&wav, dir.join("chromium")).unwrap();
     let page = |u: &str, conv: &str| {
         format!("http://{http}/?userid={u}&clientid=tab&conversation={conv}&autojoin=1&raw=1&members=ann,ben,cat")
     };

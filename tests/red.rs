@@ -279,13 +279,21 @@ fn red_from_a_sender_is_checked_unwrapped_for_plain_listeners_and_repairs_its_up
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "no gap: {seqs:?}"
     );
-    // The RED listener's packet 11 carries 10 and 9 as redundancy.
+    // The RED listener gets 10 as a block of 11 and of 12, not on its own
+    // (a late arrival would make its jitter buffer wait longer).
     let red_rx = &h.clients[red].received;
-    let carries_10 = red_rx
+    let carrying_10: Vec<Vec<u8>> = red_rx
         .iter()
-        .filter(|r| unred(r, *red_pt).iter().any(|(_, p)| *p == payload(s, 10)))
-        .count();
-    assert_eq!(carries_10, 3, "as primary, then in the next two packets");
+        .map(|r| unred(r, *red_pt))
+        .filter(|blocks| {
+            blocks[..blocks.len() - 1]
+                .iter()
+                .any(|(_, p)| *p == payload(s, 10))
+        })
+        .map(|blocks| blocks[blocks.len() - 1].1.clone())
+        .collect();
+    assert_eq!(carrying_10, vec![payload(s, 11), payload(s, 12)]);
+    assert_eq!(red_rx.len(), 29, "every packet but 10 on its own");
     // The bite has every packet, 10 included.
     h.step(Duration::from_millis(1_500));
     let bite = h

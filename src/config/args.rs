@@ -73,6 +73,11 @@ pub struct Args {
     #[arg(long, env = "RED_DISTANCE", default_value_t = 2)]
     pub red_distance: usize,
 
+    /// Ask senders for Opus DTX (`usedtx=1`): one packet per 400 ms in
+    /// silence instead of fifty a second. `false` answers without it.
+    #[arg(long, env = "OPUS_DTX", default_value_t = true, action = clap::ArgAction::Set)]
+    pub opus_dtx: bool,
+
     /// Audio level (dBov, RFC 6464) below which a packet counts as silence.
     #[arg(long, env = "SILENCE_DBOV", default_value_t = -60, allow_negative_numbers = true)]
     pub silence_dbov: i32,

@@ -49,6 +49,8 @@ pub struct Config {
     pub voiced_loudness: f32,
     /// Previous packets sent as RED redundancy (0: RED not negotiated).
     pub red_distance: usize,
+    /// Whether answers ask for Opus DTX.
+    pub opus_dtx: bool,
     /// Permissions service base URL without a trailing slash.
     pub permissions_host: String,
     /// Development mode.
@@ -177,6 +179,7 @@ impl Config {
             bite_max: Duration::from_millis(a.bite_max_ms),
             voiced_loudness: (127 + a.silence_dbov) as f32,
             red_distance: a.red_distance,
+            opus_dtx: a.opus_dtx,
             permissions_host,
             dev: a.dev,
             max_peers: a.max_peers,

@@ -42,6 +42,8 @@ pub struct SfuConfig {
     /// redundancy on each packet to a listener that negotiated RED, at most
     /// [`MAX_RED_DISTANCE`]; 0 does not negotiate RED at all.
     pub red_distance: usize,
+    /// Whether answers carry `usedtx=1` (docs/ARCHITECTURE.md, decision 28).
+    pub opus_dtx: bool,
 }
 
 /// Most redundant packets per RED packet (`red_distance`).
@@ -78,6 +80,7 @@ impl SfuConfig {
             bites: BiteConfig::default(),
             budget: BudgetConfig::default(),
             red_distance: 2,
+            opus_dtx: true,
         }
     }
 }

@@ -65,7 +65,7 @@ impl Sfu {
             marker: pkt.header.marker,
         };
         let Carried::Red { opus_pt } = carried else {
-            self.take(from, incoming, &ext, &pkt.payload, now);
+            self.take(from, incoming, &ext, &pkt.payload, false, now);
             return;
         };
         self.stats.red_in += 1;
@@ -93,20 +93,21 @@ impl Sfu {
                 marker: false,
                 ..incoming
             };
-            self.take(from, inc, &ext, &r.payload, now);
+            self.take(from, inc, &ext, &r.payload, true, now);
         }
         let primary: Arc<[u8]> = Arc::from(unwrapped.primary);
-        self.take(from, incoming, &ext, &primary, now);
+        self.take(from, incoming, &ext, &primary, false, now);
     }
 
-    /// One admitted Opus packet of a local speaker: selection, bite,
-    /// relay, fan-out.
+    /// One admitted Opus packet of a local speaker (or one `recovered`
+    /// from redundancy): selection, bite, relay, fan-out.
     fn take(
         &mut self,
         from: From,
         incoming: Incoming,
         ext: &ExtensionValues,
         payload: &Arc<[u8]>,
+        recovered: bool,
         now: Instant,
     ) {
         let speaker = incoming.speaker;
@@ -149,6 +150,7 @@ impl Sfu {
             ext,
             payload,
             red: &red,
+            recovered,
         };
         let n = self
             .peers

@@ -121,7 +121,7 @@ impl Sfu {
             shutting_down: false,
             due: Vec::new(),
             histories: HashMap::new(),
-            rtc_config: request::rtc_config(config.red_distance > 0),
+            rtc_config: request::rtc_config(config.red_distance > 0, config.opus_dtx),
             config,
         }
     }

@@ -230,6 +230,7 @@ impl Sfu {
             ext: &ext,
             payload: &payload,
             red: &red,
+            recovered: false,
         };
         let n = self
             .peers

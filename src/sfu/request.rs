@@ -31,8 +31,9 @@ const RED_PT: u8 = 63;
 
 /// The `Rtc` settings every peer shares, with one DTLS certificate for all
 /// (generating one per peer would stall the loop for milliseconds). With
-/// `red`, Opus may be wrapped in RED (RFC 2198) for peers that offer it.
-pub(super) fn rtc_config(red: bool) -> RtcConfig {
+/// `red`, Opus may be wrapped in RED (RFC 2198) for peers that offer it;
+/// with `dtx`, the answer asks for Opus DTX.
+pub(super) fn rtc_config(red: bool, dtx: bool) -> RtcConfig {
     let provider = str0m::crypto::from_feature_flags();
     let mut rtc_config = RtcConfig::new()
         .set_ice_lite(true)
@@ -61,7 +62,7 @@ pub(super) fn rtc_config(red: bool) -> RtcConfig {
         FormatParams {
             min_p_time: Some(10),
             use_inband_fec: Some(true),
-            use_dtx: Some(true),
+            use_dtx: dtx.then_some(true),
             ..Default::default()
         },
     );

@@ -3,9 +3,11 @@
 //! test, bench and the load generator ([`OpusClient`]), the in-memory
 //! [`Harness`] that wires such clients to the core, and the bench hooks
 //! into the core's internals ([`internals`]), and what the benches and the
-//! allocation test build alike ([`load`]). The server binary never
+//! allocation test build alike ([`load`]), and headless Chromium for the
+//! browser test and the loss bench ([`chromium`]). The server binary never
 //! contains it.
 
+pub mod chromium;
 mod client;
 pub mod forge;
 pub mod fuzz;

@@ -39,6 +39,7 @@ pub fn test_config(dev: bool, permissions_host: &str) -> Config {
         bite_max: Duration::from_secs(10),
         voiced_loudness: 67.0,
         red_distance: 2,
+        opus_dtx: true,
         permissions_host: permissions_host.into(),
         dev,
         max_peers: 100,

@@ -110,6 +110,11 @@ pub(crate) struct Forward<'a> {
     /// The same packet wrapped with its speaker's previous ones, for the
     /// subscribers that negotiated RED.
     pub red: &'a Redundancy,
+    /// Recovered from the next packet's redundancy (the speaker's uplink
+    /// lost it): plain listeners get it late, RED listeners get it only as
+    /// a block of the packets after it. Sent on its own, it would reach
+    /// their jitter buffer late, and a late arrival makes it wait longer.
+    pub recovered: bool,
 }
 
 /// A connected or connecting client.
@@ -314,6 +319,9 @@ impl Peer {
         let Some(pts) = slot.pts else {
             return Ok(Wrote::Nothing);
         };
+        if pkt.recovered && pts.red.is_some() {
+            return Ok(Wrote::Nothing);
+        }
         let Some(rw) = slot.rewrite(pkt.incoming, now) else {
             return Ok(Wrote::Nothing);
         };
