@@ -3,6 +3,8 @@
 //!
 //! - `forward/fanout_N`: one SRTP datagram from a speaker in, N SRTP
 //!   datagrams out (decrypt, speaker selection, slot rewrite, encrypt);
+//!   `forward/fanout_red_N` the same to listeners that negotiated RED (each
+//!   packet wrapped with the speaker's two previous ones);
 //! - `rotating/P`: P participants in conversations of 4, everyone talking
 //!   and hearing the 3 others, one packet from each in turn: the load
 //!   generator's access pattern, so P = 4 against P = 200 shows what a large
@@ -35,7 +37,8 @@ use str0m::net::Protocol;
 /// A speaker and `fanout` single-slot listeners, connected and joined, the
 /// speaker already active; `resident` other connected peers sit in other
 /// conversations (their state competes for the caches, as on a busy server).
-fn conversation(fanout: usize, resident: usize) -> (Harness, usize) {
+/// With `red`, the listeners negotiate RED.
+fn conversation(fanout: usize, resident: usize, red: bool) -> (Harness, usize) {
     // The speaker sends far faster than real time (one packet per 20 µs of
     // simulated time): no media budget in the way.
     let mut h = Harness::with_config(unmetered_config());
@@ -44,7 +47,7 @@ fn conversation(fanout: usize, resident: usize) -> (Harness, usize) {
     }
     let speaker = h.add_client("speaker", "s", true, 0);
     for i in 0..fanout {
-        h.add_client(&format!("listener{i}"), "l", false, 1);
+        h.add_client_with(&format!("listener{i}"), "l", false, 1, red);
     }
     h.connect_all();
     for i in 0..resident {
@@ -75,12 +78,21 @@ fn report_timed(name: &str) {
 
 fn forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("forward");
-    for (fanout, resident) in [(1usize, 0usize), (3, 0), (10, 0), (3, 200)] {
-        let (mut h, speaker) = conversation(fanout, resident);
+    let shapes = [
+        (1usize, 0usize, false),
+        (3, 0, false),
+        (10, 0, false),
+        (3, 200, false),
+        (3, 0, true),
+    ];
+    for (fanout, resident, red) in shapes {
+        let (mut h, speaker) = conversation(fanout, resident, red);
         let source = h.clients[speaker].addr;
         let mut n = 1000u32;
         g.throughput(Throughput::Elements(fanout as u64));
-        let id = if resident == 0 {
+        let id = if red {
+            BenchmarkId::new("fanout_red", fanout)
+        } else if resident == 0 {
             BenchmarkId::new("fanout", fanout)
         } else {
             BenchmarkId::new(format!("fanout_{fanout}_with_resident_peers"), resident)
@@ -120,11 +132,13 @@ fn forward(c: &mut Criterion) {
                 total
             })
         });
+        let stats = h.sfu.snapshot().stats;
         assert!(
-            h.sfu.snapshot().stats.forwarded > 0,
+            stats.forwarded > 0,
             "the bench must forward (fanout {fanout})"
         );
-        report_timed(&format!("forward/{fanout}/{resident}"));
+        assert_eq!(red, stats.red_written > 0, "RED only to RED listeners");
+        report_timed(&format!("forward/{fanout}/{resident}/red={red}"));
     }
     g.finish();
 }

@@ -33,7 +33,7 @@ mod lifecycle;
 mod nodes;
 pub(crate) mod opus;
 mod peer;
-mod red;
+pub(crate) mod red;
 mod relay;
 mod request;
 mod stats;

@@ -245,3 +245,50 @@ pub fn cluster(data: &[u8]) {
         ClusterInput::Goodbye { .. } => {}
     }
 }
+
+/// RED (RFC 2198) from a sender: whatever the bytes, checking never panics;
+/// what passes yields at most 2 recovered packets, each inside the gap it
+/// fills, and every RED payload we build from it round-trips through our
+/// own checks and str0m's decoder with the same primary.
+pub fn red(data: &[u8]) {
+    use crate::sfu::red::{unwrap, History};
+    use std::sync::Arc;
+    let Some((&first, packet)) = data.split_first() else {
+        return;
+    };
+    let Ok(u) = unwrap(packet, 111) else {
+        return;
+    };
+    let mut h = History::default();
+    for i in 0..4u64 {
+        h.push(7, i, i as u32 * 960, &Arc::from(&[0xF8, i as u8][..]), 3);
+    }
+    let seq = 4 + u64::from(first % 8);
+    let ts = (seq as u32).wrapping_mul(960);
+    let recovered = h.recoverable(7, seq, ts, &u);
+    assert!(recovered.len() <= 2, "{} recovered", recovered.len());
+    for r in &recovered {
+        assert!(
+            r.seq > 3 && r.seq < seq,
+            "recovered seq {} outside the gap",
+            r.seq
+        );
+        let after_newest = r.ts.wrapping_sub(3 * 960);
+        assert!(
+            after_newest != 0 && after_newest < 1 << 31,
+            "recovered ts {}",
+            r.ts
+        );
+        h.push(7, r.seq, r.ts, &r.payload, 3);
+    }
+    let primary: Arc<[u8]> = Arc::from(u.primary);
+    let red = h.redundancy(7, ts, &primary, usize::from(first % 4));
+    for n in 0..=3 {
+        let built = red.payload(n, 111);
+        let back = unwrap(&built, 111).expect("what we build passes our own checks");
+        assert_eq!(back.primary, u.primary);
+        assert!(back.redundant.len() <= n);
+        let blocks = str0m::rtp::RedDecoder::decode(&built).expect("str0m decodes ours");
+        assert_eq!(blocks.last().map(|b| b.payload), Some(u.primary));
+    }
+}
