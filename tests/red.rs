@@ -308,3 +308,56 @@ fn red_from_a_sender_is_checked_unwrapped_for_plain_listeners_and_repairs_its_up
     let offsets: Vec<u64> = bite.audio.packets().map(|p| p.offset).collect();
     assert_eq!(offsets, (0..30).map(|n| n * 960).collect::<Vec<_>>());
 }
+
+/// The answer to a RED offer from a core configured with `red_distance`
+/// and `opus_dtx`.
+fn answer_to_red_offer(red_distance: usize, opus_dtx: bool) -> String {
+    let mut config = beep_sfu::sfu::SfuConfig::new("10.0.0.1:5000".parse().unwrap());
+    config.red_distance = red_distance;
+    config.opus_dtx = opus_dtx;
+    let mut h = Harness::with_config(config);
+    let mut c = beep_sfu::testkit::OpusClient::new_red("10.1.0.9:40009".parse().unwrap(), h.now)
+        .expect("client");
+    let offer = c.offer(true, 1).expect("offer");
+    assert!(offer.contains(" red/48000/2"), "the client offers RED");
+    let claim = beep_sfu::sfu::Claim {
+        userid: "u".into(),
+        clientid: "c".into(),
+    };
+    h.connect(claim, &offer).expect("answered").1
+}
+
+#[test]
+fn red_and_dtx_in_the_answer_follow_the_configuration() {
+    let both = answer_to_red_offer(2, true);
+    assert!(both.contains(" red/48000/2"), "{both}");
+    assert!(both.contains("usedtx=1"), "{both}");
+    // Distance 0 does not negotiate RED at all; DTX off leaves usedtx out.
+    let neither = answer_to_red_offer(0, false);
+    assert!(!neither.contains("red/"), "{neither}");
+    assert!(!neither.contains("usedtx"), "{neither}");
+    assert!(neither.contains("opus/48000/2"), "{neither}");
+}
+
+#[test]
+fn with_red_off_a_red_client_gets_plain_opus() {
+    let mut config = beep_sfu::sfu::SfuConfig::new("10.0.0.1:5000".parse().unwrap());
+    config.red_distance = 0;
+    let mut h = Harness::with_config(config);
+    let s = h.add_client("s", "s", true, 0);
+    let r = h.add_client_with("r", "r", false, 1, true);
+    h.connect_all();
+    for i in [s, r] {
+        h.join(i, "room");
+    }
+    assert_eq!(h.clients[r].rtc.red_pt(), None, "RED not negotiated");
+    let opus_pt = *h.clients[r].rtc.opus_pt().unwrap();
+    for n in 0..10 {
+        h.send(s, &payload(s, n), LOUD);
+        h.step(Duration::from_millis(20));
+    }
+    let rx = &h.clients[r].received;
+    assert_eq!(rx.len(), 10);
+    assert!(rx.iter().all(|p| p.pt == opus_pt));
+    assert_eq!(h.sfu.snapshot().stats.red_written, 0);
+}
