@@ -125,28 +125,14 @@ impl Config {
 
     /// Validates parsed arguments.
     pub fn from_args(a: Args) -> Result<Config, String> {
-        let listen_default = if a.dev { "127.0.0.1:8080" } else { ":80" };
-        let udp_default = if a.dev {
-            "127.0.0.1:50000"
-        } else {
-            "0.0.0.0:50000"
-        };
-        let listen = parse_addr(a.listen.as_deref().unwrap_or(listen_default))
-            .map_err(|e| format!("--listen: {e}"))?;
-        let udp = parse_addr(a.udp.as_deref().unwrap_or(udp_default))
-            .map_err(|e| format!("--udp: {e}"))?;
-        let public_ips = public_ips(&a.public_ip, udp)?;
-        let tcp = match a.tcp.as_deref().map(str::trim) {
-            Some("none") => None,
-            Some(s) => Some(parse_addr(s).map_err(|e| format!("--tcp: {e}"))?),
-            None => Some(udp),
-        };
-        let permissions_host = a.permissions_host.trim_end_matches('/').to_string();
-        if !a.dev && !permissions_host.starts_with("http://") {
-            return Err(format!(
-                "--permissions-host: {permissions_host:?} must be an http:// URL (the service is reached inside the cluster)"
-            ));
-        }
+        let Addresses {
+            listen,
+            udp,
+            tcp,
+            public_ips,
+            admin_listen,
+        } = addresses(&a)?;
+        let permissions_host = permissions_host(&a)?;
         let nats = nats_url(&a)?;
         let (node_id, cluster_subject) = cluster_settings(&a)?;
         let cluster_keys = cluster_keys(&a.cluster_key_file)?;
@@ -155,10 +141,6 @@ impl Config {
             ca: readable_file(a.nats_ca.clone(), "--nats-ca")?,
         };
         check_limits(&a)?;
-        let admin_listen = match a.admin_listen.as_deref().map(str::trim) {
-            None | Some("" | "none") => None,
-            Some(s) => Some(parse_addr(s).map_err(|e| format!("--admin-listen: {e}"))?),
-        };
         let allowed_origins: Vec<String> = a
             .allowed_origins
             .iter()
@@ -213,6 +195,59 @@ impl Config {
             .map(|ip| SocketAddr::new(*ip, self.udp.port()))
             .collect()
     }
+}
+
+/// The addresses the server listens on and announces.
+struct Addresses {
+    listen: SocketAddr,
+    udp: SocketAddr,
+    tcp: Option<SocketAddr>,
+    public_ips: Vec<IpAddr>,
+    admin_listen: Option<SocketAddr>,
+}
+
+/// The listening and announced addresses, with `--dev`'s defaults; an
+/// error names the flag.
+fn addresses(a: &Args) -> Result<Addresses, String> {
+    let listen_default = if a.dev { "127.0.0.1:8080" } else { ":80" };
+    let udp_default = if a.dev {
+        "127.0.0.1:50000"
+    } else {
+        "0.0.0.0:50000"
+    };
+    let listen = parse_addr(a.listen.as_deref().unwrap_or(listen_default))
+        .map_err(|e| format!("--listen: {e}"))?;
+    let udp =
+        parse_addr(a.udp.as_deref().unwrap_or(udp_default)).map_err(|e| format!("--udp: {e}"))?;
+    let public_ips = public_ips(&a.public_ip, udp)?;
+    let tcp = match a.tcp.as_deref().map(str::trim) {
+        Some("none") => None,
+        Some(s) => Some(parse_addr(s).map_err(|e| format!("--tcp: {e}"))?),
+        None => Some(udp),
+    };
+    let admin_listen = match a.admin_listen.as_deref().map(str::trim) {
+        None | Some("" | "none") => None,
+        Some(s) => Some(parse_addr(s).map_err(|e| format!("--admin-listen: {e}"))?),
+    };
+    Ok(Addresses {
+        listen,
+        udp,
+        tcp,
+        public_ips,
+        admin_listen,
+    })
+}
+
+/// The permissions service's base URL without a trailing slash: http://
+/// outside `--dev` (it is reached inside the cluster).
+fn permissions_host(a: &Args) -> Result<String, String> {
+    let host = a.permissions_host.trim_end_matches('/').to_string();
+    if !a.dev && !host.starts_with("http://") {
+        return Err(format!(
+            "--permissions-host: {host:?} must be an http:// URL (the service is reached inside the cluster)"
+        ));
+    }
+    Ok(host)
 }
 
 /// The NATS URL (`None`: no NATS), checked to look like one.
