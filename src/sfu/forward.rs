@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use log::debug;
+use log::warn;
 use str0m::rtp::{ExtensionValues, RtpPacket};
 
 use super::bite::Owner;
@@ -21,6 +21,10 @@ use super::peer::{Carried, Forward, Refused};
 use super::red::{self, History, Redundancy};
 use super::stats::CoreStats;
 use super::{bite_event, relay, Sfu};
+use crate::log_limit::LogLimit;
+
+/// Malformed RED is logged at most once a second (it is counted always).
+static RED_MALFORMED: LogLimit = LogLimit::new(std::time::Duration::from_secs(1));
 
 /// A local speaker's packet once admitted: who sent it, in which
 /// conversation, and under which CSRC.
@@ -73,7 +77,12 @@ impl Sfu {
             Ok(u) => u,
             Err(why) => {
                 self.stats.dropped_red_malformed += 1;
-                debug!("peer {}: RED packet dropped: {why:?}", src.0);
+                RED_MALFORMED.log(now, |more| {
+                    warn!(
+                        "peer {}: malformed RED dropped: {why:?} ({more} more since the last line)",
+                        src.0
+                    )
+                });
                 return;
             }
         };

@@ -17,7 +17,7 @@ use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use str0m::rtp::RedDecoder;
+use str0m::rtp::{RedBlock, RedDecoder};
 
 /// Most redundant blocks we send per packet (`--red-distance` is bounded by
 /// it): three covers a burst of three lost packets at 4x the bitrate.
@@ -58,14 +58,25 @@ pub(crate) enum Malformed {
     EmptyPrimary,
 }
 
-/// An incoming RED packet, checked: the primary and its redundant blocks.
+/// An incoming RED packet, checked: the primary and its redundant blocks
+/// (str0m's parse, kept as it is: no second list per packet).
 #[derive(Debug)]
 pub(crate) struct Unwrapped<'a> {
     /// The primary Opus packet.
     pub primary: &'a [u8],
+    /// Every block, the primary last.
+    blocks: Vec<RedBlock<'a>>,
+}
+
+impl<'a> Unwrapped<'a> {
     /// Redundant blocks, oldest first: (timestamp offset, Opus packet).
     /// Empty blocks (a sender with nothing to repeat) are left out.
-    pub redundant: Vec<(u32, &'a [u8])>,
+    pub fn redundant(&self) -> impl DoubleEndedIterator<Item = (u32, &'a [u8])> + '_ {
+        self.blocks[..self.blocks.len() - 1]
+            .iter()
+            .filter(|b| !b.payload.is_empty())
+            .map(|b| (b.timestamp_offset, b.payload))
+    }
 }
 
 /// Checks an incoming RED payload block by block and splits it.
@@ -74,13 +85,14 @@ pub(crate) fn unwrap(data: &[u8], opus_pt: u8) -> Result<Unwrapped<'_>, Malforme
     let Some((primary, redundant)) = blocks.split_last() else {
         return Err(Malformed::Structure);
     };
+    let primary = primary.payload;
     if redundant.len() > MAX_IN_BLOCKS {
         return Err(Malformed::TooManyBlocks);
     }
     if blocks.iter().any(|b| b.pt != opus_pt) {
         return Err(Malformed::NotOpus);
     }
-    if primary.payload.is_empty() {
+    if primary.is_empty() {
         return Err(Malformed::EmptyPrimary);
     }
     let mut previous = u32::MAX;
@@ -90,14 +102,7 @@ pub(crate) fn unwrap(data: &[u8], opus_pt: u8) -> Result<Unwrapped<'_>, Malforme
         }
         previous = b.timestamp_offset;
     }
-    Ok(Unwrapped {
-        primary: primary.payload,
-        redundant: redundant
-            .iter()
-            .filter(|b| !b.payload.is_empty())
-            .map(|b| (b.timestamp_offset, b.payload))
-            .collect(),
-    })
+    Ok(Unwrapped { primary, blocks })
 }
 
 /// One kept packet of a speaker.
@@ -169,10 +174,9 @@ impl History {
             return Vec::new();
         }
         let mut out: Vec<Recovered> = u
-            .redundant
-            .iter()
+            .redundant()
             .rev()
-            .map(|&(offset, data)| (ts.wrapping_sub(offset), data))
+            .map(|(offset, data)| (ts.wrapping_sub(offset), data))
             .take_while(|&(block_ts, _)| after(block_ts, newest.ts))
             .take((missing as usize).min(MAX_RECOVERED))
             .enumerate()
@@ -313,19 +317,25 @@ mod tests {
         let u = unwrap(&p, PT).unwrap();
         assert_eq!(u.primary, &[5; 40]);
         assert_eq!(
-            u.redundant,
+            u.redundant().collect::<Vec<_>>(),
             vec![(1920, &[3u8; 30][..]), (960, &[4u8; 30][..])]
         );
         // Built once per block count, shared.
         assert!(Arc::ptr_eq(&p, &r.payload(2, PT)));
         // One block: the newest; none: just the primary's header.
         assert_eq!(
-            unwrap(&r.payload(1, PT), PT).unwrap().redundant,
+            unwrap(&r.payload(1, PT), PT)
+                .unwrap()
+                .redundant()
+                .collect::<Vec<_>>(),
             vec![(960, &[4u8; 30][..])]
         );
         assert_eq!(&r.payload(0, PT)[..], &[&[PT][..], &[5; 40]].concat()[..]);
         // Another listener's Opus payload type gets its own headers.
-        assert_eq!(unwrap(&r.payload(2, 109), 109).unwrap().redundant.len(), 2);
+        assert_eq!(
+            unwrap(&r.payload(2, 109), 109).unwrap().redundant().count(),
+            2
+        );
     }
 
     #[test]
