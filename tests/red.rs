@@ -361,3 +361,51 @@ fn with_red_off_a_red_client_gets_plain_opus() {
     assert!(rx.iter().all(|p| p.pt == opus_pt));
     assert_eq!(h.sfu.snapshot().stats.red_written, 0);
 }
+
+/// A sender whose RED carries two blocks and whose uplink loses two packets
+/// of every three: each packet that arrives brings two recovered ones. The
+/// recovered packets are charged to its media budget (100 packets a second,
+/// 50 at once), so redundancy cannot triple what it puts through the core.
+#[test]
+fn recovered_packets_are_charged_to_the_senders_budget() {
+    let mut h = Harness::new();
+    let s = h.add_client_with("s", "s", true, 0, true);
+    let plain = h.add_client("plain", "p", false, 1);
+    h.connect_all();
+    for i in [s, plain] {
+        h.join(i, "room");
+    }
+    let red_pt = h.clients[s].rtc.red_pt().expect("RED negotiated");
+    let opus_pt = *h.clients[s].rtc.opus_pt().unwrap();
+    let block = |n: u32, back: u32| RedundantBlock {
+        pt: opus_pt,
+        timestamp_offset: 960 * back,
+        payload: payload(s, n - back),
+    };
+    let mut sent = 0u32;
+    h.loss = Some(Box::new(move |leg, d| {
+        if leg != Leg::Up(s) || !is_rtp(d) {
+            return false;
+        }
+        sent += 1;
+        sent % 3 != 0
+    }));
+    // Three seconds at 300 packets a second: 100 a second arrive.
+    for n in 2..902u32 {
+        let red = RedEncoder::encode(opus_pt, &payload(s, n), &[block(n, 2), block(n, 1)]);
+        h.send_as(s, red_pt, &red, LOUD);
+        h.step(Duration::from_micros(3_333));
+    }
+    h.loss = None;
+    let stats = h.sfu.snapshot().stats;
+    let heard = h.clients[plain].received.len() as u64;
+    // About 300 arrived; without the charge, 900 would be forwarded.
+    assert!(
+        (290..=310).contains(&stats.red_in),
+        "{} arrived",
+        stats.red_in
+    );
+    assert!(heard <= 3 * 100 + 50 + 10, "{heard} forwarded in 3 s");
+    assert!(stats.red_recovered > 0 && stats.dropped_over_packet_rate > 0);
+    assert_eq!(heard, stats.red_in + stats.red_recovered);
+}

@@ -95,6 +95,14 @@ impl Sfu {
             .map(|h| h.recoverable(incoming.ssrc, incoming.seq, incoming.timestamp, &unwrapped))
             .unwrap_or_default();
         for r in recovered {
+            let charged = match self.peers.get_mut(src) {
+                Some(peer) => peer.admit_recovered(r.payload.len(), now),
+                None => return,
+            };
+            if let Err(refused) = charged {
+                count_refused(&mut self.stats, refused);
+                continue;
+            }
             self.stats.red_recovered += 1;
             let inc = Incoming {
                 seq: r.seq,

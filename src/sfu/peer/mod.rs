@@ -288,6 +288,13 @@ impl Peer {
         Ok(carried)
     }
 
+    /// Charges a packet recovered from this peer's RED to its media budget,
+    /// like one that arrived: redundancy cannot multiply what a sender may
+    /// put through the core.
+    pub fn admit_recovered(&mut self, len: usize, now: Instant) -> Result<(), Refused> {
+        self.budget.admit(len, now).map_err(Refused::Over)
+    }
+
     /// Marks the peer connected; false if it already was.
     pub fn set_connected(&mut self) -> bool {
         let was = self.connected;
