@@ -388,7 +388,7 @@ fn recovered_packets_are_charged_to_the_senders_budget() {
             return false;
         }
         sent += 1;
-        sent % 3 != 0
+        !sent.is_multiple_of(3)
     }));
     // Three seconds at 300 packets a second: 100 a second arrive.
     for n in 2..902u32 {
