@@ -469,11 +469,7 @@ fn red_over_real_udp_rebuilds_what_a_lossy_downlink_lost() {
         None,
         "no RED for a client that did not offer it"
     );
-    r.loss = Some(RandomLoss {
-        percent: 10,
-        state: 0x10_55,
-        lost: Vec::new(),
-    });
+    r.loss = Some(RandomLoss::new(10, 0x10_55));
     const N: u32 = 300;
     for n in 0..N {
         s.send(&payload(0, n), -20);

@@ -8,22 +8,11 @@ use std::time::Duration;
 
 use beep_sfu::sfu::SfuEvent;
 use beep_sfu::testkit::load::payload;
-use beep_sfu::testkit::{is_rtp, Harness, Leg, Received};
+use beep_sfu::testkit::{is_rtp, xorshift, Harness, Leg, Received};
 use str0m::rtp::{RedDecoder, RedEncoder, RedundantBlock};
 
 const LOUD: i8 = -20;
 const QUIET: i8 = -127;
-
-/// A seeded xorshift64: the same losses on every run.
-fn rng(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed;
-    move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    }
-}
 
 /// The outgoing sequence number of an SRTP datagram (its header is clear).
 fn rtp_seq(d: &[u8]) -> u16 {
@@ -67,7 +56,7 @@ fn a_red_listener_rebuilds_every_packet_that_a_later_one_of_two_carries_at_10_pe
     assert_eq!(h.clients[plain].rtc.red_pt(), None);
     // 10 % of the media to the RED listener is lost; we note which.
     let lost = std::rc::Rc::new(std::cell::RefCell::new(HashSet::new()));
-    let (mut next, lost_in) = (rng(0x5eed_0f10), lost.clone());
+    let (mut next, lost_in) = (xorshift(0x5eed_0f10), lost.clone());
     h.loss = Some(Box::new(move |leg, d| {
         let drop = leg == Leg::Down(red) && is_rtp(d) && next() % 100 < 10;
         if drop {

@@ -39,8 +39,8 @@ mod request;
 mod stats;
 #[cfg(any(test, feature = "test-kit"))]
 mod test_hooks;
-#[cfg(test)]
-mod test_rng;
+#[cfg(any(test, feature = "test-kit"))]
+pub(crate) mod test_rng;
 mod timer;
 
 use std::collections::{HashMap, VecDeque};

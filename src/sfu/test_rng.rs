@@ -1,8 +1,9 @@
-//! A small deterministic generator for the property-style unit tests, so a
-//! failure repeats exactly.
+//! A small deterministic generator for the property-style unit tests, the
+//! test kit's seeded losses and its fake microphones, so a failure repeats
+//! exactly.
 
 /// Xorshift64: the next pseudo-random number on each call.
-pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+pub fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
     move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;

@@ -58,13 +58,8 @@ pub fn speech_wav(path: &Path, secs: u32) -> std::io::Result<()> {
     let rate = 48_000.0;
     let n = 48_000 * secs as usize;
     let mut out = vec![0.0f64; n];
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut next = crate::sfu::test_rng::xorshift(0x2545_f491_4f6c_dd1d);
+    let mut rnd = move || (next() >> 11) as f64 / (1u64 << 53) as f64;
     let mut at = (0.2 * rate) as usize;
     while at < n {
         let syllables = 2 + (rnd() * 4.0) as usize;

@@ -15,5 +15,6 @@ mod harness;
 pub mod load;
 
 pub use crate::sfu::internals;
+pub use crate::sfu::test_rng::xorshift;
 pub use client::{ClientOutput, OpusClient};
 pub use harness::{is_rtp, Client, Harness, Leg, Loss, Received};

@@ -110,23 +110,29 @@ pub struct TestPeer {
     tcp: Option<TcpLink>,
 }
 
-/// Random loss of incoming SRTP media, and what it took.
+/// Random loss of incoming SRTP media (seeded), and what it took.
 pub struct RandomLoss {
-    pub percent: u64,
-    pub state: u64,
+    percent: u64,
+    next: Box<dyn FnMut() -> u64>,
     pub lost: Vec<u16>,
 }
 
 impl RandomLoss {
+    /// Loses `percent` % of media, the same packets for the same `seed`.
+    pub fn new(percent: u64, seed: u64) -> Self {
+        RandomLoss {
+            percent,
+            next: Box::new(beep_sfu::testkit::xorshift(seed)),
+            lost: Vec::new(),
+        }
+    }
+
     /// Whether to lose this datagram (media only; ICE, DTLS and RTCP pass).
     fn lose(&mut self, d: &[u8]) -> bool {
         if !beep_sfu::testkit::is_rtp(d) {
             return false;
         }
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        let lose = self.state % 100 < self.percent;
+        let lose = (self.next)() % 100 < self.percent;
         if lose {
             self.lost.push(u16::from_be_bytes([d[2], d[3]]));
         }
