@@ -296,6 +296,52 @@ mod tests {
     }
 
     #[test]
+    fn remote_speakers_red_histories_are_bounded_and_forgotten_with_them() {
+        let t0 = Instant::now();
+        let mut s = sfu();
+        join_here(&mut s, t0, "local", "c");
+        let heartbeat = |s: &mut Sfu, now| {
+            s.handle_cluster(
+                now,
+                ClusterInput::Heartbeat {
+                    node: "b".into(),
+                    conversations: vec!["c".into()],
+                    users: Vec::new(),
+                    first: true,
+                    last: true,
+                },
+            )
+        };
+        heartbeat(&mut s, t0);
+        // A node inventing a fresh speaker id for every packet.
+        let packets = (0..5_000u64)
+            .map(|i| RelayedPacket {
+                conversation: "c".into(),
+                speaker: i,
+                ssrc: 1,
+                seq: 1,
+                payload: vec![0xF8; 40],
+                ..Default::default()
+            })
+            .collect();
+        s.handle_cluster(
+            t0,
+            ClusterInput::Media {
+                node: "b".into(),
+                packets,
+            },
+        );
+        let kept = s.histories.len();
+        assert!(
+            kept > 0 && kept <= super::super::nodes::MAX_SPEAKERS_PER_NODE,
+            "{kept} histories"
+        );
+        // Silent remote speakers are forgotten, their histories with them.
+        heartbeat(&mut s, t0 + Duration::from_secs(6));
+        assert_eq!(s.histories.len(), 0);
+    }
+
+    #[test]
     fn a_local_join_is_announced_and_a_remote_one_is_not_echoed() {
         let t0 = Instant::now();
         let mut s = sfu();
